@@ -1,0 +1,223 @@
+"""The user-facing API: an App declares topics, agents and timers; nothing runs at import."""
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+from .codecs import get_codec
+
+EMBEDDED = "embedded://"
+
+#: Settings an App accepts, with their defaults.  Each is also documented in the README.
+DEFAULT_SETTINGS: Dict[str, Any] = {
+    # where the offsets of a partition with no committed offset start: earliest | latest
+    "auto_offset_reset": "earliest",
+    # the supervisor is the only group member and polls all the time, so it can use a
+    # short session: a dead *machine* is noticed in this time; a dead child never is.
+    "session_timeout_ms": 10_000,
+    # most records a child takes from its consumer per batch
+    "batch_size": 1000,
+    # how often the supervisor commits the offsets its children reported (seconds)
+    "commit_interval": 1.0,
+    # partitions of a topic created by the app when its declaration names none;
+    # None asks the broker for its default
+    "topic_partitions": None,
+    # extra librdkafka settings for every client (consumer, producer, admin)
+    "kafka_config": {},
+}
+
+
+def bootstrap_servers(broker: str) -> str:
+    """Turns ``kafka://h1:9092;h2:9092`` (or a bare ``h:p``) into librdkafka's list."""
+    if broker.startswith("kafka://"):
+        broker = broker[len("kafka://"):]
+    return ",".join(part.strip().rstrip("/") for part in broker.replace(";", ",").split(",") if part.strip())
+
+
+class Topic:
+    """A Kafka topic the app reads or writes, with its key and value serializers."""
+
+    def __init__(self, app: "App", name: str, partitions: Optional[int] = None,
+                 key_serializer: str = "raw", value_serializer: str = "json") -> None:
+        self.app = app
+        self.name = name
+        self.partitions = partitions
+        self.key_serializer = key_serializer
+        self.value_serializer = value_serializer
+        self.encode_key, self.decode_key = get_codec(key_serializer)
+        self.encode_value, self.decode_value = get_codec(value_serializer)
+
+    def __repr__(self) -> str:
+        return f"<Topic {self.name}>"
+
+    def send_soon(self, key: Any = None, value: Any = None,
+                  headers: Optional[Dict[str, Union[str, bytes]]] = None,
+                  partition: Optional[int] = None) -> None:
+        """Queues a record for this topic.  Inside an agent it is acknowledged before the
+        input record's offset is committed; elsewhere call ``app.flush()``."""
+        self.app.producer_send(self.name, self.encode_key(key), self.encode_value(value),
+                               headers, partition)
+
+    async def send(self, key: Any = None, value: Any = None,
+                   headers: Optional[Dict[str, Union[str, bytes]]] = None,
+                   partition: Optional[int] = None) -> None:
+        """``await topic.send(...)``: the same as :meth:`send_soon`, for async agents."""
+        self.send_soon(key, value, headers, partition)
+
+
+ERROR_POLICIES = ("dlq", "skip", "crash")
+
+
+@dataclass
+class Agent:
+    """A user function that consumes one topic; what it yields goes to every sink."""
+
+    app: "App"
+    fn: Callable[..., Any]
+    topic: Topic
+    sinks: List[Topic]
+    name: str
+    on_error: str = "dlq"
+    is_async: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.is_async = inspect.isasyncgenfunction(self.fn) or inspect.iscoroutinefunction(self.fn)
+
+    @property
+    def dlq_topic(self) -> str:
+        """Where records go whose decoding or processing raised (policy ``dlq``)."""
+        return f"{self.app.id}-{self.name}-dlq"
+
+
+@dataclass
+class Timer:
+    """A function run every ``interval`` seconds in the one child that owns task ``0_0``."""
+
+    fn: Callable[[], Any]
+    interval: float
+    name: str
+
+
+class App:
+    """A stream-processing application: its id is the consumer group and topic prefix."""
+
+    def __init__(self, id: str, broker: str = "kafka://localhost:9092", **settings: Any) -> None:
+        unknown = set(settings) - set(DEFAULT_SETTINGS)
+        if unknown:
+            raise TypeError(f"unknown App setting(s): {', '.join(sorted(unknown))}")
+        self.id = id
+        self.broker = broker
+        self.settings: Dict[str, Any] = {**DEFAULT_SETTINGS, **settings}
+        self.topics: Dict[str, Topic] = {}
+        self.agents: List[Agent] = []
+        self.timers: List[Timer] = []
+        self._producer: Any = None
+
+    def __repr__(self) -> str:
+        return f"<App {self.id}>"
+
+    # -- declarations -------------------------------------------------------------
+    def topic(self, name: str, partitions: Optional[int] = None, key_serializer: str = "raw",
+              value_serializer: str = "json") -> Topic:
+        """Declares a topic; it is created when the app starts if the broker lacks it."""
+        if name in self.topics:
+            existing = self.topics[name]
+            if partitions is not None and existing.partitions not in (None, partitions):
+                raise ValueError(f"topic {name!r} declared twice with different partitions")
+            return existing
+        topic = Topic(self, name, partitions, key_serializer, value_serializer)
+        self.topics[name] = topic
+        return topic
+
+    def agent(self, topic: Topic, sink: Sequence[Topic] = (), name: Optional[str] = None,
+              on_error: str = "dlq") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorates ``async def f(stream)`` (or plain ``def f(stream)``) to consume ``topic``.
+
+        ``on_error`` says what happens to a record that cannot be decoded or on which the
+        agent raises: ``dlq`` (default) sends it to ``<app>-<agent>-dlq`` with the error in
+        its headers, ``skip`` logs and drops it, ``crash`` stops the child (the record is
+        then redelivered after the restart).
+        """
+        if on_error not in ERROR_POLICIES:
+            raise ValueError(f"on_error must be one of {ERROR_POLICIES}, not {on_error!r}")
+
+        def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+            agent_name = name or fn.__name__
+            if any(a.name == agent_name for a in self.agents):
+                raise ValueError(f"two agents named {agent_name!r}")
+            self.agents.append(Agent(self, fn, topic, list(sink), agent_name, on_error))
+            return fn
+
+        return decorate
+
+    def timer(self, interval: float, name: Optional[str] = None
+              ) -> Callable[[Callable[[], Any]], Callable[[], Any]]:
+        """Decorates a function run every ``interval`` seconds in exactly one process of the
+        whole group: the child that owns task ``0_0`` (so it moves with that task)."""
+
+        def decorate(fn: Callable[[], Any]) -> Callable[[], Any]:
+            self.timers.append(Timer(fn, float(interval), name or fn.__name__))
+            return fn
+
+        return decorate
+
+    # -- derived facts ------------------------------------------------------------
+    @property
+    def source_topics(self) -> List[str]:
+        """Topics agents read, in declaration order; index i is sub-topology i."""
+        seen: List[str] = []
+        for agent in self.agents:
+            if agent.topic.name not in seen:
+                seen.append(agent.topic.name)
+        return seen
+
+    def kafka_config(self, bootstrap: str) -> Dict[str, Any]:
+        """Settings shared by every Kafka client of this app."""
+        # brokers close idle connections; librdkafka reconnects, no need to log each one
+        return {"bootstrap.servers": bootstrap, "log.connection.close": False,
+                **self.settings["kafka_config"]}
+
+    def producer_config(self, bootstrap: str) -> Dict[str, Any]:
+        """An idempotent producer with Java Kafka's key partitioner (co-partitioning with
+        producers written in any language) that reports only failed deliveries."""
+        return {
+            **self.kafka_config(bootstrap),
+            "enable.idempotence": True,
+            "partitioner": "murmur2_random",
+            "linger.ms": 5,
+            "delivery.report.only.error": True,
+        }
+
+    # -- producing outside the stream (scripts, `shardsup send`) ------------------
+    def producer_send(self, topic: str, key: Optional[bytes], value: Optional[bytes],
+                      headers: Optional[Dict[str, Union[str, bytes]]], partition: Optional[int]) -> None:
+        """Queues one encoded record on this process's producer (the child's, in a worker)."""
+        if self._producer is None:
+            from confluent_kafka import Producer
+
+            self._producer = Producer(self.producer_config(bootstrap_servers(self.resolved_broker())))
+        kwargs: Dict[str, Any] = {}
+        if headers:
+            kwargs["headers"] = list(headers.items())
+        if partition is not None:
+            kwargs["partition"] = partition
+        produce = self._producer.produce
+        try:
+            produce(topic, value, key, **kwargs)
+        except BufferError:
+            self._producer.poll(0.1)
+            produce(topic, value, key, **kwargs)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Waits until every record this process queued is acknowledged."""
+        if self._producer is not None:
+            left = self._producer.flush(timeout)
+            if left:
+                raise RuntimeError(f"{left} record(s) not acknowledged within {timeout}s")
+
+    def resolved_broker(self) -> str:
+        """The broker this process talks to: ``SHARDSUP_BROKER`` (set by the supervisor for
+        its children and by ``--broker``) wins over the App's own setting."""
+        return os.environ.get("SHARDSUP_BROKER") or self.broker

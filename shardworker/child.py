@@ -1,0 +1,69 @@
+"""Entry point of a child process: ``python -m shardworker.child``.
+
+The supervisor starts it by fork+exec, so nothing of the supervisor's Kafka clients,
+threads or sockets exists here except the one control socket it passes by number.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import faulthandler
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import List, Optional
+
+from .logs import setup_logging
+from .protocol import Channel
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Asks the kernel to KILL this process when the supervisor dies (even by SIGKILL)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="shardworker.child")
+    parser.add_argument("--app", required=True)
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--broker", required=True)
+    parser.add_argument("--loglevel", default="info")
+    parser.add_argument("--parent", type=int, required=True)
+    args = parser.parse_args(argv)
+
+    die_with_parent()
+    if os.getppid() != args.parent:  # the supervisor died before prctl took effect
+        return 1
+    # Ctrl-C reaches the whole foreground process group; the supervisor decides.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    setup_logging(f"child {args.index}", args.loglevel)
+    os.environ["SHARDSUP_BROKER"] = args.broker
+
+    channel = Channel(socket.socket(fileno=args.fd))
+    from .loader import load_app
+    from .worker import Worker
+
+    try:
+        app = load_app(args.app)
+        return Worker(app, channel, args.broker, args.index).run()
+    except Exception as exc:  # noqa: BLE001 - report why, exit non-zero, get restarted
+        logging.getLogger("shardworker.child").exception("child failed: %s", exc)
+        try:
+            channel.send("failed", error=f"{type(exc).__name__}: {exc}")
+        except Exception:  # noqa: BLE001 - the supervisor may be gone
+            pass
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

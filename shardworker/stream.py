@@ -1,0 +1,136 @@
+"""What an agent iterates: values, ``(key, value)`` pairs or whole events of its topic.
+
+A stream hands out the records of the current batch from a buffer.  When the buffer is
+empty the batch is done: the stream hands control back to the worker (which acknowledges
+outputs and reports offsets) and resumes the agent when the next batch arrives.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Deque, Dict, List, Optional, Tuple
+
+if TYPE_CHECKING:  # pragma: no cover
+    from confluent_kafka import Message
+
+    from .app import Agent
+
+
+class Event:
+    """One record as the agent sees it, with where it came from."""
+
+    __slots__ = ("key", "value", "topic", "partition", "offset", "timestamp", "headers")
+
+    def __init__(self, key: Any, value: Any, topic: str, partition: int, offset: int,
+                 timestamp: Optional[float], headers: Dict[str, bytes]) -> None:
+        self.key = key
+        self.value = value
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.timestamp = timestamp  # seconds since the epoch, as Faust gives it
+        self.headers = headers
+
+    def __repr__(self) -> str:
+        return (f"<Event {self.topic}[{self.partition}]@{self.offset} key={self.key!r} "
+                f"value={self.value!r}>")
+
+
+class StreamStopped(Exception):
+    """Raised inside the agent when the worker shuts down while the agent waits."""
+
+
+class Stream:
+    """The records of one agent's topic in this child, batch after batch."""
+
+    def __init__(self, agent: "Agent") -> None:
+        self.agent = agent
+        self.buffer: Deque[Tuple[Any, "Message"]] = deque()
+        #: the record the agent is processing now (its key goes with what it yields)
+        self.current: Optional["Message"] = None
+        self._decode_key = agent.topic.decode_key
+        # installed by the agent runner: block (sync) or suspend (async) until more records
+        self.wait_async: Optional[Callable[[], Awaitable[None]]] = None
+        self.wait_sync: Optional[Callable[[], None]] = None
+
+    # values
+    def __aiter__(self) -> "Stream":
+        return self
+
+    async def __anext__(self) -> Any:
+        buffer = self.buffer
+        if not buffer:
+            await self.wait_async()  # type: ignore[misc]
+        value, self.current = buffer.popleft()
+        return value
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> Any:
+        buffer = self.buffer
+        if not buffer:
+            self.wait_sync()  # type: ignore[misc]
+        value, self.current = buffer.popleft()
+        return value
+
+    # (key, value) pairs and events
+    def items(self) -> "_Items":
+        """Iterate ``(key, value)`` pairs, keys decoded with the topic's key serializer."""
+        return _Items(self)
+
+    def events(self) -> "_Events":
+        """Iterate :class:`Event` objects: key, value, topic, partition, offset, ..."""
+        return _Events(self)
+
+    def current_event(self, value: Any) -> Event:
+        """The record in hand as an :class:`Event` carrying ``value``."""
+        msg = self.current
+        assert msg is not None
+        kind, stamp = msg.timestamp()
+        headers = dict(msg.headers() or ())
+        return Event(self._decode_key(msg.key()), value, msg.topic(), msg.partition(),
+                     msg.offset(), stamp / 1000.0 if kind else None, headers)
+
+    def current_key(self) -> Any:
+        """The decoded key of the record in hand."""
+        assert self.current is not None
+        return self._decode_key(self.current.key())
+
+
+class _Items:
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+
+    def __aiter__(self) -> "_Items":
+        return self
+
+    async def __anext__(self) -> Tuple[Any, Any]:
+        value = await self.stream.__anext__()
+        return self.stream.current_key(), value
+
+    def __iter__(self) -> "_Items":
+        return self
+
+    def __next__(self) -> Tuple[Any, Any]:
+        value = self.stream.__next__()
+        return self.stream.current_key(), value
+
+
+class _Events:
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+
+    def __aiter__(self) -> "_Events":
+        return self
+
+    async def __anext__(self) -> Event:
+        return self.stream.current_event(await self.stream.__anext__())
+
+    def __iter__(self) -> "_Events":
+        return self
+
+    def __next__(self) -> Event:
+        return self.stream.current_event(self.stream.__next__())
+
+
+__all__: List[str] = ["Event", "Stream", "StreamStopped"]

@@ -1,0 +1,304 @@
+"""The child process's runtime: the whole data path of a record, top to bottom.
+
+    consume → decode → agent → sinks (and dead letters) → acknowledged → report offsets
+
+A child reads its partitions with ``assign()`` (it is not a group member), runs the
+records of a batch through the agents, waits until the broker has acknowledged every
+record the batch produced, and only then reports "processed up to" offsets to the
+supervisor, which commits them as the group member.  A crash anywhere before the report
+means the batch is read again: at-least-once, nothing lost.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import select
+import signal
+import time
+import traceback
+from typing import Any, Dict, List, Optional, Tuple
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from .agents import AgentRunner, AsyncAgentRunner, SyncAgentRunner
+from .app import Agent, App
+from .logs import set_role
+from .protocol import Channel, ChannelClosed
+from .topology import TopicPartitionKey, group_by_task, task_sort_key
+
+log = logging.getLogger("shardworker.worker")
+
+STATS_INTERVAL = 1.0       # seconds between heartbeats with stats to the supervisor
+REPORT_INTERVAL = 0.05     # offsets are reported at most this often (and at every stop)
+FLUSH_TIMEOUT = 60.0       # a batch whose outputs are not acknowledged by then is fatal
+
+
+class DeliveryFailed(RuntimeError):
+    """The broker refused or lost an output record: its input must not be committed."""
+
+
+class Worker:
+    """Runs the app's agents over the partitions the supervisor assigns to this child."""
+
+    def __init__(self, app: App, channel: Channel, bootstrap: str, index: int) -> None:
+        self.app = app
+        self.channel = channel
+        self.bootstrap = bootstrap
+        self.index = index
+        self.source_topics = app.source_topics
+        self.batch_size = int(app.settings["batch_size"])
+        self.stopping = False
+        self.tasks: List[str] = []
+        #: next offset to read, per partition, for records whose effects are acknowledged
+        self.positions: Dict[TopicPartitionKey, int] = {}
+        self._reported: Dict[TopicPartitionKey, int] = {}
+        self._last_report = 0.0
+        self._last_stats = 0.0
+        self.processed = 0
+        self.errors = 0
+        self._delivery_errors: List[str] = []
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.runners: List[AgentRunner] = []
+        self.routes: Dict[str, List[AgentRunner]] = {}
+        self._timer_due: Dict[str, float] = {}
+
+    # -- set-up ---------------------------------------------------------------------
+    def setup(self) -> None:
+        """Creates this process's Kafka clients and starts its agents (after exec)."""
+        app = self.app
+        self.consumer = Consumer({
+            **app.kafka_config(self.bootstrap),
+            "group.id": app.id,               # for offset look-ups only: never subscribes
+            "client.id": f"{app.id}-child-{self.index}",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": app.settings["auto_offset_reset"],
+            "fetch.wait.max.ms": 100,
+        })
+        self.producer = Producer({
+            **app.producer_config(self.bootstrap),
+            "client.id": f"{app.id}-child-{self.index}",
+            "on_delivery": self._on_delivery,
+        })
+        app._producer = self.producer  # topic.send() inside agents and timers uses it
+        if any(agent.is_async for agent in app.agents) or any(
+                asyncio.iscoroutinefunction(t.fn) for t in app.timers):
+            self.loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self.loop)
+        for agent in app.agents:
+            runner: AgentRunner
+            if agent.is_async:
+                assert self.loop is not None
+                runner = AsyncAgentRunner(agent, self.emit, self.on_agent_error, self.loop)
+            else:
+                runner = SyncAgentRunner(agent, self.emit, self.on_agent_error)
+            runner.start()
+            self.runners.append(runner)
+            self.routes.setdefault(agent.topic.name, []).append(runner)
+        signal.signal(signal.SIGTERM, self._on_term)
+
+    def _on_term(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+
+    def _on_delivery(self, err: Optional[KafkaError], msg: Message) -> None:
+        if err is not None:  # only errors are reported (delivery.report.only.error)
+            self._delivery_errors.append(f"{msg.topic()}: {err.str()}")
+
+    # -- the loop -------------------------------------------------------------------
+    def run(self) -> int:
+        """Processes batches until told to stop; returns the process's exit code."""
+        self.setup()
+        self.channel.send("ready", pid=os.getpid())
+        try:
+            while not self.stopping:
+                self.handle_control(timeout=0)
+                records = self.consumer.consume(self.batch_size, 0.1) if self.positions else None
+                if records:
+                    self.process(records)
+                elif not self.positions:
+                    self.handle_control(timeout=0.1)  # nothing assigned: wait for work
+                self.run_timers()
+                self.report(force=False)
+            self.report(force=True)
+            self.channel.send("bye", offsets=self._offsets_list(self.positions))
+            return 0
+        except ChannelClosed:
+            log.error("the supervisor has gone; exiting without committing")
+            return 1
+        finally:
+            self.close()
+
+    def process(self, records: List[Message]) -> None:
+        """One batch: decode, run the agents, wait for acknowledgements, advance offsets."""
+        positions: Dict[TopicPartitionKey, int] = {}
+        routes = self.routes
+        # 1. decode each record and queue it for the agents of its topic
+        for msg in records:
+            if msg.error() is not None:
+                self.on_consume_error(msg)
+                continue
+            topic = msg.topic()
+            runners = routes.get(topic)
+            if runners:
+                try:
+                    value = runners[0].agent.topic.decode_value(msg.value())
+                except Exception as exc:  # noqa: BLE001 - a bad record, not a bad worker
+                    for runner in runners:
+                        self.on_agent_error(runner.agent, msg, exc)
+                else:
+                    for runner in runners:
+                        runner.stream.buffer.append((value, msg))
+            positions[(topic, msg.partition())] = msg.offset() + 1
+        # 2. the agents process their share (what they yield is produced to their sinks)
+        for runner in self.runners:
+            if runner.stream.buffer:
+                runner.drain()
+            if runner.fatal is not None:
+                raise runner.fatal
+        # 3. every output and dead letter of the batch is acknowledged by the broker ...
+        self.flush()
+        # 4. ... before the batch's offsets count as processed
+        self.positions.update(positions)
+        self.processed += len(records)
+
+    def emit(self, agent: Agent, msg: Message, value: Any) -> None:
+        """Sends a value the agent yielded to each of its sinks, keyed like its input."""
+        key = msg.key()
+        produce = self.producer.produce
+        for sink in agent.sinks:
+            data = sink.encode_value(value)
+            try:
+                produce(sink.name, data, key)
+            except BufferError:
+                self.producer.poll(0.05)  # queue full: let deliveries drain, then retry
+                produce(sink.name, data, key)
+
+    def flush(self) -> None:
+        """Waits for the broker to acknowledge everything produced so far."""
+        left = self.producer.flush(FLUSH_TIMEOUT)
+        if left or self._delivery_errors:
+            errors = "; ".join(self._delivery_errors[:3]) or f"{left} record(s) unacknowledged"
+            raise DeliveryFailed(f"outputs not acknowledged, batch will be redelivered: {errors}")
+
+    # -- errors -----------------------------------------------------------------------
+    def on_agent_error(self, agent: Agent, msg: Optional[Message], exc: BaseException) -> None:
+        """A record could not be decoded, or the agent raised on it: apply its policy."""
+        if msg is None:
+            raise exc
+        self.errors += 1
+        where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
+        if agent.on_error == "crash":
+            log.error("agent %s failed on %s: %r; stopping the child", agent.name, where, exc)
+            raise exc
+        log.error("agent %s failed on %s: %s: %s (%s)", agent.name, where, type(exc).__name__,
+                  exc, "dead-lettered to " + agent.dlq_topic if agent.on_error == "dlq" else "skipped")
+        if agent.on_error == "dlq":
+            headers = list(msg.headers() or ()) + [
+                ("shardsup.error", f"{type(exc).__name__}: {exc}".encode()[:4000]),
+                ("shardsup.traceback", "".join(traceback.format_exception(
+                    type(exc), exc, exc.__traceback__)).encode()[-8000:]),
+                ("shardsup.agent", agent.name.encode()),
+                ("shardsup.topic", msg.topic().encode()),
+                ("shardsup.partition", str(msg.partition()).encode()),
+                ("shardsup.offset", str(msg.offset()).encode()),
+            ]
+            self.producer.produce(agent.dlq_topic, msg.value(), msg.key(), headers=headers)
+
+    def on_consume_error(self, msg: Message) -> None:
+        err = msg.error()
+        if err.code() == KafkaError._PARTITION_EOF:
+            return
+        if err.fatal():
+            raise KafkaException(err)
+        log.warning("consumer: %s", err.str())
+
+    # -- talking to the supervisor --------------------------------------------------
+    def handle_control(self, timeout: float) -> None:
+        """Acts on the supervisor's messages; called only between batches."""
+        if timeout and not select.select([self.channel], [], [], timeout)[0]:
+            return
+        for message in self.channel.receive():
+            op = message["op"]
+            if op == "assign":
+                self.assign(message["partitions"])
+            elif op == "revoke":
+                self.revoke(message["partitions"])
+            elif op == "stop":
+                self.stopping = True
+
+    def assign(self, partitions: List[List[Any]]) -> None:
+        tps = [TopicPartition(topic, part, offset) for topic, part, offset in partitions]
+        self.consumer.incremental_assign(tps)
+        for topic, part, _offset in partitions:
+            self.positions.setdefault((topic, part), _offset)
+        self._tasks_changed()
+        log.info("assigned %s", ", ".join(f"{t}[{p}]@{o}" for t, p, o in partitions))
+
+    def revoke(self, partitions: List[List[Any]]) -> None:
+        keys = [(topic, part) for topic, part in partitions]
+        self.consumer.incremental_unassign([TopicPartition(t, p) for t, p in keys])
+        final = {k: self.positions.pop(k) for k in keys if k in self.positions}
+        for key in keys:
+            self._reported.pop(key, None)
+        self.channel.send("revoked", offsets=self._offsets_list(final))
+        self._tasks_changed()
+        log.info("revoked %s", ", ".join(f"{t}[{p}]" for t, p in keys))
+
+    def _tasks_changed(self) -> None:
+        self.tasks = sorted(group_by_task(self.source_topics, self.positions), key=task_sort_key)
+        label = ",".join(self.tasks) or "idle"
+        set_role(f"child {label}")
+        try:
+            from setproctitle import setproctitle
+
+            setproctitle(f"shardsup: {self.app.id} child {label}")
+        except ImportError:  # pragma: no cover - a declared dependency
+            pass
+
+    def report(self, force: bool) -> None:
+        """Sends changed offsets (throttled) and, every second, a heartbeat with stats."""
+        now = time.monotonic()
+        if force or now - self._last_report >= REPORT_INTERVAL:
+            changed = {k: v for k, v in self.positions.items()
+                       if v >= 0 and self._reported.get(k) != v}
+            if changed:
+                self.channel.send("offsets", offsets=self._offsets_list(changed))
+                self._reported.update(changed)
+            self._last_report = now
+        if now - self._last_stats >= STATS_INTERVAL:
+            self.channel.send("stats", processed=self.processed, errors=self.errors,
+                              tasks=self.tasks)
+            self._last_stats = now
+
+    @staticmethod
+    def _offsets_list(offsets: Dict[TopicPartitionKey, int]) -> List[Tuple[str, int, int]]:
+        return [(topic, part, off) for (topic, part), off in offsets.items() if off >= 0]
+
+    # -- timers -----------------------------------------------------------------------
+    def run_timers(self) -> None:
+        """Runs due timers, only in the child that owns task 0_0 (one in the group)."""
+        if not self.app.timers or "0_0" not in self.tasks:
+            return
+        now = time.monotonic()
+        for timer in self.app.timers:
+            due = self._timer_due.setdefault(timer.name, now + timer.interval)
+            if now < due:
+                continue
+            self._timer_due[timer.name] = now + timer.interval
+            try:
+                result = timer.fn()
+                if asyncio.iscoroutine(result):
+                    assert self.loop is not None
+                    self.loop.run_until_complete(result)
+            except Exception:  # noqa: BLE001 - a timer's failure is logged, not fatal
+                log.exception("timer %s failed", timer.name)
+        self.producer.poll(0)
+
+    def close(self) -> None:
+        for runner in self.runners:
+            runner.stop()
+        try:
+            self.producer.flush(5)
+        finally:
+            self.consumer.close()

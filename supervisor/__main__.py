@@ -1,0 +1,3 @@
+from shardworker.launcher import main
+
+main()

@@ -1,0 +1,427 @@
+"""The supervisor's main loop, in the manner of gunicorn's arbiter.
+
+Signals are queued by tiny handlers and the loop is woken through a self-pipe; each
+signal has its own ``handle_<name>`` method.  ``spawn``, ``reap`` and ``murder`` are the
+only places where children are started, collected and killed.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import faulthandler
+import fcntl
+import logging
+import os
+import select
+import signal
+import sys
+import time
+from typing import Dict, List, Optional
+
+from shardworker.app import EMBEDDED, App, bootstrap_servers
+from shardworker.protocol import ChannelClosed
+from shardworker.topology import TopicPartitionKey, group_by_task, task_partitions
+
+from .broker import EmbeddedBroker, check_reachable, ensure_topics
+from .children import ChildSlot
+from .errors import UsageError
+from .membership import GroupMember
+from .placement import place_tasks
+
+log = logging.getLogger("supervisor")
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class Arbiter:
+    """Owns the group membership and the children; commits what they processed."""
+
+    SIGNALS = [signal.SIGHUP, signal.SIGQUIT, signal.SIGINT, signal.SIGTERM,
+               signal.SIGUSR1, signal.SIGCHLD]
+    SIG_NAMES = {sig: sig.name[3:].lower() for sig in SIGNALS}
+
+    def __init__(self, app: App, app_spec: str, max_children: int, broker: str,
+                 datadir: str, loglevel: str = "info", shutdown_timeout: float = 30.0) -> None:
+        self.app = app
+        self.app_spec = app_spec
+        self.max_children = max(1, max_children)
+        self.broker_url = broker
+        self.datadir = datadir
+        self.loglevel = loglevel
+        self.shutdown_timeout = shutdown_timeout
+        self.source_topics = app.source_topics
+        self.SIG_QUEUE: List[int] = []
+        self.PIPE: List[int] = []
+        self.slots: Dict[int, ChildSlot] = {}
+        #: per partition: next offset to read, as reported by the children (acknowledged work)
+        self.offsets: Dict[TopicPartitionKey, int] = {}
+        self.committed: Dict[TopicPartitionKey, int] = {}
+        self._last_commit = 0.0
+        self.stopping: Optional[str] = None   # None, "warm" or "cold"
+        self.closing = False
+        self.embedded: Optional[EmbeddedBroker] = None
+        self.bootstrap = ""
+        self.member: Optional[GroupMember] = None
+        self._lockfile: Optional[int] = None
+
+    # -- start-up -------------------------------------------------------------------
+    def run(self) -> int:
+        """Runs until a shutdown signal; returns the exit code."""
+        self.lock_datadir()
+        self.init_signals()
+        try:
+            self.set_subreaper()
+            self.start_broker()
+            cluster = check_reachable(self.app, self.bootstrap)
+            partitions = ensure_topics(self.app, self.bootstrap)
+            log.info("app %s on %s (cluster %s): sources %s, up to %d children",
+                     self.app.id, self.bootstrap, cluster or "?",
+                     ", ".join(f"{t}[{partitions[t]}]" for t in self.source_topics),
+                     self.max_children)
+            self.member = GroupMember(self.app, self.bootstrap, self.on_assign,
+                                      self.on_revoke, self.on_lost)
+            self.member.subscribe(self.source_topics)
+            self.set_title("supervisor")
+            while self.stopping is None:
+                self.loop_once()
+            return self.shutdown()
+        finally:
+            if self.embedded is not None:
+                self.embedded.stop()
+            self.unlock_datadir()
+
+    def loop_once(self) -> None:
+        self.sleep(0.1)
+        while self.SIG_QUEUE and self.stopping is None:
+            self.dispatch(self.SIG_QUEUE.pop(0))
+        self.read_children()
+        assert self.member is not None
+        self.member.poll()
+        self.spawn_due()
+        self.commit(force=False)
+
+    def start_broker(self) -> None:
+        if self.broker_url.startswith(EMBEDDED):
+            self.embedded = EmbeddedBroker()
+            self.embedded.start()
+            self.bootstrap = self.embedded.bootstrap
+            log.info("embedded broker (tansu) listening on %s — in memory only: its topics "
+                     "and offsets are lost when shardsup stops", self.bootstrap)
+        else:
+            self.bootstrap = bootstrap_servers(self.broker_url)
+
+    def lock_datadir(self) -> None:
+        """One supervisor per datadir: a lock held for its life and a pid file."""
+        os.makedirs(self.datadir, exist_ok=True)
+        path = os.path.join(self.datadir, "supervisor.pid")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            other = os.read(fd, 32).decode().strip() or "?"
+            os.close(fd)
+            raise UsageError(f"datadir {self.datadir} is in use by a running supervisor (pid {other})")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lockfile = fd
+
+    def unlock_datadir(self) -> None:
+        if self._lockfile is not None:
+            try:
+                os.unlink(os.path.join(self.datadir, "supervisor.pid"))
+            except OSError:
+                pass
+            os.close(self._lockfile)
+            self._lockfile = None
+
+    @staticmethod
+    def set_subreaper() -> None:
+        """Orphaned descendants (double-forked by user code) become ours to reap."""
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - not Linux
+            pass
+
+    def set_title(self, role: str) -> None:
+        from setproctitle import setproctitle
+
+        setproctitle(f"shardsup: {self.app.id} {role}")
+
+    # -- signals --------------------------------------------------------------------
+    def init_signals(self) -> None:
+        self.PIPE = list(os.pipe())
+        for fd in self.PIPE:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+            fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.fcntl(fd, fcntl.F_GETFD) | fcntl.FD_CLOEXEC)
+        for sig in self.SIGNALS:
+            signal.signal(sig, self.queue_signal)
+
+    def queue_signal(self, sig: int, frame: object) -> None:
+        if len(self.SIG_QUEUE) < 5:
+            self.SIG_QUEUE.append(sig)
+            self.wakeup()
+
+    def wakeup(self) -> None:
+        try:
+            os.write(self.PIPE[1], b".")
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EINTR):
+                raise
+
+    def sleep(self, timeout: float) -> None:
+        """Waits for a signal, a child's message, or the timeout."""
+        fds = [self.PIPE[0]] + [s.channel for s in self.slots.values() if s.channel is not None]
+        try:
+            ready = select.select(fds, [], [], timeout)[0]
+        except InterruptedError:
+            return
+        if self.PIPE[0] in ready:
+            try:
+                while os.read(self.PIPE[0], 64):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def dispatch(self, sig: int) -> None:
+        name = self.SIG_NAMES.get(sig)
+        if name is None:
+            return
+        if name != "chld":
+            log.info("handling signal %s", name.upper())
+        getattr(self, f"handle_{name}")()
+
+    def handle_chld(self) -> None:
+        self.reap()
+
+    def handle_term(self) -> None:
+        """Warm shutdown: children finish their batch and commit; or cold if repeated."""
+        self.stopping = "cold" if self.stopping else "warm"
+
+    handle_int = handle_term
+
+    def handle_quit(self) -> None:
+        """Cold shutdown: kill the children now; uncommitted work is redelivered later."""
+        self.stopping = "cold"
+
+    def handle_hup(self) -> None:
+        """Graceful restart of every child (new code); the membership is kept."""
+        for slot in self.slots.values():
+            if slot.alive:
+                slot.state = "stopping"
+                slot.signal(signal.SIGTERM)  # reaped, then spawned again at once
+
+    def handle_usr1(self) -> None:
+        """Tracebacks of every thread of the supervisor and of every child."""
+        sys.stderr.write(f"--- shardsup supervisor pid {os.getpid()} threads ---\n")
+        faulthandler.dump_traceback(all_threads=True)
+        for slot in self.slots.values():
+            slot.signal(signal.SIGUSR1)
+
+    # -- children -------------------------------------------------------------------
+    def spawn(self, slot: ChildSlot) -> None:
+        """Starts the process of a slot and hands it its tasks with their start offsets."""
+        slot.spawn(self.app_spec, self.bootstrap, self.loglevel)
+        log.info("started child %d (pid %d) for tasks %s", slot.index, slot.pid, ",".join(slot.tasks))
+        self.send_assign(slot, slot.tasks)
+
+    def send_assign(self, slot: ChildSlot, tasks: List[str]) -> None:
+        parts = [(t, p, self.offsets[(t, p)]) for task in tasks
+                 for t, p in task_partitions(self.source_topics, task)]
+        slot.send("assign", partitions=parts)
+
+    def spawn_due(self) -> None:
+        now = time.monotonic()
+        for slot in list(self.slots.values()):
+            if slot.state == "down" and slot.respawn_at is not None and now >= slot.respawn_at:
+                slot.restarts += 1
+                self.spawn(slot)
+
+    def reap(self) -> None:
+        """Collects every exited child or adopted descendant."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            code = os.waitstatus_to_exitcode(status)
+            if self.embedded is not None and self.embedded.proc is not None and pid == self.embedded.proc.pid:
+                self.embedded.proc.returncode = code
+                if self.stopping is None:
+                    log.error("the embedded broker exited (code %s); shutting down", code)
+                    self.stopping = "cold"
+                continue
+            slot = next((s for s in self.slots.values() if s.pid == pid), None)
+            if slot is None:
+                continue  # an orphaned descendant of a child, now reaped
+            if slot.proc is not None:
+                slot.proc.returncode = code
+            self.child_exited(slot, code)
+
+    def child_exited(self, slot: ChildSlot, code: int) -> None:
+        planned = slot.state == "stopping"
+        try:
+            self.read_child(slot)  # its last offsets may still be in the socket
+        except ChannelClosed:
+            pass
+        slot.exited()
+        if slot.retiring or not slot.tasks:
+            del self.slots[slot.index]
+            log.info("child %d exited (code %s)", slot.index, code)
+            return
+        if self.stopping is not None:
+            return
+        if planned and code == 0:
+            log.info("child %d restarted (tasks %s)", slot.index, ",".join(slot.tasks))
+            slot.respawn_at = time.monotonic()
+            return
+        delay = slot.schedule_restart(time.monotonic())
+        log.error("child %d (tasks %s) died with code %s; restarting in %.1fs from the last "
+                  "processed offsets", slot.index, ",".join(slot.tasks), code, delay)
+
+    def murder(self, sig: int = signal.SIGKILL) -> None:
+        """Kills every child now (cold shutdown, or a warm one that ran out of time)."""
+        for slot in self.slots.values():
+            slot.signal(sig)
+
+    def read_children(self) -> None:
+        for slot in list(self.slots.values()):
+            try:
+                self.read_child(slot)
+            except ChannelClosed:
+                pass  # exiting; reap() handles it
+
+    def read_child(self, slot: ChildSlot) -> None:
+        if slot.channel is None:
+            return
+        for message in slot.channel.receive():
+            slot.last_heard = time.monotonic()
+            op = message["op"]
+            if op in ("offsets", "revoked", "bye"):
+                self.record_offsets(slot, message["offsets"])
+                if op == "revoked":
+                    slot.revoking = False
+            elif op == "ready":
+                if slot.state == "starting":
+                    slot.state = "running"
+            elif op == "stats":
+                slot.stats = message
+            elif op == "failed":
+                slot.last_error = message.get("error")
+
+    def record_offsets(self, slot: ChildSlot, offsets: List[List[object]]) -> None:
+        owned = set(slot.tasks)
+        for topic, part, offset in offsets:
+            key = (str(topic), int(part))  # type: ignore[call-overload]
+            tasks = group_by_task(self.source_topics, [key])
+            if key in self.offsets and owned.intersection(tasks) and int(offset) >= self.offsets[key]:  # type: ignore[call-overload]
+                self.offsets[key] = int(offset)  # type: ignore[call-overload]
+
+    # -- offsets --------------------------------------------------------------------
+    def commit(self, force: bool) -> None:
+        """Commits the children's processed offsets as the group member (throttled)."""
+        now = time.monotonic()
+        if not force and now - self._last_commit < self.app.settings["commit_interval"]:
+            return
+        self._last_commit = now
+        pending = {k: o for k, o in self.offsets.items() if o >= 0 and self.committed.get(k) != o}
+        if pending and self.member is not None and self.member.commit(pending):
+            self.committed.update(pending)
+
+    # -- rebalances (called by librdkafka from inside member.poll) -----------------
+    def on_assign(self, partitions: List[TopicPartitionKey]) -> None:
+        assert self.member is not None
+        self.offsets.update(self.member.start_offsets(partitions))
+        tasks = list(group_by_task(self.source_topics, partitions))
+        log.info("assigned tasks %s", ",".join(tasks))
+        for_existing, for_new = place_tasks(tasks, {i: s.tasks for i, s in self.slots.items()},
+                                            self.max_children)
+        for index, new in for_existing.items():
+            slot = self.slots[index]
+            slot.tasks.extend(new)
+            if slot.alive:
+                self.send_assign(slot, new)
+        for new in for_new:
+            index = next(i for i in range(len(self.slots) + 1) if i not in self.slots)
+            slot = self.slots[index] = ChildSlot(index, new)
+            self.spawn(slot)
+
+    def on_revoke(self, partitions: List[TopicPartitionKey]) -> None:
+        """Stops the revoked tasks (warm) and commits them before the group moves them."""
+        self.take_back(partitions, commit=True)
+
+    def on_lost(self, partitions: List[TopicPartitionKey]) -> None:
+        """The group gave these away already (we were too slow): stop them, commit nothing."""
+        log.warning("lost partitions %s", partitions)
+        self.take_back(partitions, commit=False)
+
+    def take_back(self, partitions: List[TopicPartitionKey], commit: bool) -> None:
+        if self.closing:
+            return
+        revoked = group_by_task(self.source_topics, partitions)
+        log.info("revoking tasks %s", ",".join(revoked))
+        waiting = []
+        for slot in self.slots.values():
+            mine = [t for t in slot.tasks if t in revoked]
+            if not mine:
+                continue
+            if slot.alive:
+                slot.revoking = True
+                slot.send("revoke", partitions=[list(tp) for t in mine for tp in revoked[t]])
+                waiting.append(slot)
+        deadline = time.monotonic() + self.shutdown_timeout
+        while any(s.revoking and s.alive for s in waiting) and time.monotonic() < deadline:
+            self.sleep(0.05)
+            self.read_children()
+            self.reap()
+        if commit:
+            self.commit(force=True)
+        for slot in list(self.slots.values()):
+            slot.tasks = [t for t in slot.tasks if t not in revoked]
+            if not slot.tasks:
+                slot.retiring = True
+                if slot.alive:
+                    slot.state = "stopping"
+                    slot.signal(signal.SIGTERM)
+                else:
+                    del self.slots[slot.index]
+        for key in partitions:
+            self.offsets.pop(key, None)
+            self.committed.pop(key, None)
+
+    # -- shutdown -------------------------------------------------------------------
+    def shutdown(self) -> int:
+        """Warm: children finish and report, we commit and leave.  Cold: kill, commit what
+        was acknowledged, leave, exit non-zero."""
+        mode = self.stopping
+        log.info("%s shutdown: stopping %d children", mode, sum(s.alive for s in self.slots.values()))
+        for slot in self.slots.values():
+            slot.retiring = True
+            if slot.alive:
+                slot.state = "stopping"
+        if mode == "warm":
+            self.murder(signal.SIGTERM)
+        deadline = time.monotonic() + self.shutdown_timeout
+        while any(s.alive for s in self.slots.values()):
+            if self.stopping == "cold" or time.monotonic() >= deadline:
+                if mode == "warm" and self.stopping != "cold":
+                    log.error("children still running after %.0fs; killing them", self.shutdown_timeout)
+                self.stopping = mode = "cold"
+                self.murder(signal.SIGKILL)
+            self.sleep(0.05)
+            while self.SIG_QUEUE:
+                sig = self.SIG_QUEUE.pop(0)
+                if sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+                    self.stopping = "cold"
+            self.read_children()
+            self.reap()
+            if self.member is not None:
+                self.member.poll()
+        self.commit(force=True)
+        self.closing = True
+        if self.member is not None:
+            self.member.close()
+        log.info("%s shutdown complete; committed %s", mode,
+                 ", ".join(f"{t}[{p}]={o}" for (t, p), o in sorted(self.committed.items())) or "nothing")
+        return 0 if mode == "warm" else 1

