@@ -1,0 +1,120 @@
+"""End to end through a real broker and real ``shardsup start`` processes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from tests.conftest import committed_offsets, produce, read_topic
+
+N = 20_000
+PARTS = 4
+
+
+def records(start: int, stop: int):
+    """(key, value, partition): key k<n>, spread evenly over the partitions."""
+    return [(f"k{n}".encode(), json.dumps({"n": n}).encode(), n % PARTS) for n in range(start, stop)]
+
+
+def check_outputs(messages, expected_ns):
+    """Every input n reached the sink, keyed like its input, with the right value."""
+    seen = {}
+    for msg in messages:
+        value = json.loads(msg.value())
+        assert msg.key() == f"k{value['n']}".encode(), "output keyed unlike its input"
+        assert value["doubled"] == 2 * value["n"]
+        seen[value["n"]] = True
+    missing = set(expected_ns) - set(seen)
+    assert not missing, f"{len(missing)} records lost, e.g. {sorted(missing)[:5]}"
+
+
+@pytest.mark.timeout(150)
+def test_every_record_reaches_the_sink_with_two_children(broker, prefix, start_supervisor):
+    sup = start_supervisor("tests.apps.doubler", "-c", "2")
+    sup.wait_for(lambda: len(sup.child_tasks()) == 2, 30, "two children")
+    ends = produce(broker, f"{prefix}-in", records(0, N))
+    out = read_topic(broker, f"{prefix}-out", N, timeout=90)
+    check_outputs(out, range(N))
+
+    tasks = sup.child_tasks()
+    assert len(tasks) == 2, tasks
+    all_tasks = [t for ts in tasks.values() for t in ts]
+    assert sorted(all_tasks) == ["0_0", "0_1", "0_2", "0_3"], tasks
+    assert len(set(all_tasks)) == len(all_tasks), f"tasks overlap: {tasks}"
+
+    assert sup.stop(signal.SIGTERM) == 0, sup.output()[-3000:]
+    assert committed_offsets(broker, prefix, f"{prefix}-in", PARTS) == ends
+    assert "warm shutdown complete" in sup.output()
+
+
+@pytest.mark.timeout(150)
+def test_kill_9_of_a_child_mid_stream_loses_nothing(broker, prefix, start_supervisor):
+    # 200 µs of work a record: the stream takes seconds, so the kill lands mid-stream
+    sup = start_supervisor("tests.apps.doubler", "-c", "2", env={"SHARDSUP_TEST_WORK_US": "200"})
+    sup.wait_for(lambda: len(sup.child_tasks()) == 2, 30, "two children")
+    produce(broker, f"{prefix}-in", records(0, N))
+    victim = min(sup.child_tasks())
+    so_far = read_topic(broker, f"{prefix}-out", 0, timeout=30, until=lambda msgs: len(msgs) >= 500)
+    os.kill(victim, signal.SIGKILL)
+    assert len(so_far) < N // 2, "the stream was over before the kill"
+    out = read_topic(broker, f"{prefix}-out", N, timeout=90)
+    check_outputs(out, range(N))
+    sup.wait_for(lambda: len(sup.child_tasks()) == 2 and victim not in sup.child_tasks(), 15,
+                 "the killed child to be replaced")
+    assert f"died with code -9" in sup.output()
+    assert sup.stop() == 0
+
+
+@pytest.mark.timeout(200)
+def test_second_supervisor_takes_over_half_the_tasks(broker, prefix, start_supervisor):
+    first = start_supervisor("tests.apps.doubler", "-c", "2", name="first")
+    first.wait_for(lambda: len(first.child_tasks()) == 2, 30, "first supervisor's children")
+    produce(broker, f"{prefix}-in", records(0, N // 2))
+    second = start_supervisor("tests.apps.doubler", "-c", "2", name="second")
+
+    def split() -> bool:
+        a = [t for ts in first.child_tasks().values() for t in ts]
+        b = [t for ts in second.child_tasks().values() for t in ts]
+        return len(a) == 2 and len(b) == 2 and not set(a) & set(b)
+
+    first.wait_for(split, 60, "the tasks to be split two and two")
+    produce(broker, f"{prefix}-in", records(N // 2, N))
+    out = read_topic(broker, f"{prefix}-out", N, timeout=90)
+    check_outputs(out, range(N))
+    assert second.stop() == 0, second.output()[-3000:]
+    assert first.stop() == 0, first.output()[-3000:]
+
+
+@pytest.mark.timeout(90)
+def test_plain_def_agent_with_items(broker, prefix, start_supervisor):
+    sup = start_supervisor("tests.apps.sync_doubler", "-c", "1")
+    sup.wait_for(lambda: len(sup.child_tasks()) == 1, 30, "one child")
+    produce(broker, f"{prefix}-in", [(f"k{n}".encode(), json.dumps({"n": n}).encode(), n % 2)
+                                     for n in range(2000)])
+    out = read_topic(broker, f"{prefix}-out", 2000, timeout=60)
+    values = [json.loads(m.value()) for m in out]
+    assert {v["n"] for v in values} == set(range(2000))
+    assert all(v["key"] == f"k{v['n']}" and v["doubled"] == 2 * v["n"] for v in values)
+    assert sup.stop() == 0
+
+
+@pytest.mark.timeout(90)
+def test_bad_records_go_to_the_dead_letter_topic(broker, prefix, start_supervisor):
+    sup = start_supervisor("tests.apps.doubler", "-c", "1")
+    sup.wait_for(lambda: len(sup.child_tasks()) == 1, 30, "one child")
+    batch = records(0, 1000)
+    batch[100] = (b"undecodable", b"{not json", 0)
+    batch[501] = (b"boom", json.dumps({"n": 501, "boom": True}).encode(), 1)
+    produce(broker, f"{prefix}-in", batch)
+    out = read_topic(broker, f"{prefix}-out", 998, timeout=60)
+    check_outputs(out, set(range(1000)) - {100, 501})
+    dead = read_topic(broker, f"{prefix}-double-dlq", 2, timeout=30)
+    by_key = {m.key(): dict(m.headers()) for m in dead}
+    assert set(by_key) == {b"undecodable", b"boom"}
+    assert by_key[b"boom"]["shardsup.error"].startswith(b"ValueError: boom on n=501")
+    assert by_key[b"undecodable"]["shardsup.offset"] == b"25"  # 100 // 4 on partition 0
+    assert "dead-lettered" in sup.output()
+    assert sup.stop() == 0
