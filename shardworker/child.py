@@ -38,6 +38,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--broker", required=True)
     parser.add_argument("--loglevel", default="info")
     parser.add_argument("--parent", type=int, required=True)
+    parser.add_argument("--trace-file", default=None,
+                        help="where USR1 writes this process's tracebacks (the supervisor reads it)")
     args = parser.parse_args(argv)
 
     die_with_parent()
@@ -45,7 +47,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     # Ctrl-C reaches the whole foreground process group; the supervisor decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # USR1 dumps every thread's traceback from the signal handler itself, so it works even
+    # while an agent is stuck in a long C call; the supervisor gathers the file's new lines.
+    trace_file = open(args.trace_file, "a") if args.trace_file else sys.stderr
+    faulthandler.register(signal.SIGUSR1, file=trace_file, all_threads=True)
     setup_logging(f"child {args.index}", args.loglevel)
     os.environ["SHARDSUP_BROKER"] = args.broker
 

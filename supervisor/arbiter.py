@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import faulthandler
 import fcntl
 import logging
 import os
 import select
 import signal
-import sys
 import time
 from typing import Dict, List, Optional
 
@@ -24,8 +22,10 @@ from shardworker.topology import TopicPartitionKey, group_by_task, task_partitio
 
 from .broker import EmbeddedBroker, check_reachable, ensure_topics
 from .children import ChildSlot
-from .errors import UsageError
+from .descendants import end_orphans
+from .dump import collect_trace, dump_report, latest_dump_path, trace_path
 from .membership import GroupMember
+from .pidfile import PidFile
 from .placement import place_tasks
 
 log = logging.getLogger("supervisor")
@@ -41,7 +41,9 @@ class Arbiter:
     SIG_NAMES = {sig: sig.name[3:].lower() for sig in SIGNALS}
 
     def __init__(self, app: App, app_spec: str, max_children: int, broker: str,
-                 datadir: str, loglevel: str = "info", shutdown_timeout: float = 30.0) -> None:
+                 datadir: str, loglevel: str = "info", shutdown_timeout: float = 30.0,
+                 child_timeout: float = 60.0, max_crashes: int = 5, crash_window: float = 60.0,
+                 exit_on_task_failure: bool = False) -> None:
         self.app = app
         self.app_spec = app_spec
         self.max_children = max(1, max_children)
@@ -49,6 +51,11 @@ class Arbiter:
         self.datadir = datadir
         self.loglevel = loglevel
         self.shutdown_timeout = shutdown_timeout
+        self.child_timeout = child_timeout
+        self.max_crashes = max_crashes
+        self.crash_window = crash_window
+        self.exit_on_task_failure = exit_on_task_failure
+        self.exit_code = 0
         self.source_topics = app.source_topics
         self.SIG_QUEUE: List[int] = []
         self.PIPE: List[int] = []
@@ -62,12 +69,12 @@ class Arbiter:
         self.embedded: Optional[EmbeddedBroker] = None
         self.bootstrap = ""
         self.member: Optional[GroupMember] = None
-        self._lockfile: Optional[int] = None
+        self.pidfile = PidFile(datadir)
 
     # -- start-up -------------------------------------------------------------------
     def run(self) -> int:
         """Runs until a shutdown signal; returns the exit code."""
-        self.lock_datadir()
+        self.pidfile.acquire()
         self.init_signals()
         try:
             self.set_subreaper()
@@ -88,7 +95,7 @@ class Arbiter:
         finally:
             if self.embedded is not None:
                 self.embedded.stop()
-            self.unlock_datadir()
+            self.pidfile.release()
 
     def loop_once(self) -> None:
         self.sleep(0.1)
@@ -98,6 +105,7 @@ class Arbiter:
         assert self.member is not None
         self.member.poll()
         self.spawn_due()
+        self.check_heartbeats()
         self.commit(force=False)
 
     def start_broker(self) -> None:
@@ -109,30 +117,6 @@ class Arbiter:
                      "and offsets are lost when shardsup stops", self.bootstrap)
         else:
             self.bootstrap = bootstrap_servers(self.broker_url)
-
-    def lock_datadir(self) -> None:
-        """One supervisor per datadir: a lock held for its life and a pid file."""
-        os.makedirs(self.datadir, exist_ok=True)
-        path = os.path.join(self.datadir, "supervisor.pid")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            other = os.read(fd, 32).decode().strip() or "?"
-            os.close(fd)
-            raise UsageError(f"datadir {self.datadir} is in use by a running supervisor (pid {other})")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lockfile = fd
-
-    def unlock_datadir(self) -> None:
-        if self._lockfile is not None:
-            try:
-                os.unlink(os.path.join(self.datadir, "supervisor.pid"))
-            except OSError:
-                pass
-            os.close(self._lockfile)
-            self._lockfile = None
 
     @staticmethod
     def set_subreaper() -> None:
@@ -206,21 +190,24 @@ class Arbiter:
     def handle_hup(self) -> None:
         """Graceful restart of every child (new code); the membership is kept."""
         for slot in self.slots.values():
+            slot.crashes.clear()
             if slot.alive:
                 slot.state = "stopping"
                 slot.signal(signal.SIGTERM)  # reaped, then spawned again at once
+            elif slot.state == "failed":
+                slot.state = "down"
+                slot.respawn_at = time.monotonic()
 
     def handle_usr1(self) -> None:
-        """Tracebacks of every thread of the supervisor and of every child."""
-        sys.stderr.write(f"--- shardsup supervisor pid {os.getpid()} threads ---\n")
-        faulthandler.dump_traceback(all_threads=True)
-        for slot in self.slots.values():
-            slot.signal(signal.SIGUSR1)
+        """Tracebacks of every thread of the supervisor and of every child, with each
+        child's tasks and offsets, in one report: logged and written under the datadir."""
+        report = dump_report(self)
+        log.warning("traceback report (also in %s):\n%s", latest_dump_path(self.datadir), report)
 
     # -- children -------------------------------------------------------------------
     def spawn(self, slot: ChildSlot) -> None:
         """Starts the process of a slot and hands it its tasks with their start offsets."""
-        slot.spawn(self.app_spec, self.bootstrap, self.loglevel)
+        slot.spawn(self.app_spec, self.bootstrap, self.loglevel, trace_path(self.datadir, slot.index))
         log.info("started child %d (pid %d) for tasks %s", slot.index, slot.pid, ",".join(slot.tasks))
         self.send_assign(slot, slot.tasks)
 
@@ -266,6 +253,8 @@ class Arbiter:
         except ChannelClosed:
             pass
         slot.exited()
+        # what the child started goes with it (double-forked helpers were adopted by us)
+        end_orphans(self.known_pids(), token=slot.token)
         if slot.retiring or not slot.tasks:
             del self.slots[slot.index]
             log.info("child %d exited (code %s)", slot.index, code)
@@ -276,9 +265,38 @@ class Arbiter:
             log.info("child %d restarted (tasks %s)", slot.index, ",".join(slot.tasks))
             slot.respawn_at = time.monotonic()
             return
-        delay = slot.schedule_restart(time.monotonic())
+        delay = slot.schedule_restart(time.monotonic(), self.max_crashes, self.crash_window)
+        if delay is None:
+            log.error("tasks %s FAILED: their child crashed %d times within %.0fs (last exit "
+                      "code %s, last error: %s); not restarting them until HUP",
+                      ",".join(slot.tasks), self.max_crashes, self.crash_window, code,
+                      slot.last_error or "see the log above")
+            if self.exit_on_task_failure:
+                self.exit_code = 3
+                self.stopping = "warm"
+            return
         log.error("child %d (tasks %s) died with code %s; restarting in %.1fs from the last "
                   "processed offsets", slot.index, ",".join(slot.tasks), code, delay)
+
+    def known_pids(self) -> List[int]:
+        """Processes we started on purpose: children and the embedded broker."""
+        pids = [s.pid for s in self.slots.values() if s.pid is not None]
+        if self.embedded is not None and self.embedded.proc is not None:
+            pids.append(self.embedded.proc.pid)
+        return pids  # type: ignore[return-value]
+
+    def check_heartbeats(self) -> None:
+        """A child silent for ``child_timeout`` is stuck: dump its traceback, kill it."""
+        now = time.monotonic()
+        for slot in self.slots.values():
+            if slot.state in ("starting", "running") and now - slot.last_heard > self.child_timeout:
+                trace = collect_trace(slot)
+                log.error("child %d (pid %s, tasks %s) sent no heartbeat for %.0fs; its "
+                          "traceback:\n%s\nkilling it", slot.index, slot.pid,
+                          ",".join(slot.tasks), now - slot.last_heard, trace)
+                slot.last_error = f"no heartbeat for {now - slot.last_heard:.0f}s"
+                slot.signal(signal.SIGKILL)
+                slot.last_heard = now  # one kill; reap() handles the exit
 
     def murder(self, sig: int = signal.SIGKILL) -> None:
         """Kills every child now (cold shutdown, or a warm one that ran out of time)."""
@@ -422,6 +440,8 @@ class Arbiter:
         self.closing = True
         if self.member is not None:
             self.member.close()
+        end_orphans(self.known_pids())
+        self.reap()
         log.info("%s shutdown complete; committed %s", mode,
                  ", ".join(f"{t}[{p}]={o}" for (t, p), o in sorted(self.committed.items())) or "nothing")
-        return 0 if mode == "warm" else 1
+        return self.exit_code if mode == "warm" else 1

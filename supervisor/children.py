@@ -17,6 +17,7 @@ log = logging.getLogger("supervisor.children")
 BACKOFF_FIRST = 0.1     # seconds before the first restart of a crashed child
 BACKOFF_MAX = 10.0      # the backoff doubles per crash up to this
 STABLE_AFTER = 30.0     # a child that lived this long starts its backoff afresh
+CHILD_TOKEN_ENV = "SHARDSUP_CHILD_TOKEN"
 
 
 class ChildSlot:
@@ -27,7 +28,7 @@ class ChildSlot:
         self.tasks: List[str] = list(tasks)
         self.proc: Optional[subprocess.Popen] = None
         self.channel: Optional[Channel] = None
-        self.state = "down"           # down, starting, running, stopping
+        self.state = "down"           # down, starting, running, stopping, failed
         self.started_at = 0.0
         self.restarts = 0
         self.crashes: List[float] = []  # monotonic times of recent crashes
@@ -37,23 +38,31 @@ class ChildSlot:
         self.last_error: Optional[str] = None
         self.stats: Dict[str, Any] = {}
         self.last_heard = 0.0
+        self.token = ""
+        self.trace_path = ""
 
     @property
     def pid(self) -> Optional[int]:
-        return self.proc.pid if self.proc is not None and self.state != "down" else None
+        return self.proc.pid if self.proc is not None and self.alive else None
 
     @property
     def alive(self) -> bool:
-        return self.state != "down"
+        return self.state not in ("down", "failed")
 
-    def spawn(self, app_spec: str, bootstrap: str, loglevel: str) -> None:
+    def spawn(self, app_spec: str, bootstrap: str, loglevel: str, trace_path: str) -> None:
         """Starts the child by fork+exec: a fresh interpreter, no inherited Kafka clients."""
         ours, theirs = socket.socketpair()
         cmd = [sys.executable, "-m", "shardworker.child", "--app", app_spec,
                "--fd", str(theirs.fileno()), "--index", str(self.index), "--broker", bootstrap,
-               "--loglevel", loglevel, "--parent", str(os.getpid())]
-        self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+               "--loglevel", loglevel, "--parent", str(os.getpid()), "--trace-file", trace_path]
+        # Every process the child starts inherits this token, so that once they are
+        # orphaned (and adopted by the supervisor, a subreaper) we know whose they were.
+        self.token = f"{os.getpid()}-{self.index}-{time.monotonic_ns()}"
+        env = {**os.environ, CHILD_TOKEN_ENV: self.token}
+        self.proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                     env=env)
         theirs.close()
+        self.trace_path = trace_path
         self.channel = Channel(ours)
         self.state = "starting"
         self.started_at = self.last_heard = time.monotonic()
@@ -69,7 +78,7 @@ class ChildSlot:
                 pass  # it is exiting; the exit is handled when it is reaped
 
     def signal(self, signum: int) -> None:
-        if self.proc is not None and self.state != "down":
+        if self.proc is not None and self.alive:
             try:
                 os.kill(self.proc.pid, signum)
             except ProcessLookupError:
@@ -80,13 +89,19 @@ class ChildSlot:
         if self.channel is not None:
             self.channel.close()
             self.channel = None
-        self.state = "down"
+        if self.state != "failed":
+            self.state = "down"
 
-    def schedule_restart(self, now: float) -> float:
-        """Records a crash and returns the backoff before the next start."""
+    def schedule_restart(self, now: float, max_crashes: int, window: float) -> Optional[float]:
+        """Records a crash; returns the backoff before the next start, or None when the
+        slot crashed ``max_crashes`` times within ``window`` seconds (it is then failed)."""
         if now - self.started_at >= STABLE_AFTER:
             self.crashes.clear()
-        self.crashes = [t for t in self.crashes if now - t < 60.0] + [now]
+        self.crashes = [t for t in self.crashes if now - t < window] + [now]
+        if len(self.crashes) >= max_crashes:
+            self.state = "failed"
+            self.respawn_at = None
+            return None
         delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (len(self.crashes) - 1))
         self.respawn_at = now + delay
         return delay

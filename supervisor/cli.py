@@ -56,8 +56,18 @@ def cli() -> None:
               help="kafka://host:port[;host:port] or embedded:// (overrides the App's broker).")
 @click.option("--shutdown-timeout", type=float, default=30.0, show_default=True,
               help="Seconds a warm shutdown may take before the children are killed.")
+@click.option("--child-timeout", type=float, default=60.0, show_default=True,
+              help="A child silent this long is stuck: its traceback is logged, it is killed "
+                   "and restarted.")
+@click.option("--max-restarts", type=click.IntRange(min=1), default=5, show_default=True,
+              help="A child crashing this many times within --restart-window has its tasks "
+                   "marked failed instead of restarted.")
+@click.option("--restart-window", type=float, default=60.0, show_default=True)
+@click.option("--exit-on-task-failure", is_flag=True,
+              help="Shut down (exit code 3) when a task is marked failed, instead of going on.")
 def start(app_spec: str, concurrency: Optional[int], loglevel: str, datadir: Optional[str],
-          broker: Optional[str], shutdown_timeout: float) -> None:
+          broker: Optional[str], shutdown_timeout: float, child_timeout: float,
+          max_restarts: int, restart_window: float, exit_on_task_failure: bool) -> None:
     """Start a supervisor and its children; runs until TERM or INT (Ctrl-C)."""
     from .arbiter import Arbiter
 
@@ -67,7 +77,8 @@ def start(app_spec: str, concurrency: Optional[int], loglevel: str, datadir: Opt
         fail(f"app {app.id!r} has no agents: nothing to consume")
     broker = broker or os.environ.get("SHARDSUP_BROKER") or app.broker
     arbiter = Arbiter(app, app_spec, concurrency or os.cpu_count() or 1, broker,
-                      datadir or f"{app.id}-data", loglevel, shutdown_timeout)
+                      datadir or f"{app.id}-data", loglevel, shutdown_timeout,
+                      child_timeout, max_restarts, restart_window, exit_on_task_failure)
     try:
         code = arbiter.run()
     except UsageError as exc:
@@ -117,6 +128,80 @@ def send(app_spec: str, broker: Optional[str], key: Optional[str], partition: Op
     except Exception as exc:  # noqa: BLE001 - one line for the user
         fail(f"send failed: {type(exc).__name__}: {exc}")
     click.echo(f"sent to {topic}")
+
+
+def _datadir(datadir: Optional[str], app_spec: Optional[str]) -> str:
+    if datadir:
+        return datadir
+    if app_spec:
+        return f"{load(app_spec).id}-data"
+    fail("say which supervisor: --datadir DIR or -A MODULE (for the default ./<app id>-data)")
+
+
+def _running(datadir: str) -> int:
+    from .pidfile import running_pid
+
+    pid = running_pid(datadir)
+    if pid is None:
+        fail(f"no supervisor is running on datadir {datadir}")
+    return pid
+
+
+def _wait_exit(pid: int, timeout: float) -> bool:
+    import psutil
+
+    try:
+        psutil.Process(pid).wait(timeout)
+        return True
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.TimeoutExpired:
+        return False
+
+
+@cli.command()
+@click.option("--datadir", type=click.Path(file_okay=False), default=None)
+@click.option("-A", "--app", "app_spec", default=None, metavar="MODULE[:ATTR]",
+              help="Only to find the default datadir ./<app id>-data.")
+@click.option("--cold", is_flag=True, help="Cold shutdown (QUIT): kill the children now.")
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="Seconds to wait for the supervisor to exit.")
+def stop(datadir: Optional[str], app_spec: Optional[str], cold: bool, timeout: float) -> None:
+    """Stop the supervisor running on a datadir (warm, unless --cold) and wait for it."""
+    import signal as signals
+
+    pid = _running(_datadir(datadir, app_spec))
+    os.kill(pid, signals.SIGQUIT if cold else signals.SIGTERM)
+    if not _wait_exit(pid, timeout):
+        fail(f"supervisor {pid} still running after {timeout:.0f}s", code=1)
+    click.echo(f"supervisor {pid} stopped")
+
+
+@cli.command()
+@click.option("--datadir", type=click.Path(file_okay=False), default=None)
+@click.option("-A", "--app", "app_spec", default=None, metavar="MODULE[:ATTR]",
+              help="Only to find the default datadir ./<app id>-data.")
+@click.option("--timeout", type=float, default=15.0, show_default=True)
+def dump(datadir: Optional[str], app_spec: Optional[str], timeout: float) -> None:
+    """Print the tracebacks of every thread of the supervisor and its children (USR1)."""
+    import signal as signals
+    import time
+
+    from .dump import latest_dump_path
+
+    folder = _datadir(datadir, app_spec)
+    pid = _running(folder)
+    path = latest_dump_path(folder)
+    before = os.stat(path).st_mtime_ns if os.path.exists(path) else None
+    os.kill(pid, signals.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path) and os.stat(path).st_mtime_ns != before:
+            with open(path) as f:
+                click.echo(f.read(), nl=False)
+            return
+        time.sleep(0.05)
+    fail(f"supervisor {pid} wrote no report within {timeout:.0f}s", code=1)
 
 
 def main() -> None:

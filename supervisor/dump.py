@@ -1,0 +1,113 @@
+"""Traceback reports: every thread of the supervisor and of every child, in one text.
+
+Children register ``faulthandler`` for USR1 with a trace file under the datadir, so a
+child answers even when its agent is stuck in a long call: the handler writes from the
+signal itself.  The supervisor sends USR1, reads what each file gained, and adds its own
+threads and what it knows of each child (tasks, offsets).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import TYPE_CHECKING, Dict, List
+
+from shardworker.topology import task_partitions
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .arbiter import Arbiter
+    from .children import ChildSlot
+
+TRACE_WAIT = 1.0  # seconds to wait for a child's handler to write
+
+
+def trace_path(datadir: str, index: int) -> str:
+    os.makedirs(os.path.join(datadir, "traces"), exist_ok=True)
+    return os.path.join(datadir, "traces", f"child-{index}.trace")
+
+
+def latest_dump_path(datadir: str) -> str:
+    return os.path.join(datadir, "dump-latest.txt")
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _read_growth(starts: Dict[str, int]) -> Dict[str, str]:
+    """Waits until each file grew and then stopped growing; returns the new text."""
+    deadline = time.monotonic() + TRACE_WAIT
+    last = dict(starts)
+    settled: Dict[str, bool] = {p: False for p in starts}
+    while time.monotonic() < deadline and not all(settled.values()):
+        time.sleep(0.05)
+        for path in starts:
+            size = _size(path)
+            settled[path] = size > starts[path] and size == last[path]
+            last[path] = size
+    texts = {}
+    for path, start in starts.items():
+        try:
+            with open(path, "rb") as f:
+                f.seek(start)
+                texts[path] = f.read().decode(errors="replace")
+        except OSError:
+            texts[path] = ""
+    return texts
+
+
+def collect_trace(slot: "ChildSlot") -> str:
+    """Signals one child and returns the tracebacks it wrote."""
+    if not slot.trace_path or slot.pid is None:
+        return "(no process)"
+    start = _size(slot.trace_path)
+    slot.signal(signal.SIGUSR1)
+    return _read_growth({slot.trace_path: start})[slot.trace_path] or "(no answer)"
+
+
+def own_threads() -> str:
+    names = {t.ident: t.name for t in threading.enumerate()}
+    parts = []
+    for ident, frame in sys._current_frames().items():
+        parts.append(f"Thread {names.get(ident, ident)} (most recent call last):\n"
+                     + "".join(traceback.format_stack(frame)))
+    return "\n".join(parts)
+
+
+def dump_report(arbiter: "Arbiter") -> str:
+    """Gathers the report, writes it under the datadir (one file per dump plus
+    ``dump-latest.txt``) and returns it."""
+    slots: List["ChildSlot"] = [s for s in arbiter.slots.values()]
+    starts = {s.trace_path: _size(s.trace_path) for s in slots if s.pid is not None and s.trace_path}
+    for slot in slots:
+        if slot.pid is not None:
+            slot.signal(signal.SIGUSR1)
+    supervisor_threads = own_threads()
+    traces = _read_growth(starts) if starts else {}
+    lines = [f"shardsup traceback report — app {arbiter.app.id}, supervisor pid {os.getpid()}, "
+             f"{time.strftime('%Y-%m-%d %H:%M:%S')}", "",
+             f"== supervisor (pid {os.getpid()}) ==", supervisor_threads]
+    for slot in sorted(slots, key=lambda s: s.index):
+        offsets = ", ".join(
+            f"{t}[{p}]={arbiter.offsets.get((t, p), '?')}"
+            for task in slot.tasks for t, p in task_partitions(arbiter.source_topics, task))
+        lines += ["", f"== child {slot.index} (pid {slot.pid}, state {slot.state}) ==",
+                  f"tasks: {','.join(slot.tasks) or '-'}", f"offsets: {offsets or '-'}",
+                  traces.get(slot.trace_path, "(not running)") if slot.pid else "(not running)"]
+    report = "\n".join(lines) + "\n"
+    folder = os.path.join(arbiter.datadir, "dumps")
+    os.makedirs(folder, exist_ok=True)
+    name = os.path.join(folder, f"dump-{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns() % 10**6}.txt")
+    with open(name, "w") as f:
+        f.write(report)
+    tmp = latest_dump_path(arbiter.datadir) + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(report)
+    os.replace(tmp, latest_dump_path(arbiter.datadir))
+    return report
