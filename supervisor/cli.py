@@ -148,15 +148,20 @@ def _running(datadir: str) -> int:
 
 
 def _wait_exit(pid: int, timeout: float) -> bool:
+    """True once the process has exited (a zombie waiting for its parent counts)."""
+    import time
+
     import psutil
 
-    try:
-        psutil.Process(pid).wait(timeout)
-        return True
-    except psutil.NoSuchProcess:
-        return True
-    except psutil.TimeoutExpired:
-        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 @cli.command()

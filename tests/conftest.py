@@ -118,14 +118,16 @@ class Supervisor:
     """A real ``shardsup start`` process of a test app, with its output in a file."""
 
     def __init__(self, app: str, bootstrap: str, prefix: str, datadir: str, args: List[str],
-                 env: Optional[Dict[str, str]] = None) -> None:
+                 env: Optional[Dict[str, str]] = None, new_session: bool = False) -> None:
+        self.datadir = datadir
         self.log_path = os.path.join(datadir + ".log")
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "supervisor", "start", "-A", app, "--broker", bootstrap,
              "--datadir", datadir, *args],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, "SHARDSUP_TEST_PREFIX": prefix, **(env or {})})
+            env={**os.environ, "SHARDSUP_TEST_PREFIX": prefix, **(env or {})},
+            start_new_session=new_session)
 
     def output(self) -> str:
         if not self.log.closed:
@@ -165,8 +167,9 @@ class Supervisor:
             time.sleep(0.1)
         raise AssertionError(f"timed out waiting for {what}:\n{self.output()[-3000:]}")
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int:
-        if self.proc.poll() is None:
+    def stop(self, sig: Optional[int] = signal.SIGTERM, timeout: float = 40) -> int:
+        """Sends ``sig`` (None: none, it was signalled already) and waits for the exit."""
+        if sig is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout)
@@ -203,8 +206,8 @@ def start_supervisor(tmp_path, broker, prefix) -> Iterator[Callable[..., Supervi
     started: List[Supervisor] = []
 
     def start(app: str = "tests.apps.doubler", *args: str, name: str = "a",
-              env: Optional[Dict[str, str]] = None) -> Supervisor:
-        sup = Supervisor(app, broker, prefix, str(tmp_path / name), list(args), env)
+              env: Optional[Dict[str, str]] = None, new_session: bool = False) -> Supervisor:
+        sup = Supervisor(app, broker, prefix, str(tmp_path / name), list(args), env, new_session)
         started.append(sup)
         return sup
 
