@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -175,9 +176,10 @@ class App:
 
     def kafka_config(self, bootstrap: str) -> Dict[str, Any]:
         """Settings shared by every Kafka client of this app."""
-        # brokers close idle connections; librdkafka reconnects, no need to log each one
+        # brokers close idle connections; librdkafka reconnects, no need to log each one.
+        # librdkafka's own lines go through Python logging (same format, role and file).
         return {"bootstrap.servers": bootstrap, "log.connection.close": False,
-                **self.settings["kafka_config"]}
+                "logger": logging.getLogger("librdkafka"), **self.settings["kafka_config"]}
 
     def producer_config(self, bootstrap: str) -> Dict[str, Any]:
         """An idempotent producer with Java Kafka's key partitioner (co-partitioning with

@@ -37,6 +37,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--broker", required=True)
     parser.add_argument("--loglevel", default="info")
+    parser.add_argument("--log-format", default="text", choices=["text", "json"])
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--trace-file", default=None,
                         help="where USR1 writes this process's tracebacks (the supervisor reads it)")
@@ -51,7 +52,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # while an agent is stuck in a long C call; the supervisor gathers the file's new lines.
     trace_file = open(args.trace_file, "a") if args.trace_file else sys.stderr
     faulthandler.register(signal.SIGUSR1, file=trace_file, all_threads=True)
-    setup_logging(f"child {args.index}", args.loglevel)
+    setup_logging(f"child {args.index}", args.loglevel, args.log_format)
     os.environ["SHARDSUP_BROKER"] = args.broker
 
     channel = Channel(socket.socket(fileno=args.fd))

@@ -268,8 +268,26 @@ class Worker:
             self._last_report = now
         if now - self._last_stats >= STATS_INTERVAL:
             self.channel.send("stats", processed=self.processed, errors=self.errors,
-                              tasks=self.tasks)
+                              tasks=self.tasks, lag=self.lag())
             self._last_stats = now
+
+    def lag(self) -> Dict[str, Optional[int]]:
+        """Records behind the end of each task's partitions.  The end is the high watermark
+        of the last fetch response (right on Kafka and tansu alike; tansu's ListOffsets is
+        not), so it is unknown (None) until a first fetch answered."""
+        lags: Dict[str, Optional[int]] = {}
+        for task, parts in group_by_task(self.source_topics, self.positions).items():
+            total: Optional[int] = 0
+            for topic, part in parts:
+                low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, part),
+                                                                cached=True)
+                position = self.positions[(topic, part)]
+                if high < 0 or total is None:
+                    total = None
+                    continue
+                total += max(0, high - (position if position >= 0 else max(low, 0)))
+            lags[task] = total
+        return lags
 
     @staticmethod
     def _offsets_list(offsets: Dict[TopicPartitionKey, int]) -> List[Tuple[str, int, int]]:

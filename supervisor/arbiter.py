@@ -14,7 +14,7 @@ import os
 import select
 import signal
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from shardworker.app import EMBEDDED, App, bootstrap_servers
 from shardworker.protocol import ChannelClosed
@@ -25,12 +25,20 @@ from .children import ChildSlot
 from .descendants import end_orphans
 from .dump import collect_trace, dump_report, latest_dump_path, trace_path
 from .membership import GroupMember
+from . import sdnotify
 from .pidfile import PidFile
 from .placement import place_tasks
+from .status import StatusServer
+from .web import WebServer
 
 log = logging.getLogger("supervisor")
 
 PR_SET_CHILD_SUBREAPER = 36
+SNAPSHOT_EVERY = 1.0  # seconds between refreshes of the snapshot the web thread serves
+
+
+def status_socket_path(datadir: str) -> str:
+    return os.path.join(datadir, "supervisor.sock")
 
 
 class Arbiter:
@@ -43,7 +51,8 @@ class Arbiter:
     def __init__(self, app: App, app_spec: str, max_children: int, broker: str,
                  datadir: str, loglevel: str = "info", shutdown_timeout: float = 30.0,
                  child_timeout: float = 60.0, max_crashes: int = 5, crash_window: float = 60.0,
-                 exit_on_task_failure: bool = False) -> None:
+                 exit_on_task_failure: bool = False, web_host: str = "127.0.0.1",
+                 web_port: Optional[int] = None, log_args: Sequence[str] = ()) -> None:
         self.app = app
         self.app_spec = app_spec
         self.max_children = max(1, max_children)
@@ -56,6 +65,20 @@ class Arbiter:
         self.crash_window = crash_window
         self.exit_on_task_failure = exit_on_task_failure
         self.exit_code = 0
+        self.web_host = web_host
+        self.web_port = web_port
+        self.log_args = list(log_args)
+        self.started_at = time.monotonic()
+        self.state = "starting"          # starting, running, stopping (for status)
+        self.joined = False
+        self.status_server: Optional[StatusServer] = None
+        self.web: Optional[WebServer] = None
+        self.latest_snapshot: Dict[str, object] = {}
+        self._last_snapshot = 0.0
+        self._watchdog_every = sdnotify.watchdog_interval()
+        self._last_watchdog = 0.0
+        self._notified_ready = False
+        self._last_status_line = ""
         self.source_topics = app.source_topics
         self.SIG_QUEUE: List[int] = []
         self.PIPE: List[int] = []
@@ -78,6 +101,10 @@ class Arbiter:
         self.init_signals()
         try:
             self.set_subreaper()
+            self.status_server = StatusServer(status_socket_path(self.datadir), self.handle_request)
+            if self.web_port is not None:
+                self.web = WebServer(self.web_host, self.web_port, lambda: self.latest_snapshot)
+                self.web.start()
             self.start_broker()
             cluster = check_reachable(self.app, self.bootstrap)
             partitions = ensure_topics(self.app, self.bootstrap)
@@ -93,12 +120,17 @@ class Arbiter:
                 self.loop_once()
             return self.shutdown()
         finally:
+            if self.web is not None:
+                self.web.stop()
+            if self.status_server is not None:
+                self.status_server.close()
             if self.embedded is not None:
                 self.embedded.stop()
             self.pidfile.release()
 
     def loop_once(self) -> None:
         self.sleep(0.1)
+        self.notify_ready()
         while self.SIG_QUEUE and self.stopping is None:
             self.dispatch(self.SIG_QUEUE.pop(0))
         self.read_children()
@@ -153,18 +185,37 @@ class Arbiter:
                 raise
 
     def sleep(self, timeout: float) -> None:
-        """Waits for a signal, a child's message, or the timeout."""
-        fds = [self.PIPE[0]] + [s.channel for s in self.slots.values() if s.channel is not None]
+        """Waits for a signal, a child's message, a status request, or the timeout.
+
+        Every waiting loop (main, revoke, shutdown) comes through here, so this is also
+        where systemd's watchdog is fed and the snapshot for the web thread is refreshed.
+        """
+        fds: List[object] = [self.PIPE[0]] + [s.channel for s in self.slots.values() if s.channel is not None]
+        if self.status_server is not None:
+            fds.append(self.status_server)
         try:
             ready = select.select(fds, [], [], timeout)[0]
         except InterruptedError:
-            return
+            ready = []
         if self.PIPE[0] in ready:
             try:
                 while os.read(self.PIPE[0], 64):
                     pass
             except BlockingIOError:
                 pass
+        if self.status_server is not None and self.status_server in ready:
+            self.status_server.serve_ready()
+        now = time.monotonic()
+        if self._watchdog_every and now - self._last_watchdog >= self._watchdog_every:
+            sdnotify.watchdog()
+            self._last_watchdog = now
+        if now - self._last_snapshot >= SNAPSHOT_EVERY:
+            self.latest_snapshot = self.snapshot()
+            self._last_snapshot = now
+            line = self.status_line()
+            if line != self._last_status_line:
+                sdnotify.status(line)
+                self._last_status_line = line
 
     def dispatch(self, sig: int) -> None:
         name = self.SIG_NAMES.get(sig)
@@ -189,6 +240,8 @@ class Arbiter:
 
     def handle_hup(self) -> None:
         """Graceful restart of every child (new code); the membership is kept."""
+        sdnotify.reloading("restarting children")
+        self._notified_ready = False  # READY=1 again once the new children run
         for slot in self.slots.values():
             slot.crashes.clear()
             if slot.alive:
@@ -207,7 +260,8 @@ class Arbiter:
     # -- children -------------------------------------------------------------------
     def spawn(self, slot: ChildSlot) -> None:
         """Starts the process of a slot and hands it its tasks with their start offsets."""
-        slot.spawn(self.app_spec, self.bootstrap, self.loglevel, trace_path(self.datadir, slot.index))
+        slot.spawn(self.app_spec, self.bootstrap, self.loglevel, trace_path(self.datadir, slot.index),
+                   self.log_args)
         log.info("started child %d (pid %d) for tasks %s", slot.index, slot.pid, ",".join(slot.tasks))
         self.send_assign(slot, slot.tasks)
 
@@ -324,7 +378,7 @@ class Arbiter:
                 if slot.state == "starting":
                     slot.state = "running"
             elif op == "stats":
-                slot.stats = message
+                slot.record_stats(message)
             elif op == "failed":
                 slot.last_error = message.get("error")
 
@@ -350,6 +404,9 @@ class Arbiter:
     # -- rebalances (called by librdkafka from inside member.poll) -----------------
     def on_assign(self, partitions: List[TopicPartitionKey]) -> None:
         assert self.member is not None
+        self.joined = True
+        if not partitions:
+            return
         self.offsets.update(self.member.start_offsets(partitions))
         tasks = list(group_by_task(self.source_topics, partitions))
         log.info("assigned tasks %s", ",".join(tasks))
@@ -408,11 +465,67 @@ class Arbiter:
             self.offsets.pop(key, None)
             self.committed.pop(key, None)
 
+    # -- status ---------------------------------------------------------------------
+    def notify_ready(self) -> None:
+        """READY=1 for systemd once the group is joined and every child runs."""
+        if self._notified_ready or not self.joined:
+            return
+        if all(s.state == "running" for s in self.slots.values()):
+            self.state = "running"
+            self._notified_ready = True
+            sdnotify.ready(self.status_line())
+            log.info("ready: %s", self.status_line())
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS= and the log."""
+        running = sum(1 for s in self.slots.values() if s.state == "running")
+        tasks = sum(len(s.tasks) for s in self.slots.values())
+        failed = [t for s in self.slots.values() if s.state == "failed" for t in s.tasks]
+        rate = sum(s.records_per_s for s in self.slots.values())
+        line = f"{running}/{len(self.slots)} children running, {tasks} tasks, {rate:.0f} records/s"
+        return line + (f", FAILED tasks {','.join(failed)}" if failed else "")
+
+    def handle_request(self, command: str) -> Dict[str, object]:
+        """A request on the status socket (``shardsup status``)."""
+        if command == "status":
+            self.latest_snapshot = self.snapshot()
+            return self.latest_snapshot
+        return {"error": f"unknown command {command!r}"}
+
+    def snapshot(self) -> Dict[str, object]:
+        """Everything ``shardsup status``, ``/status``, ``/metrics`` and ``/health`` show."""
+        now = time.monotonic()
+        children = []
+        tasks: Dict[str, object] = {}
+        for slot in sorted(self.slots.values(), key=lambda s: s.index):
+            usage = slot.usage()
+            lag = slot.stats.get("lag", {}) if slot.alive else {}
+            state = slot.state if slot.state != "starting" or not slot.restoring else "restoring"
+            children.append({
+                "index": slot.index, "pid": slot.pid, "tasks": list(slot.tasks), "state": state,
+                "uptime_s": round(now - slot.started_at, 3) if slot.alive else 0.0,
+                "restarts": slot.restarts, "records_per_s": round(slot.records_per_s, 1),
+                "records_total": slot.records_total, "errors_total": slot.errors_total,
+                "lag": {t: lag.get(t) for t in slot.tasks},
+                "rss_bytes": usage[0], "cpu_percent": usage[1], "last_error": slot.last_error})
+            for task in slot.tasks:
+                tasks[task] = {"child": slot.index, "state": state, "lag": lag.get(task)}
+        group = self.member.group_state() if self.member is not None else {
+            "state": "not joined", "generation": None, "member_id": None, "rebalances": 0}
+        return {
+            "supervisor": {"pid": os.getpid(), "app": self.app.id, "broker": self.bootstrap,
+                           "datadir": os.path.abspath(self.datadir),
+                           "uptime_s": round(now - self.started_at, 3), "state": self.state,
+                           "group": group},
+            "children": children, "tasks": tasks}
+
     # -- shutdown -------------------------------------------------------------------
     def shutdown(self) -> int:
         """Warm: children finish and report, we commit and leave.  Cold: kill, commit what
         was acknowledged, leave, exit non-zero."""
         mode = self.stopping
+        self.state = "stopping"
+        sdnotify.stopping(f"{mode} shutdown")
         log.info("%s shutdown: stopping %d children", mode, sum(s.alive for s in self.slots.values()))
         for slot in self.slots.values():
             slot.retiring = True

@@ -8,7 +8,9 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import psutil
 
 from shardworker.protocol import Channel
 
@@ -40,6 +42,14 @@ class ChildSlot:
         self.last_heard = 0.0
         self.token = ""
         self.trace_path = ""
+        self.restoring = False
+        self.records_total = 0      # over every incarnation of this slot
+        self.errors_total = 0
+        self.records_per_s = 0.0
+        self._base_records = 0      # totals of earlier incarnations
+        self._base_errors = 0
+        self._rate_mark = (0.0, 0)
+        self._psutil: Optional[psutil.Process] = None
 
     @property
     def pid(self) -> Optional[int]:
@@ -49,12 +59,14 @@ class ChildSlot:
     def alive(self) -> bool:
         return self.state not in ("down", "failed")
 
-    def spawn(self, app_spec: str, bootstrap: str, loglevel: str, trace_path: str) -> None:
+    def spawn(self, app_spec: str, bootstrap: str, loglevel: str, trace_path: str,
+              log_args: Sequence[str] = ()) -> None:
         """Starts the child by fork+exec: a fresh interpreter, no inherited Kafka clients."""
         ours, theirs = socket.socketpair()
         cmd = [sys.executable, "-m", "shardworker.child", "--app", app_spec,
                "--fd", str(theirs.fileno()), "--index", str(self.index), "--broker", bootstrap,
-               "--loglevel", loglevel, "--parent", str(os.getpid()), "--trace-file", trace_path]
+               "--loglevel", loglevel, "--parent", str(os.getpid()), "--trace-file", trace_path,
+               *log_args]
         # Every process the child starts inherits this token, so that once they are
         # orphaned (and adopted by the supervisor, a subreaper) we know whose they were.
         self.token = f"{os.getpid()}-{self.index}-{time.monotonic_ns()}"
@@ -69,6 +81,34 @@ class ChildSlot:
         self.respawn_at = None
         self.revoking = False
         self.stats = {}
+        self._base_records, self._base_errors = self.records_total, self.errors_total
+        self._rate_mark = (self.started_at, self.records_total)
+        self.records_per_s = 0.0
+        self._psutil = None
+
+    def record_stats(self, stats: Dict[str, Any]) -> None:
+        """A heartbeat: counters of this incarnation, lag per task."""
+        self.stats = stats
+        self.records_total = self._base_records + int(stats.get("processed", 0))
+        self.errors_total = self._base_errors + int(stats.get("errors", 0))
+        now = time.monotonic()
+        then, count = self._rate_mark
+        if now - then >= 1.0:
+            self.records_per_s = (self.records_total - count) / (now - then)
+            self._rate_mark = (now, self.records_total)
+
+    def usage(self) -> Tuple[Optional[int], Optional[float]]:
+        """(RSS bytes, CPU %) of the process, or (None, None) when it is not running."""
+        if self.pid is None:
+            return None, None
+        try:
+            if self._psutil is None or self._psutil.pid != self.pid:
+                self._psutil = psutil.Process(self.pid)
+                self._psutil.cpu_percent(None)  # the first call only sets the baseline
+            with self._psutil.oneshot():
+                return self._psutil.memory_info().rss, self._psutil.cpu_percent(None)
+        except psutil.Error:
+            return None, None
 
     def send(self, op: str, **fields: Any) -> None:
         if self.channel is not None:

@@ -12,7 +12,7 @@ import click
 from shardworker import __version__
 from shardworker.app import EMBEDDED, App, bootstrap_servers
 from shardworker.loader import AppNotFound, load_app
-from shardworker.logs import setup_logging
+from shardworker.logs import redirect_output, setup_logging
 
 from .errors import UsageError
 
@@ -65,20 +65,33 @@ def cli() -> None:
 @click.option("--restart-window", type=float, default=60.0, show_default=True)
 @click.option("--exit-on-task-failure", is_flag=True,
               help="Shut down (exit code 3) when a task is marked failed, instead of going on.")
+@click.option("--web-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve /status, /metrics and /health on this port (default: no web server).")
+@click.option("--web-host", default="127.0.0.1", show_default=True)
+@click.option("--logfile", type=click.Path(dir_okay=False), default=None,
+              help="Append the logs (and the children's output) to this file, not stderr.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 def start(app_spec: str, concurrency: Optional[int], loglevel: str, datadir: Optional[str],
           broker: Optional[str], shutdown_timeout: float, child_timeout: float,
-          max_restarts: int, restart_window: float, exit_on_task_failure: bool) -> None:
+          max_restarts: int, restart_window: float, exit_on_task_failure: bool,
+          web_port: Optional[int], web_host: str, logfile: Optional[str], log_format: str) -> None:
     """Start a supervisor and its children; runs until TERM or INT (Ctrl-C)."""
     from .arbiter import Arbiter
 
-    setup_logging("supervisor", loglevel)
+    if logfile:
+        try:
+            redirect_output(logfile)
+        except OSError as exc:
+            fail(f"cannot open log file {logfile}: {exc.strerror}")
+    setup_logging("supervisor", loglevel, log_format)
     app = load(app_spec)
     if not app.agents:
         fail(f"app {app.id!r} has no agents: nothing to consume")
     broker = broker or os.environ.get("SHARDSUP_BROKER") or app.broker
     arbiter = Arbiter(app, app_spec, concurrency or os.cpu_count() or 1, broker,
                       datadir or f"{app.id}-data", loglevel, shutdown_timeout,
-                      child_timeout, max_restarts, restart_window, exit_on_task_failure)
+                      child_timeout, max_restarts, restart_window, exit_on_task_failure,
+                      web_host, web_port, ["--log-format", log_format])
     try:
         code = arbiter.run()
     except UsageError as exc:
@@ -207,6 +220,38 @@ def dump(datadir: Optional[str], app_spec: Optional[str], timeout: float) -> Non
             return
         time.sleep(0.05)
     fail(f"supervisor {pid} wrote no report within {timeout:.0f}s", code=1)
+
+
+@cli.command()
+@click.option("--datadir", type=click.Path(file_okay=False), default=None)
+@click.option("-A", "--app", "app_spec", default=None, metavar="MODULE[:ATTR]",
+              help="Only to find the default datadir ./<app id>-data.")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.option("--watch", type=float, default=None, metavar="SECONDS",
+              help="Refresh every SECONDS until Ctrl-C.")
+def status(datadir: Optional[str], app_spec: Optional[str], as_json: bool,
+           watch: Optional[float]) -> None:
+    """Show the running supervisor and one row per child (over its Unix socket)."""
+    import time
+
+    from .arbiter import status_socket_path
+    from .status import format_status, query
+
+    path = status_socket_path(_datadir(datadir, app_spec))
+    while True:
+        try:
+            snapshot = query(path)
+        except UsageError as exc:
+            fail(str(exc), code=1)
+        if watch:
+            click.clear()
+        click.echo(json.dumps(snapshot, indent=2) if as_json else format_status(snapshot))
+        if not watch:
+            return
+        try:
+            time.sleep(watch)
+        except KeyboardInterrupt:
+            return
 
 
 def main() -> None:

@@ -55,8 +55,7 @@ class GroupMember:
         self.rebalances += 1
         keys = [(p.topic, p.partition) for p in partitions]
         self.assigned.extend(keys)
-        if keys:
-            self._on_assign(keys)
+        self._on_assign(keys)  # also when empty: it tells that the group was joined
 
     def _revoked(self, consumer: Consumer, partitions: List[TopicPartition]) -> None:
         keys = [(p.topic, p.partition) for p in partitions]
@@ -101,7 +100,20 @@ class GroupMember:
 
     def group_state(self) -> Dict[str, Any]:
         """What the member knows of its group membership (for status and logs)."""
-        return {"group": self.app.id, "assigned": len(self.assigned), "rebalances": self.rebalances}
+        generation: Optional[int] = None
+        member_id: Optional[str] = None
+        try:
+            member_id = self.consumer.memberid() or None
+            metadata = self.consumer.consumer_group_metadata()
+            # librdkafka's serialized form: b"CGMDv2:" + int32 generation id + ...
+            if isinstance(metadata, bytes) and metadata.startswith(b"CGMDv2:"):
+                generation = int.from_bytes(metadata[7:11], "big", signed=True)
+        except (KafkaException, RuntimeError):
+            pass
+        joined = generation is not None and generation >= 0
+        return {"state": "stable" if joined else "joining",
+                "generation": generation if joined else None, "member_id": member_id,
+                "rebalances": self.rebalances}
 
     def close(self) -> None:
         """Leaves the group at once (no session-timeout wait for the others)."""
