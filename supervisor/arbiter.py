@@ -410,8 +410,9 @@ class Arbiter:
         self.offsets.update(self.member.start_offsets(partitions))
         tasks = list(group_by_task(self.source_topics, partitions))
         log.info("assigned tasks %s", ",".join(tasks))
-        for_existing, for_new = place_tasks(tasks, {i: s.tasks for i, s in self.slots.items()},
-                                            self.max_children)
+        # a failed slot takes no new work: its tasks wait for a HUP
+        hosted = {i: s.tasks for i, s in self.slots.items() if s.state != "failed"}
+        for_existing, for_new = place_tasks(tasks, hosted, self.max_children)
         for index, new in for_existing.items():
             slot = self.slots[index]
             slot.tasks.extend(new)

@@ -118,3 +118,59 @@ def test_bad_records_go_to_the_dead_letter_topic(broker, prefix, start_superviso
     assert by_key[b"undecodable"]["shardsup.offset"] == b"25"  # 100 // 4 on partition 0
     assert "dead-lettered" in sup.output()
     assert sup.stop() == 0
+
+
+@pytest.mark.timeout(90)
+def test_events_and_topic_send_with_headers(broker, prefix, start_supervisor):
+    sup = start_supervisor("tests.apps.sender", "-c", "1")
+    sup.wait_for(lambda: len(sup.child_tasks()) == 1, 30, "one child")
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": broker})
+    for n in range(200):
+        producer.produce(f"{prefix}-in", json.dumps({"n": n}).encode(), f"k{n}".encode(),
+                         partition=n % 2, headers=[("trace", f"t{n}".encode())],
+                         timestamp=1_700_000_000_000 + n)
+    assert producer.flush(20) == 0
+    out = read_topic(broker, f"{prefix}-out", 200, timeout=60)
+    assert len({m.key() for m in out}) == 200
+    for msg in out:
+        value = json.loads(msg.value())
+        n = value["n"]
+        assert msg.key() == f"k{n}".encode()
+        assert value["topic"] == f"{prefix}-in" and value["partition"] == n % 2
+        assert value["offset"] == n // 2
+        assert value["timestamp"] == pytest.approx(1_700_000_000 + n / 1000)
+        headers = dict(msg.headers())
+        assert headers["seen-by"] == b"describe" and headers["trace"] == f"t{n}".encode()
+    assert sup.stop() == 0
+
+
+@pytest.mark.timeout(90)
+def test_the_readme_example_runs_on_the_embedded_broker(tmp_path):
+    """What ./scripts/demo.sh runs: its own broker, its own input, visible output."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    log = open(tmp_path / "demo.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor", "start", "-A", "examples.orders",
+                             "--broker", "embedded://", "-c", "2", "--datadir", str(tmp_path / "d")],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 40
+        text = ""
+        while time.monotonic() < deadline and text.count("doubled=") < 20:
+            time.sleep(0.5)
+            text = (tmp_path / "demo.log").read_text(errors="replace")
+        assert text.count("doubled=") >= 20, text[-3000:]
+        assert "embedded broker (tansu) listening on 127.0.0.1:" in text and "in memory only" in text
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(40) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
