@@ -27,6 +27,8 @@ DEFAULT_SETTINGS: Dict[str, Any] = {
     "topic_partitions": None,
     # extra librdkafka settings for every client (consumer, producer, admin)
     "kafka_config": {},
+    # at_least_once: outputs may repeat after a crash, table state never double-counts
+    "processing_guarantee": "at_least_once",
 }
 
 
@@ -114,7 +116,12 @@ class App:
         self.topics: Dict[str, Topic] = {}
         self.agents: List[Agent] = []
         self.timers: List[Timer] = []
+        self.tables: List[Any] = []   # shardworker.tables.Table, in declaration order
         self._producer: Any = None
+        if self.settings["processing_guarantee"] != "at_least_once":
+            raise ValueError(f"processing_guarantee {self.settings['processing_guarantee']!r} is "
+                             "not available yet; use 'at_least_once' (table state is exact "
+                             "under it, outputs may repeat after a crash)")
 
     def __repr__(self) -> str:
         return f"<App {self.id}>"
@@ -152,6 +159,29 @@ class App:
             return fn
 
         return decorate
+
+    def table(self, name: str, default: Optional[Callable[[], Any]] = None,
+              key_serializer: str = "json", value_serializer: str = "json") -> Any:
+        """Declares a table: a dict per task, kept in LMDB and in the compacted changelog
+        topic ``<app id>-<name>-changelog`` (partitioned like the app's source topic)."""
+        from .tables import Table
+
+        if any(t.name == name for t in self.tables):
+            raise ValueError(f"two tables named {name!r}")
+        table = Table(name, default, key_serializer, value_serializer, app_id=self.id)
+        self.tables.append(table)
+        return table
+
+    @property
+    def table_source(self) -> Optional[str]:
+        """The source topic whose tasks hold the tables (tables are partitioned like it)."""
+        if not self.tables:
+            return None
+        sources = self.source_topics
+        if len(sources) != 1:
+            raise ValueError("tables need an app with exactly one source topic for now "
+                             f"(this one reads {', '.join(sources) or 'none'})")
+        return sources[0]
 
     def timer(self, interval: float, name: Optional[str] = None
               ) -> Callable[[Callable[[], Any]], Callable[[], Any]]:

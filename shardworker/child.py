@@ -37,6 +37,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--broker", required=True)
     parser.add_argument("--loglevel", default="info")
+    parser.add_argument("--datadir", default=".")
     parser.add_argument("--log-format", default="text", choices=["text", "json"])
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--trace-file", default=None,
@@ -61,7 +62,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         app = load_app(args.app)
-        return Worker(app, channel, args.broker, args.index).run()
+        return Worker(app, channel, args.broker, args.index, args.datadir).run()
     except Exception as exc:  # noqa: BLE001 - report why, exit non-zero, get restarted
         logging.getLogger("shardworker.child").exception("child failed: %s", exc)
         try:

@@ -51,6 +51,8 @@ class Stream:
         # installed by the agent runner: block (sync) or suspend (async) until more records
         self.wait_async: Optional[Callable[[], Awaitable[None]]] = None
         self.wait_sync: Optional[Callable[[], None]] = None
+        # installed by the worker when the app has tables: the record becomes theirs too
+        self.on_record: Optional[Callable[["Message"], None]] = None
 
     # values
     def __aiter__(self) -> "Stream":
@@ -61,6 +63,8 @@ class Stream:
         if not buffer:
             await self.wait_async()  # type: ignore[misc]
         value, self.current = buffer.popleft()
+        if self.on_record is not None:
+            self.on_record(self.current)
         return value
 
     def __iter__(self) -> "Stream":
@@ -71,6 +75,8 @@ class Stream:
         if not buffer:
             self.wait_sync()  # type: ignore[misc]
         value, self.current = buffer.popleft()
+        if self.on_record is not None:
+            self.on_record(self.current)
         return value
 
     # (key, value) pairs and events

@@ -25,7 +25,8 @@ from .agents import AgentRunner, AsyncAgentRunner, SyncAgentRunner
 from .app import Agent, App
 from .logs import set_role
 from .protocol import Channel, ChannelClosed
-from .topology import TopicPartitionKey, group_by_task, task_sort_key
+from .state import TaskStates
+from .topology import TopicPartitionKey, group_by_task, task_id, task_sort_key
 
 log = logging.getLogger("shardworker.worker")
 
@@ -41,8 +42,10 @@ class DeliveryFailed(RuntimeError):
 class Worker:
     """Runs the app's agents over the partitions the supervisor assigns to this child."""
 
-    def __init__(self, app: App, channel: Channel, bootstrap: str, index: int) -> None:
+    def __init__(self, app: App, channel: Channel, bootstrap: str, index: int,
+                 datadir: str = ".") -> None:
         self.app = app
+        self.datadir = datadir
         self.channel = channel
         self.bootstrap = bootstrap
         self.index = index
@@ -67,7 +70,7 @@ class Worker:
     def setup(self) -> None:
         """Creates this process's Kafka clients and starts its agents (after exec)."""
         app = self.app
-        self.consumer = Consumer({
+        consumer_config = {
             **app.kafka_config(self.bootstrap),
             "group.id": app.id,               # for offset look-ups only: never subscribes
             "client.id": f"{app.id}-child-{self.index}",
@@ -75,12 +78,17 @@ class Worker:
             "enable.auto.offset.store": False,
             "auto.offset.reset": app.settings["auto_offset_reset"],
             "fetch.wait.max.ms": 100,
-        })
+        }
+        self.consumer = Consumer(consumer_config)
         self.producer = Producer({
             **app.producer_config(self.bootstrap),
             "client.id": f"{app.id}-child-{self.index}",
             "on_delivery": self._on_delivery,
+            # changelog offsets come back in delivery reports, so tables need them all
+            "delivery.report.only.error": not app.tables,
         })
+        self.state = TaskStates(app, self.datadir, consumer_config, self.producer,
+                                heartbeat=lambda: self.report(force=False))
         app._producer = self.producer  # topic.send() inside agents and timers uses it
         if any(agent.is_async for agent in app.agents) or any(
                 asyncio.iscoroutinefunction(t.fn) for t in app.timers):
@@ -93,6 +101,8 @@ class Worker:
                 runner = AsyncAgentRunner(agent, self.emit, self.on_agent_error, self.loop)
             else:
                 runner = SyncAgentRunner(agent, self.emit, self.on_agent_error)
+            if app.tables:
+                runner.stream.on_record = self.state.on_record
             runner.start()
             self.runners.append(runner)
             self.routes.setdefault(agent.topic.name, []).append(runner)
@@ -156,9 +166,13 @@ class Worker:
                 runner.drain()
             if runner.fatal is not None:
                 raise runner.fatal
-        # 3. every output and dead letter of the batch is acknowledged by the broker ...
+        # 3. the tables' changes of the batch: one changelog record per changed key
+        changes = self.state.drain(positions) if self.state.enabled else []
+        # 4. every output, dead letter and changelog record is acknowledged by the broker ...
         self.flush()
-        # 4. ... before the batch's offsets count as processed
+        # 5. ... before the state commits: state + input offsets + changelog offsets
+        self.state.commit(changes)
+        # 6. ... and before the batch's offsets count as processed
         self.positions.update(positions)
         self.processed += len(records)
 
@@ -186,6 +200,8 @@ class Worker:
         """A record could not be decoded, or the agent raised on it: apply its policy."""
         if msg is None:
             raise exc
+        if self.state.enabled:
+            self.state.rollback_record()
         self.errors += 1
         where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
         if agent.on_error == "crash":
@@ -228,6 +244,11 @@ class Worker:
                 self.stopping = True
 
     def assign(self, partitions: List[List[Any]]) -> None:
+        if self.state.enabled:
+            for topic, part, offset in partitions:
+                if topic == self.state.source:
+                    self._tasks_changed(restoring=True)
+                    self.state.open(task_id(self.source_topics, topic, part), part, offset)
         tps = [TopicPartition(topic, part, offset) for topic, part, offset in partitions]
         self.consumer.incremental_assign(tps)
         for topic, part, _offset in partitions:
@@ -239,14 +260,20 @@ class Worker:
         keys = [(topic, part) for topic, part in partitions]
         self.consumer.incremental_unassign([TopicPartition(t, p) for t, p in keys])
         final = {k: self.positions.pop(k) for k in keys if k in self.positions}
+        for topic, part in keys:
+            if topic == self.state.source:
+                self.state.close(task_id(self.source_topics, topic, part))
         for key in keys:
             self._reported.pop(key, None)
         self.channel.send("revoked", offsets=self._offsets_list(final))
         self._tasks_changed()
         log.info("revoked %s", ", ".join(f"{t}[{p}]" for t, p in keys))
 
-    def _tasks_changed(self) -> None:
+    def _tasks_changed(self, restoring: bool = False) -> None:
         self.tasks = sorted(group_by_task(self.source_topics, self.positions), key=task_sort_key)
+        if restoring:
+            self.channel.send("stats", processed=self.processed, errors=self.errors,
+                              tasks=self.tasks, lag={}, restoring=True)
         label = ",".join(self.tasks) or "idle"
         set_role(f"child {label}")
         try:
@@ -268,7 +295,8 @@ class Worker:
             self._last_report = now
         if now - self._last_stats >= STATS_INTERVAL:
             self.channel.send("stats", processed=self.processed, errors=self.errors,
-                              tasks=self.tasks, lag=self.lag())
+                              tasks=self.tasks, lag={} if self.state.restoring else self.lag(),
+                              restoring=self.state.restoring)
             self._last_stats = now
 
     def lag(self) -> Dict[str, Optional[int]]:
@@ -319,4 +347,5 @@ class Worker:
         try:
             self.producer.flush(5)
         finally:
+            self.state.close_all()
             self.consumer.close()

@@ -261,7 +261,7 @@ class Arbiter:
     def spawn(self, slot: ChildSlot) -> None:
         """Starts the process of a slot and hands it its tasks with their start offsets."""
         slot.spawn(self.app_spec, self.bootstrap, self.loglevel, trace_path(self.datadir, slot.index),
-                   self.log_args)
+                   self.log_args, self.datadir)
         log.info("started child %d (pid %d) for tasks %s", slot.index, slot.pid, ",".join(slot.tasks))
         self.send_assign(slot, slot.tasks)
 
@@ -501,7 +501,7 @@ class Arbiter:
         for slot in sorted(self.slots.values(), key=lambda s: s.index):
             usage = slot.usage()
             lag = slot.stats.get("lag", {}) if slot.alive else {}
-            state = slot.state if slot.state != "starting" or not slot.restoring else "restoring"
+            state = "restoring" if slot.alive and slot.restoring else slot.state
             children.append({
                 "index": slot.index, "pid": slot.pid, "tasks": list(slot.tasks), "state": state,
                 "uptime_s": round(now - slot.started_at, 3) if slot.alive else 0.0,

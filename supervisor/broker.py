@@ -117,6 +117,12 @@ def ensure_topics(app: App, bootstrap: str, timeout: float = 15.0) -> Dict[str, 
     for agent in app.agents:
         if agent.on_error == "dlq":
             wanted.setdefault(agent.dlq_topic, None)
+    compacted = {t.changelog_topic for t in app.tables}
+    source = app.table_source
+    for name in compacted:  # partitioned like the source whose tasks hold the tables
+        wanted.setdefault(name, app.topics[source].partitions if source else None)
+        if wanted[name] is None and source in existing:
+            wanted[name] = existing[source]
     default_partitions = app.settings["topic_partitions"]
     problems: List[str] = []
     missing: List[NewTopic] = []
@@ -127,7 +133,8 @@ def ensure_topics(app: App, bootstrap: str, timeout: float = 15.0) -> Dict[str, 
                                 f"declares {partitions}")
             continue
         count = partitions or default_partitions or -1  # -1: the broker's default
-        missing.append(NewTopic(name, num_partitions=count, replication_factor=-1))
+        config = {"cleanup.policy": "compact"} if name in compacted else {}
+        missing.append(NewTopic(name, num_partitions=count, replication_factor=-1, config=config))
     if problems:
         raise UsageError("; ".join(problems))
     if missing:

@@ -60,13 +60,13 @@ class ChildSlot:
         return self.state not in ("down", "failed")
 
     def spawn(self, app_spec: str, bootstrap: str, loglevel: str, trace_path: str,
-              log_args: Sequence[str] = ()) -> None:
+              log_args: Sequence[str] = (), datadir: str = ".") -> None:
         """Starts the child by fork+exec: a fresh interpreter, no inherited Kafka clients."""
         ours, theirs = socket.socketpair()
         cmd = [sys.executable, "-m", "shardworker.child", "--app", app_spec,
                "--fd", str(theirs.fileno()), "--index", str(self.index), "--broker", bootstrap,
                "--loglevel", loglevel, "--parent", str(os.getpid()), "--trace-file", trace_path,
-               *log_args]
+               "--datadir", os.path.abspath(datadir), *log_args]
         # Every process the child starts inherits this token, so that once they are
         # orphaned (and adopted by the supervisor, a subreaper) we know whose they were.
         self.token = f"{os.getpid()}-{self.index}-{time.monotonic_ns()}"
@@ -89,6 +89,7 @@ class ChildSlot:
     def record_stats(self, stats: Dict[str, Any]) -> None:
         """A heartbeat: counters of this incarnation, lag per task."""
         self.stats = stats
+        self.restoring = bool(stats.get("restoring"))
         self.records_total = self._base_records + int(stats.get("processed", 0))
         self.errors_total = self._base_errors + int(stats.get("errors", 0))
         now = time.monotonic()

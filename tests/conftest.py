@@ -105,6 +105,29 @@ def read_topic(bootstrap: str, topic: str, expect: int, timeout: float,
     return messages
 
 
+def read_to_end(bootstrap: str, topic: str, timeout: float = 60) -> List:
+    """Every message of ``topic``, read until each partition reports its end (the fetch
+    response's high watermark: right on Kafka and on tansu alike)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}",
+                         "enable.auto.commit": False, "enable.partition.eof": True})
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+    pending = set(partitions)
+    messages: List = []
+    deadline = time.monotonic() + timeout
+    try:
+        while pending:
+            assert time.monotonic() < deadline, f"{topic}: no end within {timeout}s"
+            for msg in consumer.consume(1000, 0.5):
+                if msg.error() is None:
+                    messages.append(msg)
+                elif msg.error().code() == KafkaError._PARTITION_EOF:
+                    pending.discard(msg.partition())
+    finally:
+        consumer.close()
+    return messages
+
+
 def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int) -> Dict[int, int]:
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
     try:

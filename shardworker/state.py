@@ -1,0 +1,199 @@
+"""The child's table state: one LMDB store per task, restored from the changelog when it
+is missing or behind, and committed after each batch's changelog records are
+acknowledged (DESIGN.md, "State (LMDB)").
+
+The worker calls, per batch, :meth:`TaskStates.drain` (write caches → changelog records,
+produced at once), then flushes the producer, then :meth:`TaskStates.commit` (one LMDB
+write transaction per task: state + input offsets + changelog offsets), and only then
+reports the offsets.  :meth:`TaskStates.open` runs when a task is assigned.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
+
+from .app import App
+from .partitioner import key_partitioner
+from .store import TaskStore
+from .tables import CONTEXT, DrainedBatch, TaskTables, apply_changelog
+from .topology import TopicPartitionKey
+
+log = logging.getLogger("shardworker.state")
+
+RESTORE_BATCH = 10_000  # records fetched per consume() call while restoring
+
+
+def task_dir(datadir: str, app_id: str, task: str) -> str:
+    """``<datadir>/<app>/tasks/<task>``: one LMDB environment per task."""
+    return os.path.join(datadir, app_id, "tasks", task)
+
+
+class TaskStates:
+    """The tables of every task this child holds."""
+
+    def __init__(self, app: App, datadir: str, consumer_config: Dict[str, Any],
+                 producer: Producer, heartbeat: Callable[[], None]) -> None:
+        self.app = app
+        self.datadir = datadir
+        self.consumer_config = consumer_config
+        self.producer = producer
+        self.heartbeat = heartbeat
+        self.source = app.table_source or ""
+        self.tasks: Dict[str, TaskTables] = {}
+        self.by_partition: Dict[TopicPartitionKey, TaskTables] = {}
+        self._cluster_id: Optional[str] = None
+        self._partitions: Optional[int] = None
+        self._changelog_offsets: Dict[Tuple[str, int], Dict[str, int]] = {}
+        self.restoring = False
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.app.tables)
+
+    # -- tasks come and go ----------------------------------------------------------
+    def open(self, task: str, partition: int, start_offset: int) -> None:
+        """Opens the task's store and brings it up to ``start_offset`` (the group's
+        position for the partition) from the changelog when it is missing or behind."""
+        if self._cluster_id is None:
+            self._learn_cluster()
+        tables = self.app.tables
+        store = TaskStore(task_dir(self.datadir, self.app.id, task), [t.name for t in tables])
+        if store.ensure_identity(self._cluster_id or "", self.source):
+            log.warning("task %s: local state came from another cluster or topic; discarded", task)
+        tp = (self.source, partition)
+        stored = store.input_offset(*tp)
+        if start_offset >= 0 and (stored is None or stored < start_offset):
+            self.restore(task, store, partition, {tp: start_offset})
+        elif stored is not None:
+            log.info("task %s: local state is at offset %d (group at %s): no restore needed",
+                     task, stored, start_offset if start_offset >= 0 else "the beginning")
+        assert self._partitions is not None
+        tables_of_task = TaskTables(store, tables, partition, self.source,
+                                    key_partitioner(self.app.topics[self.source].encode_key,
+                                                    self._partitions), task)
+        self.tasks[task] = tables_of_task
+        self.by_partition[tp] = tables_of_task
+
+    def close(self, task: str) -> None:
+        tables = self.tasks.pop(task, None)
+        if tables is not None:
+            self.by_partition = {k: v for k, v in self.by_partition.items() if v is not tables}
+            tables.close()
+
+    def close_all(self) -> None:
+        for task in list(self.tasks):
+            self.close(task)
+
+    def _learn_cluster(self) -> None:
+        probe = Consumer(self.consumer_config)
+        try:
+            metadata = probe.list_topics(self.source, timeout=10)
+        finally:
+            probe.close()
+        self._cluster_id = metadata.cluster_id or ""
+        self._partitions = len(metadata.topics[self.source].partitions)
+
+    # -- restore --------------------------------------------------------------------
+    def restore(self, task: str, store: TaskStore, partition: int,
+                committed: Dict[TopicPartitionKey, int]) -> None:
+        """Applies the changelog records written since the store's last commit whose
+        source offset is below the group's committed offset (DESIGN.md: restore reflects
+        exactly the committed position)."""
+        self.restoring = True
+        began = time.monotonic()
+        consumer = Consumer({**self.consumer_config, "enable.partition.eof": True,
+                             "client.id": f"{self.app.id}-restore-{task}"})
+        total_applied = total_skipped = 0
+        try:
+            for index, table in enumerate(self.app.tables):
+                last = store.changelog_offset(table.name)
+                start = OFFSET_BEGINNING if last is None else last + 1
+                consumer.assign([TopicPartition(table.changelog_topic, partition, start)])
+                tail: List[int] = []
+                applied, skipped = apply_changelog(
+                    store, table.name, self._changelog(consumer, tail), committed,
+                    set_offsets=index == len(self.app.tables) - 1)
+                if tail:  # the changelog position reached, kept for the next restore
+                    store.commit({}, {}, {table.name: tail[0]})
+                total_applied += applied
+                total_skipped += skipped
+        finally:
+            consumer.close()
+            self.restoring = False
+        elapsed = time.monotonic() - began
+        log.info("task %s: restored %d changelog records (%d skipped: after the committed "
+                 "offset) in %.2fs", task, total_applied, total_skipped, elapsed)
+
+    def _changelog(self, consumer: Consumer, tail: List[int]
+                   ) -> Iterator[Tuple[Optional[bytes], Optional[bytes], Any]]:
+        """The records of the assigned changelog partition up to its end (the high
+        watermark of the fetch responses: right on Kafka and on tansu alike)."""
+        last_beat = time.monotonic()
+        while True:
+            for msg in consumer.consume(RESTORE_BATCH, 1.0):
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        return
+                    raise RuntimeError(f"restore: {err.str()}")
+                tail[:] = [msg.offset()]
+                yield msg.key(), msg.value(), msg.headers()
+            if time.monotonic() - last_beat >= 1.0:
+                self.heartbeat()  # a long restore is not a hang
+                last_beat = time.monotonic()
+
+    # -- per record and per batch ---------------------------------------------------
+    def on_record(self, msg: Message) -> None:
+        """Makes ``msg`` the record the tables see (its task, offset, timestamp)."""
+        tables = self.by_partition.get((msg.topic(), msg.partition()))
+        if tables is not None:
+            CONTEXT.set_message(tables, msg)
+        else:
+            CONTEXT.clear()
+
+    def drain(self, positions: Dict[TopicPartitionKey, int]) -> List[DrainedBatch]:
+        """Ends the batch for every task it touched: produces one changelog record per
+        changed key (offsets come back in delivery reports) and returns what to commit."""
+        CONTEXT.clear()
+        batches = []
+        for tp, tables in self.by_partition.items():
+            if tp not in positions:
+                continue
+            batch = tables.drain({tp: positions[tp]})
+            offsets: Dict[str, int] = {}
+            self._changelog_offsets[tp] = offsets
+            for record in batch.records:
+                self.producer.produce(record.topic, record.value, record.key,
+                                      partition=record.partition, headers=record.headers,
+                                      on_delivery=_remember_offset(offsets, record.table))
+            batches.append(batch)
+        return batches
+
+    def commit(self, batches: List[DrainedBatch]) -> None:
+        """After the acknowledgements: each task's state and offsets in one transaction."""
+        for batch in batches:
+            tp = next(iter(batch.input_offsets), None)
+            batch.commit(self._changelog_offsets.pop(tp, {}) if tp else {})
+
+    def rollback_record(self) -> None:
+        """The record in hand failed: its table writes are taken back."""
+        task = CONTEXT.task
+        if task is not None:
+            task.rollback_record()
+
+    def abort(self) -> None:
+        """A batch failed before its commit: forget what it changed."""
+        for tables in self.tasks.values():
+            tables.abort()
+
+
+def _remember_offset(offsets: Dict[str, int], table: str) -> Callable[[Any, Message], None]:
+    def delivered(err: Any, msg: Message) -> None:
+        if err is None and msg.offset() > offsets.get(table, -1):
+            offsets[table] = msg.offset()
+
+    return delivered

@@ -1,0 +1,69 @@
+"""``shardsup table``: a table's contents read straight from the tasks' LMDB files."""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional
+
+from supervisor.errors import UsageError
+
+from .app import App
+from .state import task_dir
+from .store import open_readonly
+from .tables import split_window_key
+
+
+def read_table(app: App, datadir: str, name: str, key: Any = None) -> Any:
+    """Every task's part of table ``name`` merged: ``{key: value}`` as JSON-ready data
+    (keys rendered as JSON text when they are not strings); windowed tables give
+    ``{key: {"<start>-<end>": value}}`` with window bounds in seconds.  With ``key``: that
+    key's value (an error when absent)."""
+    table = next((t for t in app.tables if t.name == name), None)
+    if table is None:
+        known = ", ".join(t.name for t in app.tables) or "none"
+        raise UsageError(f"app {app.id!r} has no table {name!r} (tables: {known})")
+    tasks_root = os.path.dirname(task_dir(datadir, app.id, "x"))
+    if not os.path.isdir(tasks_root):
+        raise UsageError(f"no task state under {tasks_root}")
+    merged: Dict[Any, Any] = {}
+    for task in sorted(os.listdir(tasks_root)):
+        path = os.path.join(tasks_root, task)
+        try:
+            store = open_readonly(path)
+        except FileNotFoundError:
+            continue
+        try:
+            if name not in store.tables:
+                continue
+            for kb, raw in store.items(name):
+                value = table._decode_value(raw)
+                if table.window is not None:
+                    start_ms, key_bytes = split_window_key(kb)
+                    bounds = window_label(start_ms, start_ms + table.window.size_ms)
+                    merged.setdefault(_render(table._decode_key(key_bytes)), {})[bounds] = value
+                else:
+                    merged[_render(table._decode_key(kb))] = value
+        finally:
+            store.close()
+    if key is None:
+        return merged
+    rendered = _render(key)
+    if rendered not in merged:
+        raise UsageError(f"table {name!r} has no key {key!r}")
+    return merged[rendered]
+
+
+def window_label(start_ms: int, end_ms: int) -> str:
+    """``"<start>-<end>"`` in epoch seconds, as ``shardsup table`` shows a window."""
+    def seconds(ms: int) -> str:
+        return f"{ms / 1000:.3f}".rstrip("0").rstrip(".")
+
+    return f"{seconds(start_ms)}-{seconds(end_ms)}"
+
+
+def _render(key: Any) -> Any:
+    import json
+
+    return key if isinstance(key, str) else json.dumps(key)
+
+
+__all__: List[str] = ["read_table"]

@@ -1,0 +1,161 @@
+"""Exact table state through crashes, failover and bad input (real broker, real processes)."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from typing import Dict, Tuple
+
+import pytest
+from confluent_kafka import Producer
+
+from shardworker.tablecli import window_label
+from tests.conftest import ROOT, read_to_end, read_topic
+
+N = 100_000
+KEYS = 1000
+
+
+def truth(count: int) -> Tuple[Counter, Counter]:
+    counts: Counter = Counter()
+    sums: Counter = Counter()
+    for n in range(count):
+        counts[f"u{n % KEYS}"] += 1
+        sums[f"u{n % KEYS}"] += n % 7
+    return counts, sums
+
+
+def produce_orders(broker: str, topic: str, start: int, stop: int) -> None:
+    """Keyed by user and partitioned by Java Kafka's partitioner, as tables require."""
+    producer = Producer({"bootstrap.servers": broker, "partitioner": "murmur2_random",
+                         "linger.ms": 10, "enable.idempotence": True})
+    for n in range(start, stop):
+        while True:
+            try:
+                producer.produce(topic, json.dumps({"n": n, "amount": n % 7}).encode(),
+                                 f"u{n % KEYS}".encode())
+                break
+            except BufferError:
+                producer.poll(0.1)
+    assert producer.flush(30) == 0
+
+
+def table(datadir: str, name: str, prefix: str) -> Dict:
+    result = subprocess.run([sys.executable, "-m", "supervisor", "table", "-A", "tests.apps.counter",
+                             "--datadir", datadir, name], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, env={**__import__("os").environ, "SHARDSUP_TEST_PREFIX": prefix})
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def changelog_view(broker: str, topic: str) -> Dict[str, int]:
+    """The compacted view of a changelog: the last value per key."""
+    messages = read_to_end(broker, topic)
+    view: Dict[str, int] = {}
+    for msg in messages:
+        key = json.loads(msg.key())
+        if msg.value() is None:
+            view.pop(key, None)
+        else:
+            view[key] = json.loads(msg.value())
+    return view
+
+
+def wait_for_total(datadirs, prefix: str, total: int, timeout: float) -> Dict[str, int]:
+    deadline = time.monotonic() + timeout
+    merged: Dict[str, int] = {}
+    while time.monotonic() < deadline:
+        merged = {}
+        for datadir in datadirs:
+            merged.update(table(datadir, "counts", prefix))
+        seen = sum(merged.values())
+        assert seen <= total, f"double counting: {seen} > {total}"
+        if seen == total:
+            return merged
+        time.sleep(1.0)
+    raise AssertionError(f"counted {sum(merged.values())} of {total} within {timeout}s")
+
+
+@pytest.mark.timeout(240)
+def test_counts_are_exact_through_five_kill_9s(broker, prefix, start_supervisor):
+    sup = start_supervisor("tests.apps.counter", "-c", "2", env={"SHARDSUP_TEST_WORK_US": "60"})
+    sup.wait_for(lambda: len(sup.child_tasks()) == 2, 30, "two children")
+    produce_orders(broker, f"{prefix}-in", 0, N)
+    rng = random.Random(7)
+    for _ in range(5):
+        time.sleep(1.0)
+        sup.wait_for(lambda: len(sup.child_tasks()) == 2, 30, "two children")
+        victim = rng.choice(sorted(sup.child_tasks()))
+        __import__("os").kill(victim, signal.SIGKILL)
+    counts, sums = truth(N)
+    got = wait_for_total([sup.datadir], prefix, N, timeout=150)
+    assert got == dict(counts)
+    assert table(sup.datadir, "sums", prefix) == dict(sums)
+    assert sup.output().count("died with code -9") == 5
+    assert changelog_view(broker, f"{prefix}-counts-changelog") == dict(counts)
+    assert changelog_view(broker, f"{prefix}-sums-changelog") == dict(sums)
+    assert sup.stop() == 0
+
+
+@pytest.mark.timeout(240)
+def test_failover_restores_from_the_changelog_exactly(broker, prefix, start_supervisor):
+    first = start_supervisor("tests.apps.counter", "-c", "2", name="one")
+    first.wait_for(lambda: len(first.child_tasks()) == 2, 30, "first's children")
+    second = start_supervisor("tests.apps.counter", "-c", "2", name="two")
+    second.wait_for(lambda: sum(len(t) for t in second.child_tasks().values()) == 2, 60, "tasks shared")
+    produce_orders(broker, f"{prefix}-in", 0, N // 2)
+    wait_for_total([first.datadir, second.datadir], prefix, N // 2, timeout=120)
+    assert second.stop() == 0
+    shutil.rmtree(second.datadir)  # its machine is gone
+    first.wait_for(lambda: sum(len(t) for t in first.child_tasks().values()) == 4, 60,
+                   "the survivor to take every task")
+    produce_orders(broker, f"{prefix}-in", N // 2, N)
+    counts, sums = truth(N)
+    assert wait_for_total([first.datadir], prefix, N, timeout=150) == dict(counts)
+    assert table(first.datadir, "sums", prefix) == dict(sums)
+    assert "restored" in first.output()
+    assert first.stop() == 0
+
+
+@pytest.mark.timeout(120)
+def test_windows_bad_input_and_the_table_command(broker, prefix, start_supervisor):
+    sup = start_supervisor("tests.apps.counter", "-c", "1")
+    sup.wait_for(lambda: len(sup.child_tasks()) == 1, 30, "one child")
+    producer = Producer({"bootstrap.servers": broker, "partitioner": "murmur2_random"})
+    base = 1_700_000_040_000  # a minute boundary (ms)
+    stamps = [base + 1_000, base + 59_000, base + 61_000, base + 95_000]
+    for ts in stamps:
+        producer.produce(f"{prefix}-in", json.dumps({"amount": 1}).encode(), b"w", timestamp=ts)
+    producer.produce(f"{prefix}-in", json.dumps({"amount": "x"}).encode(), b"w", timestamp=base + 2_000)
+    producer.produce(f"{prefix}-in", b"{broken", b"w", timestamp=base + 3_000)
+    assert producer.flush(20) == 0
+    sup.wait_for(lambda: (lambda t: sum(t.get("w", {}).values()) == 4)(table(sup.datadir, "per_minute", prefix)),
+                 60, "four records in the tumbling windows")
+    def window(start_s: int, size_s: int = 60) -> str:
+        return window_label(base + start_s * 1000, base + (start_s + size_s) * 1000)
+
+    assert table(sup.datadir, "per_minute", prefix) == {"w": {window(0): 2, window(60): 2}}
+    # hopping 60 s every 30 s: each record is in two windows
+    hop = table(sup.datadir, "hopping", prefix)["w"]
+    assert hop == {window(-30): 1, window(0): 2, window(30): 2, window(60): 2, window(90): 1}
+    # the two bad records went to the dead-letter topic and touched no table
+    assert table(sup.datadir, "counts", prefix) == {"w": 4}
+    dead = read_topic(broker, f"{prefix}-count-dlq", 2, timeout=30)
+    assert len(dead) == 2
+    # a record two hours later expires the first windows (expires=3600 s)
+    producer.produce(f"{prefix}-in", json.dumps({"amount": 5}).encode(), b"w", timestamp=base + 7_300_000)
+    assert producer.flush(20) == 0
+    sup.wait_for(lambda: table(sup.datadir, "per_minute", prefix) == {"w": {window(7260): 5}},
+                 60, "expired windows to disappear from LMDB")
+    assert sup.stop() == 0
+    messages = read_to_end(broker, f"{prefix}-per_minute-changelog")
+    assert sum(1 for x in messages if x.value() is None) == 2, "expired windows not tombstoned"
+    result = subprocess.run([sys.executable, "-m", "supervisor", "table", "-A", "tests.apps.counter",
+                             "--datadir", sup.datadir, "counts", '"w"'], cwd=ROOT, capture_output=True,
+                            text=True, timeout=30, env={**__import__("os").environ, "SHARDSUP_TEST_PREFIX": prefix})
+    assert result.returncode == 0 and json.loads(result.stdout) == 5, result.stderr

@@ -1,0 +1,579 @@
+"""Unit tests of the table storage layer: the Java partitioner (checked against
+librdkafka through a real broker), the LMDB task store, tables and their write cache,
+windowed tables, and the changelog restore rule.  Real LMDB in tmp_path; nothing that a
+test checks is mocked."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from typing import Dict, List, Optional, Tuple
+
+import lmdb
+import pytest
+from confluent_kafka import Producer
+
+from shardworker.codecs import get_codec
+from shardworker.partitioner import key_partitioner, murmur2, partition_for
+from shardworker.store import StoreBusyError, TaskStore
+from shardworker.tables import (HDR_SRC_OFFSET, HDR_SRC_PARTITION, HDR_SRC_TOPIC,
+                                KeyPartitionError, NoCurrentRecordError, Table, TableContext,
+                                TableError, TaskTables, apply_changelog, drain, split_window_key,
+                                window_key)
+
+from tests.conftest import ROOT, create_topic
+SRC = "orders"
+
+
+class CountingStore(TaskStore):
+    """A real TaskStore that also counts the key writes each commit applies."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.commits: List[Dict[str, int]] = []
+
+    def commit(self, writes, input_offsets, changelog_offsets, meta=None):  # type: ignore[no-untyped-def]
+        self.commits.append({table: len(kv) for table, kv in writes.items()})
+        super().commit(writes, input_offsets, changelog_offsets, meta)
+
+
+def open_task(path, tables: List[Table], partition: int = 0, key_partition=None,
+              store_cls=TaskStore, map_size: int = 64 << 20) -> TaskTables:
+    store = store_cls(str(path), [t.name for t in tables], map_size=map_size)
+    return TaskTables(store, tables, partition, SRC, key_partition, task_id=f"0_{partition}")
+
+
+def table(name: str, ctx: TableContext, **kwargs) -> Table:  # type: ignore[no-untyped-def]
+    return Table(name, app_id="app", context=ctx, **kwargs)
+
+
+# -- partitioner ---------------------------------------------------------------------------
+@pytest.mark.timeout(10)
+def test_murmur2_matches_java_kafka_vectors():
+    # org.apache.kafka.common.utils.UtilsTest and librdkafka's rdmurmur2.c unit test
+    vectors = {
+        b"21": -973932308, b"foobar": -790332482, b"a-little-bit-long-string": -985981536,
+        b"a-little-bit-longer-string": -1486304829,
+        b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971, b"abc": 479470107,
+        b"kafka": 0xD067CF64 - (1 << 32), b"": 0x106E08D9, b"1": -1993445489,
+        b"12": 126087238, b"123": -267702483, b"1234": -1614185708, b"12345": -1188365604,
+    }
+    for data, expected in vectors.items():
+        assert murmur2(data) == expected, data
+    assert partition_for(b"21", 1 << 31) == (-973932308 & 0x7FFFFFFF)
+    with pytest.raises(ValueError):
+        partition_for(None, 3)
+
+
+@pytest.mark.timeout(60)
+def test_partition_for_agrees_with_librdkafka_murmur2_random(broker):
+    topic = f"murmur-{uuid.uuid4().hex[:8]}"
+    partitions = 7
+    create_topic(broker, topic, partitions)
+    producer = Producer({"bootstrap.servers": broker, "partitioner": "murmur2_random",
+                         "linger.ms": 5})
+    keys = [f"user-{i}".encode() for i in range(300)] + [
+        os.urandom(n) for n in range(1, 40)] + ["ключ-ü".encode(), b"\x00\xff" * 9]
+    got: Dict[bytes, int] = {}
+    errors: List[str] = []
+
+    def delivered(err, msg) -> None:  # type: ignore[no-untyped-def]
+        if err is not None:
+            errors.append(err.str())
+        else:
+            got[msg.key()] = msg.partition()
+
+    for key in keys:
+        producer.produce(topic, b"v", key, on_delivery=delivered)
+    assert producer.flush(30) == 0
+    assert not errors
+    assert len(got) == len(keys)
+    mismatches = {k: (p, partition_for(k, partitions)) for k, p in got.items()
+                  if p != partition_for(k, partitions)}
+    assert not mismatches
+    assert len(set(got.values())) == partitions  # the keys really spread
+
+
+# -- the store -----------------------------------------------------------------------------
+@pytest.mark.timeout(20)
+def test_commit_applies_state_and_offsets_together(tmp_path):
+    store = TaskStore(str(tmp_path / "s"), ["counts", "other"])
+    store.commit({"counts": {b"a": b"1", b"b": b"2"}, "other": {b"x": b"y"}},
+                 {(SRC, 3): 17}, {"counts": 41})
+    assert store.get("counts", b"a") == b"1" and store.get("other", b"x") == b"y"
+    assert store.input_offset(SRC, 3) == 17 and store.changelog_offset("counts") == 41
+    assert store.input_offsets() == {(SRC, 3): 17}
+    # a write that fails in the middle of the transaction leaves nothing of the batch
+    with pytest.raises(lmdb.BadValsizeError):
+        store.commit({"counts": {b"a": b"100", b"c": b"3", b"": b"bad key"}},
+                     {(SRC, 3): 99}, {"counts": 99})
+    assert store.get("counts", b"a") == b"1" and store.get("counts", b"c") is None
+    assert store.input_offset(SRC, 3) == 17 and store.changelog_offset("counts") == 41
+    # deletes
+    store.commit({"counts": {b"a": None}}, {(SRC, 3): 18}, {})
+    assert store.get("counts", b"a") is None and dict(store.items("counts")) == {b"b": b"2"}
+    store.close()
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import sys
+    from shardworker.store import TaskStore
+    store = TaskStore(sys.argv[1], ["t"], map_size=1 << 20)
+    i = store.input_offset("src", 0) or 0
+    print("ready", flush=True)
+    while True:  # every commit: 200 keys = i and the offset i + 1, together
+        store.commit({"t": {b"k%03d" % n: b"%d" % i for n in range(200)}},
+                     {("src", 0): i + 1}, {"t": i})
+        i += 1
+""")
+
+
+@pytest.mark.timeout(60)
+def test_kill_9_during_commits_never_splits_state_from_offsets(tmp_path):
+    path = str(tmp_path / "s")
+    for _round in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, path], cwd=ROOT,
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        time.sleep(0.3)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        proc.stdout.close()
+        store = TaskStore(path, ["t"], map_size=1 << 20)
+        offset = store.input_offset("src", 0)
+        values = {v for _k, v in store.items("t")}
+        assert offset is not None and offset > 0
+        assert values == {b"%d" % (offset - 1)} and store.count("t") == 200
+        assert store.changelog_offset("t") == offset - 1
+        store.close()
+
+
+@pytest.mark.timeout(60)
+def test_full_map_grows_instead_of_failing(tmp_path):
+    store = TaskStore(str(tmp_path / "s"), ["big"], map_size=64 * 1024)
+    initial = store.map_size
+    value = os.urandom(900)
+    for batch in range(20):  # ~3.6 MB in all, 50 times the initial map
+        store.commit({"big": {b"%05d-%03d" % (batch, n): value for n in range(200)}},
+                     {(SRC, 0): batch + 1}, {})
+    assert store.map_size >= 32 * initial
+    assert store.count("big") == 4000 and store.get("big", b"00019-199") == value
+    keys = [k for k, _v in store.items("big")]  # items() reads in chunks of 1000
+    assert keys == sorted(set(keys)) and len(keys) == 4000
+    assert store.input_offset(SRC, 0) == 20
+    store.close()
+    reopened = TaskStore(str(tmp_path / "s"), ["big"], map_size=64 * 1024)
+    assert reopened.count("big") == 4000 and reopened.map_size >= 32 * initial
+    reopened.close()
+
+
+READER = textwrap.dedent("""
+    import sys, json
+    from shardworker.store import open_readonly
+    store = open_readonly(sys.argv[1])
+    print(json.dumps({"tables": store.tables}), flush=True)
+    for line in sys.stdin:
+        key = line.strip().encode()
+        value = store.get("counts", key)
+        print(json.dumps({"value": None if value is None else value.decode(),
+                          "offset": store.input_offset("src", 0),
+                          "entries": store.count("counts"),
+                          "map": store.map_size}), flush=True)
+    store.close()
+""")
+
+
+@pytest.mark.timeout(60)
+def test_another_process_reads_while_the_writer_holds_the_store(tmp_path):
+    path = str(tmp_path / "s")
+    writer = TaskStore(path, ["counts"], map_size=256 * 1024)
+    writer.commit({"counts": {b"a": b"1"}}, {("src", 0): 5}, {})
+    reader = subprocess.Popen([sys.executable, "-c", READER, path], cwd=ROOT,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert reader.stdin is not None and reader.stdout is not None
+
+    def ask(key: str) -> dict:
+        reader.stdin.write(key + "\n")
+        reader.stdin.flush()
+        return json.loads(reader.stdout.readline())
+
+    try:
+        assert json.loads(reader.stdout.readline()) == {"tables": ["counts"]}
+        assert ask("a") == {"value": "1", "offset": 5, "entries": 1, "map": 256 * 1024}
+        # the writer goes on (and grows its map) while the reader keeps its environment open
+        writer.commit({"counts": {b"a": b"2", b"b": b"x" * 500}}, {("src", 0): 6}, {})
+        assert ask("a")["value"] == "2"
+        big = os.urandom(1000)
+        for n in range(8):
+            writer.commit({"counts": {b"big%d-%d" % (n, i): big for i in range(200)}},
+                          {("src", 0): 7 + n}, {})
+        assert writer.map_size > 256 * 1024
+        answer = ask("b")
+        assert answer["value"] == "x" * 500 and answer["offset"] == 14
+        assert answer["entries"] == 1602 and answer["map"] == writer.map_size
+        # a second writer is refused, readers are not
+        with pytest.raises(StoreBusyError):
+            TaskStore(path, ["counts"])
+    finally:
+        reader.stdin.close()
+        assert reader.wait(10) == 0
+        reader.stdout.close()
+        writer.close()
+
+
+@pytest.mark.timeout(20)
+def test_identity_mismatch_wipes_the_state(tmp_path):
+    store = TaskStore(str(tmp_path / "s"), ["counts"])
+    assert store.identity() is None
+    assert store.ensure_identity("cluster-A", SRC) is False
+    store.commit({"counts": {b"a": b"1"}}, {(SRC, 0): 10}, {"counts": 3})
+    assert store.ensure_identity("cluster-A", SRC) is False  # same: kept
+    assert store.get("counts", b"a") == b"1"
+    assert store.identity() == {"cluster_id": "cluster-A", "source": SRC}
+    assert store.ensure_identity("cluster-B", SRC) is True  # another cluster: wiped
+    assert store.get("counts", b"a") is None and store.count("counts") == 0
+    assert store.input_offset(SRC, 0) is None and store.changelog_offset("counts") is None
+    assert store.identity() == {"cluster_id": "cluster-B", "source": SRC}
+    store.wipe()
+    assert store.identity() is None
+    store.close()
+
+
+# -- tables --------------------------------------------------------------------------------
+@pytest.mark.timeout(20)
+def test_a_hot_key_costs_one_put_and_one_changelog_record(tmp_path):
+    ctx = TableContext()
+    counts = table("counts", ctx, default=int)
+    task = open_task(tmp_path / "s", [counts], store_cls=CountingStore)
+    for offset in range(1000):
+        ctx.set_record(task, SRC, 0, offset, 1_000_000 + offset)
+        counts["hot"] += 1
+        counts[f"cold{offset % 3}"] = offset
+    assert counts["hot"] == 1000
+    batch = drain(task)
+    assert len(batch.records) == 4 and batch.input_offsets == {(SRC, 0): 1000}
+    hot = [r for r in batch.records if r.key == b'"hot"']
+    assert len(hot) == 1 and hot[0].value == b"1000"
+    assert hot[0].topic == "app-counts-changelog" and hot[0].partition == 0
+    assert dict(hot[0].headers) == {HDR_SRC_TOPIC: SRC.encode(), HDR_SRC_PARTITION: b"0",
+                                    HDR_SRC_OFFSET: b"999"}
+    assert counts["hot"] == 1000  # drained, not committed: still visible
+    batch.commit({"counts": 123})
+    store = task.store
+    assert store.commits == [{"counts": 4}]  # type: ignore[attr-defined]
+    assert store.get("counts", b'"hot"') == b"1000" and store.input_offset(SRC, 0) == 1000
+    assert store.changelog_offset("counts") == 123
+    ctx.set_record(task, SRC, 0, 1000, None)
+    assert sorted(counts.items()) == [("cold0", 999), ("cold1", 997), ("cold2", 998),
+                                      ("hot", 1000)]
+    task.close()
+
+
+@pytest.mark.timeout(20)
+def test_table_is_a_dict_over_the_current_task(tmp_path):
+    ctx = TableContext()
+    t = table("t", ctx)
+    task = open_task(tmp_path / "s", [t])
+    with pytest.raises(NoCurrentRecordError):
+        t["x"]
+    ctx.set_record(task, SRC, 0, 0, None)
+    assert "a" not in t and t.get("a", 7) == 7
+    with pytest.raises(KeyError):
+        t["a"]
+    t["a"] = {"n": [1, 2]}
+    t["b"] = 2
+    assert t["a"] == {"n": [1, 2]} and "a" in t and len(t) == 2
+    t["a"]["n"].append(3)  # mutating what you read stores nothing (until assigned back)
+    assert t["a"] == {"n": [1, 2]}
+    drain(task).commit()
+    ctx.set_record(task, SRC, 0, 1, None)
+    del t["b"]
+    with pytest.raises(KeyError):
+        del t["b"]
+    t["c"] = 3
+    assert t.pop("c") == 3 and t.pop("c", None) is None
+    t["d"] = None  # None deletes
+    assert sorted(t.keys()) == ["a"] and list(t.values()) == [{"n": [1, 2]}]
+    batch = drain(task)
+    assert {r.key: r.value for r in batch.records} == {b'"b"': None, b'"c"': None,
+                                                       b'"d"': None}
+    ctx.set_record(task, SRC, 0, 2, None)
+    assert "b" not in t  # the drained delete is visible before its commit
+    batch.commit()
+    assert task.store.get("t", b'"b"') is None and task.store.get("t", b'"a"') is not None
+    assert t.changelog_topic == "app-t-changelog"
+    with pytest.raises(TableError):
+        Table("u").changelog_topic
+    assert Table("u").attach("shop").changelog_topic == "shop-u-changelog"
+    task.close()
+
+
+@pytest.mark.timeout(20)
+def test_a_restarted_task_ignores_writes_of_records_below_its_stored_offset(tmp_path):
+    ctx = TableContext()
+    counts = table("counts", ctx, default=int)
+    task = open_task(tmp_path / "s", [counts])
+    for offset in range(10):
+        ctx.set_record(task, SRC, 0, offset, None)
+        counts["k"] += 1
+    drain(task).commit()
+    task.close()
+    # the restarted task gets offsets 5.. again (the supervisor had committed only 5)
+    task = open_task(tmp_path / "s", [counts])
+    assert task.stored == {(SRC, 0): 10}
+    for offset in range(5, 13):
+        ctx.set_record(task, SRC, 0, offset, None)
+        assert ctx.writable is (offset >= 10)
+        before = counts["k"]  # reads work throughout
+        counts["k"] += 1
+        assert counts["k"] == (before if offset < 10 else before + 1)
+    batch = drain(task)
+    assert [(r.key, r.value) for r in batch.records] == [(b'"k"', b"13")]
+    assert batch.input_offsets == {(SRC, 0): 13}
+    batch.commit()
+    assert task.store.get("counts", b'"k"') == b"13" and task.store.input_offset(SRC, 0) == 13
+    # records that all lie below the stored offset produce nothing
+    ctx.set_record(task, SRC, 0, 3, None)
+    counts["k"] = 999
+    assert counts["k"] == 13
+    batch = drain(task)
+    assert batch.empty
+    batch.commit()
+    assert task.store.input_offset(SRC, 0) == 13  # never moves backwards
+    task.close()
+
+
+@pytest.mark.timeout(20)
+def test_batches_in_flight_stay_readable_and_commit_in_order(tmp_path):
+    ctx = TableContext()
+    counts = table("counts", ctx, default=int)
+    task = open_task(tmp_path / "s", [counts])
+    ctx.set_record(task, SRC, 0, 0, None)
+    counts["k"] += 1
+    first = drain(task)
+    ctx.set_record(task, SRC, 0, 1, None)
+    counts["k"] += 1  # reads batch 1 before it is committed
+    second = drain(task)
+    assert [r.value for r in second.records] == [b"2"]
+    with pytest.raises(TableError):
+        second.commit()
+    first.commit()
+    second.commit()
+    assert task.store.get("counts", b'"k"') == b"2" and task.store.input_offset(SRC, 0) == 2
+    # abort drops what is not committed
+    ctx.set_record(task, SRC, 0, 2, None)
+    counts["k"] += 1
+    drain(task)
+    task.abort()
+    ctx.set_record(task, SRC, 0, 2, None)
+    assert counts["k"] == 2
+    task.close()
+
+
+@pytest.mark.timeout(20)
+def test_writing_a_key_of_another_partition_says_to_re_key(tmp_path):
+    ctx = TableContext()
+    counts = table("counts", ctx, default=int)
+    encode_raw = get_codec("raw")[0]
+    partitions = 4
+    by_partition: Dict[int, str] = {}
+    for i in range(100):
+        by_partition.setdefault(partition_for(f"user-{i}".encode(), partitions), f"user-{i}")
+    task = open_task(tmp_path / "s", [counts], partition=1,
+                     key_partition=key_partitioner(encode_raw, partitions))
+    ctx.set_record(task, SRC, 1, 0, None)
+    counts[by_partition[1]] += 1  # the task's own partition: fine
+    with pytest.raises(KeyPartitionError) as info:
+        counts[by_partition[3]] += 1
+    message = str(info.value)
+    assert f"key {by_partition[3]!r} belongs to partition 3 of topic {SRC}" in message
+    assert "this task holds partition 1" in message and "re-key the stream" in message
+    assert f"a topic keyed by {by_partition[3]!r}" in message
+    with pytest.raises(KeyPartitionError, match="cannot be serialized with the key serializer"):
+        counts[42] = 1  # an int cannot be a raw key of the source topic
+    assert [r.key for r in drain(task).records] == [json.dumps(by_partition[1]).encode()]
+    task.close()
+
+
+T0 = 1_700_000_000_000  # a multiple of 10 s (epoch ms)
+
+
+@pytest.mark.timeout(20)
+def test_tumbling_windows_place_by_record_timestamp(tmp_path):
+    ctx = TableContext()
+    base = table("clicks", ctx, default=int)
+    clicks = base.tumbling(10)
+    task = open_task(tmp_path / "s", [base])
+    events = [(T0 + 0, "a"), (T0 + 9_999, "a"), (T0 + 10_000, "a"), (T0 + 25_000, "b"),
+              (T0 + 3_000, "b")]
+    for offset, (ts, key) in enumerate(events):
+        ctx.set_record(task, SRC, 0, offset, ts)
+        clicks[key] += 1
+        if offset == 1:
+            assert clicks["a"].current() == 2 and clicks["a"].value() == 2
+            assert clicks["a"].delta(10) == 0  # the window before is empty
+    ctx.set_record(task, SRC, 0, 5, T0 + 10_500)
+    assert clicks["a"].current() == 1 and clicks["a"].delta(10) == 2
+    assert clicks["b"].delta(10.5) == 1  # T0 + 0 .. T0 + 10 s
+    with pytest.raises(TableError):
+        base["a"]  # a windowed table is used through its windowed view
+    batch = drain(task)
+    placed = {(json.loads(split_window_key(r.key)[1]), split_window_key(r.key)[0]):
+              int(r.value) for r in batch.records}
+    assert placed == {("a", T0): 2, ("a", T0 + 10_000): 1, ("b", T0 + 20_000): 1,
+                      ("b", T0): 1}
+    batch.commit()
+    assert task.store.get("clicks", window_key(T0, b'"a"')) == b"2"
+    ctx.set_record(task, SRC, 0, 6, T0 + 10_500)
+    assert sorted(clicks.items()) == [
+        (("a", (T0 / 1000, T0 / 1000 + 10)), 2), (("a", (T0 / 1000 + 10, T0 / 1000 + 20)), 1),
+        (("b", (T0 / 1000, T0 / 1000 + 10)), 1), (("b", (T0 / 1000 + 20, T0 / 1000 + 30)), 1)]
+    task.close()
+
+
+@pytest.mark.timeout(20)
+def test_hopping_windows_update_every_window_holding_the_timestamp(tmp_path):
+    ctx = TableContext()
+    base = table("views", ctx, default=int)
+    views = base.hopping(10, 5)
+    task = open_task(tmp_path / "s", [base])
+    ctx.set_record(task, SRC, 0, 0, T0 + 12_000)  # in [T0+5, T0+15) and [T0+10, T0+20)
+    views["p"] += 1
+    ctx.set_record(task, SRC, 0, 1, T0 + 16_000)  # in [T0+10, T0+20) and [T0+15, T0+25)
+    views["p"] += 10
+    assert views["p"].current() == 10  # the latest window holding T0+16
+    assert views["p"].delta(5) == 11  # T0+11: latest window [T0+10, T0+20)
+    assert views["p"].delta(10) == 1  # T0+6: latest window [T0+5, T0+15)
+    views["q"] = 7  # plain assignment sets every window of the timestamp
+    batch = drain(task)
+    placed = {(split_window_key(r.key)[1], split_window_key(r.key)[0] - T0): int(r.value)
+              for r in batch.records}
+    assert placed == {(b'"p"', 5_000): 1, (b'"p"', 10_000): 11, (b'"p"', 15_000): 10,
+                      (b'"q"', 10_000): 7, (b'"q"', 15_000): 7}
+    batch.commit()
+    task.close()
+
+
+@pytest.mark.timeout(20)
+def test_expired_windows_become_tombstones_and_leave_lmdb(tmp_path):
+    ctx = TableContext()
+    base = table("hits", ctx, default=int)
+    hits = base.tumbling(10, expires=20)
+    task = open_task(tmp_path / "s", [base])
+    for offset, ts in enumerate([T0 + 1_000, T0 + 11_000, T0 + 21_000]):
+        ctx.set_record(task, SRC, 0, offset, ts)
+        hits["k"] += 1
+    drain(task).commit()
+    assert task.store.count("hits") == 3
+    # at T0+49.999 s [T0, T0+10) and [T0+10, T0+20) ended more than 20 s ago: expired,
+    # they read as missing; [T0+20, T0+30) ended 19.999 s ago: still live
+    ctx.set_record(task, SRC, 0, 3, T0 + 49_999)
+    assert hits["k"].delta(40) == 0 and hits["k"].delta(30) == 0
+    assert hits["k"].delta(20) == 1
+    hits["k"] += 5
+    ctx.set_record(task, SRC, 0, 4, T0 + 3_000)
+    hits["k"] += 100  # a late record for an expired window changes nothing
+    ctx.set_record(task, SRC, 0, 5, T0 + 50_000)  # now [T0+20, T0+30) expires too
+    assert hits["k"].delta(20) == 0
+    batch = drain(task)
+    by_start = {split_window_key(r.key)[0] - T0: r.value for r in batch.records}
+    assert by_start == {0: None, 10_000: None, 20_000: None, 40_000: b"5"}
+    tombstone = next(r for r in batch.records if r.value is None)
+    assert dict(tombstone.headers)[HDR_SRC_OFFSET] == b"5"
+    batch.commit()
+    assert [split_window_key(k)[0] - T0 for k, _ in task.store.items("hits")] == [40_000]
+    task.close()
+    # the task's stream time survives a restart: the next drain expires nothing new
+    task = open_task(tmp_path / "s", [base])
+    ctx.set_record(task, SRC, 0, 6, T0 + 50_000)
+    assert hits["k"].current() == 0 and hits["k"].delta(1) == 5 and drain(task).records == []
+    task.close()
+
+
+# -- restore -------------------------------------------------------------------------------
+def changelog_of(tmp_path, batches: List[List[Tuple[str, int]]]) -> List[Tuple[bytes, Optional[bytes], list]]:
+    """Runs batches of (key, increment) records (one offset each) through a real task and
+    returns the changelog records it produced, in order."""
+    ctx = TableContext()
+    counts = table("counts", ctx, default=int)
+    task = open_task(tmp_path / "producer", [counts])
+    records = []
+    offset = 0
+    for batch in batches:
+        for key, inc in batch:
+            ctx.set_record(task, SRC, 0, offset, None)
+            if inc:
+                counts[key] += inc
+            else:
+                del counts[key]
+            offset += 1
+        drained = drain(task)
+        records.extend((r.key, r.value, r.headers) for r in drained.records)
+        drained.commit()
+    task.close()
+    return records
+
+
+@pytest.mark.timeout(30)
+def test_restore_applies_only_batches_below_the_committed_offset_and_is_idempotent(tmp_path):
+    batches = [[("a", 1), ("b", 1)],          # offsets 0-1 → src offset 1
+               [("a", 1), ("c", 5)],          # offsets 2-3 → src offset 3
+               [("b", 0), ("a", 1)],          # offsets 4-5 → src offset 5 (b deleted)
+               [("a", 100), ("d", 1)]]        # offsets 6-7 → src offset 7
+    records = changelog_of(tmp_path, batches)
+    assert [int(dict(h)[HDR_SRC_OFFSET]) for _k, _v, h in records] == [1, 1, 3, 3, 5, 5, 7, 7]
+    # the group committed 6: batch 4 (src offset 7) will be processed again
+    store = TaskStore(str(tmp_path / "restored"), ["counts"])
+    applied, skipped = apply_changelog(store, "counts", records, {(SRC, 0): 6}, batch_size=2,
+                                       last_offset=7)
+    assert (applied, skipped) == (6, 2)
+    state = dict(store.items("counts"))
+    assert state == {b'"a"': b"3", b'"c"': b"5"}
+    assert store.input_offset(SRC, 0) == 6 and store.changelog_offset("counts") == 7
+    # offset 5 committed means batch 3 (src offset 5) is NOT complete: at == committed skips
+    assert apply_changelog(store, "counts", records, {(SRC, 0): 4})[0] == 4
+    # applying the same changelog again (even after a partial one) gives the same state
+    apply_changelog(store, "counts", records, {(SRC, 0): 6})
+    apply_changelog(store, "counts", records, {(SRC, 0): 6})
+    assert dict(store.items("counts")) == state and store.input_offset(SRC, 0) == 6
+    # records without source headers, or of a partition without a committed offset: skipped
+    assert apply_changelog(store, "counts", [(b'"z"', b"1", None)], {(SRC, 0): 6}) == (0, 1)
+    assert apply_changelog(store, "counts", records, {(SRC, 1): 100})[0] == 0
+    store.close()
+    # the restored state carries on exactly where the group's committed offset is
+    ctx = TableContext()
+    counts = table("counts", ctx, default=int)
+    task = open_task(tmp_path / "restored", [counts])
+    ctx.set_record(task, SRC, 0, 5, None)
+    counts["a"] += 1000  # below the restored position: ignored
+    for offset, (key, inc) in enumerate(batches[3], start=6):
+        ctx.set_record(task, SRC, 0, offset, None)
+        counts[key] += inc
+    assert counts["a"] == 103 and counts["d"] == 1 and "b" not in counts
+    task.close()
+
+
+@pytest.mark.timeout(300)
+def test_restore_speed_on_a_million_records(tmp_path, capsys):
+    n = 1_000_000
+    topic = SRC.encode()
+    records = []
+    for i in range(n):
+        headers = [(HDR_SRC_TOPIC, topic), (HDR_SRC_PARTITION, b"0"),
+                   (HDR_SRC_OFFSET, b"%d" % (i // 100))]
+        records.append((b'"user-%07d"' % (i * 7919 % n), b"%d" % i, headers))
+    store = TaskStore(str(tmp_path / "s"), ["counts"], sync=True)
+    start = time.perf_counter()
+    applied, skipped = apply_changelog(store, "counts", records, {(SRC, 0): (n // 100) - 10})
+    elapsed = time.perf_counter() - start
+    assert applied + skipped == n and skipped == 1000
+    assert store.count("counts") == applied and store.input_offset(SRC, 0) == n // 100 - 10
+    with capsys.disabled():
+        print(f"\napply_changelog: {n:,} records in {elapsed:.2f}s = {n / elapsed:,.0f} records/s "
+              f"(map grew to {store.map_size >> 20} MiB)")
+    store.close()
