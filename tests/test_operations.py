@@ -92,9 +92,13 @@ def test_web_status_metrics_and_health_flipping_to_503(broker, prefix, start_sup
     assert {s.labels["task"] for s in families["shardsup_task_lag"].samples} == {"0_0", "0_1", "0_2", "0_3"}
 
     produce(broker, f"{prefix}-in", [(b"p", json.dumps({"n": -1, "die": True}).encode(), 0)])
-    sup.wait_for(lambda: get(base + "/health")[0] == 503, 60, "/health to turn 503")
+    def failed_health() -> bool:  # 503 already while the crashed child restarts; then failed
+        code, body = get(base + "/health")
+        return code == 503 and "failed" in json.loads(body)["reason"]
+
+    sup.wait_for(failed_health, 60, "/health to turn 503 with the failed task")
     code, body = get(base + "/health")
-    assert "failed" in json.loads(body)["reason"]
+    assert code == 503 and "failed: 0_0" in json.loads(body)["reason"]
     assert sup.stop() == 0
 
 
