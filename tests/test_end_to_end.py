@@ -80,7 +80,12 @@ def test_second_supervisor_takes_over_half_the_tasks(broker, prefix, start_super
         b = [t for ts in second.child_tasks().values() for t in ts]
         return len(a) == 2 and len(b) == 2 and not set(a) & set(b)
 
+    before = first.child_tasks()
     first.wait_for(split, 60, "the tasks to be split two and two")
+    # only tasks that moved were stopped: the first supervisor's remaining tasks still
+    # run in the children that had them, which were never restarted
+    for pid, tasks in first.child_tasks().items():
+        assert pid in before and set(tasks) <= set(before[pid]), (before, first.child_tasks())
     produce(broker, f"{prefix}-in", records(N // 2, N))
     out = read_topic(broker, f"{prefix}-out", N, timeout=90)
     check_outputs(out, range(N))
