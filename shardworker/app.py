@@ -118,6 +118,7 @@ class App:
         self.timers: List[Timer] = []
         self.tables: List[Any] = []   # shardworker.tables.Table, in declaration order
         self._producer: Any = None
+        self._producer_errors: Optional[List[str]] = None  # None: a worker's producer
         if self.settings["processing_guarantee"] != "at_least_once":
             raise ValueError(f"processing_guarantee {self.settings['processing_guarantee']!r} is "
                              "not available yet; use 'at_least_once' (table state is exact "
@@ -183,6 +184,9 @@ class App:
                              f"(this one reads {', '.join(sources) or 'none'})")
         return sources[0]
 
+    #: Faust's spelling
+    Table = table
+
     def timer(self, interval: float, name: Optional[str] = None
               ) -> Callable[[Callable[[], Any]], Callable[[], Any]]:
         """Decorates a function run every ``interval`` seconds in exactly one process of the
@@ -230,11 +234,14 @@ class App:
             from confluent_kafka import Producer
 
             self._producer = Producer(self.producer_config(bootstrap_servers(self.resolved_broker())))
+            self._producer_errors = []
         kwargs: Dict[str, Any] = {}
         if headers:
             kwargs["headers"] = list(headers.items())
         if partition is not None:
             kwargs["partition"] = partition
+        if self._producer_errors is not None:  # outside a worker: failures are ours to see
+            kwargs["on_delivery"] = self._delivered
         produce = self._producer.produce
         try:
             produce(topic, value, key, **kwargs)
@@ -242,12 +249,20 @@ class App:
             self._producer.poll(0.1)
             produce(topic, value, key, **kwargs)
 
+    def _delivered(self, err: Any, msg: Any) -> None:
+        if err is not None and self._producer_errors is not None:
+            self._producer_errors.append(f"{msg.topic()}: {err.str()}")
+
     def flush(self, timeout: float = 30.0) -> None:
-        """Waits until every record this process queued is acknowledged."""
+        """Waits until every record this process queued is acknowledged; raises if one
+        was not (left unacknowledged, or refused by the broker)."""
         if self._producer is not None:
             left = self._producer.flush(timeout)
             if left:
                 raise RuntimeError(f"{left} record(s) not acknowledged within {timeout}s")
+            if self._producer_errors:
+                errors, self._producer_errors[:] = list(self._producer_errors), []
+                raise RuntimeError(f"delivery failed: {'; '.join(errors[:3])}")
 
     def resolved_broker(self) -> str:
         """The broker this process talks to: ``SHARDSUP_BROKER`` (set by the supervisor for

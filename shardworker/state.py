@@ -36,18 +36,20 @@ class TaskStates:
     """The tables of every task this child holds."""
 
     def __init__(self, app: App, datadir: str, consumer_config: Dict[str, Any],
-                 producer: Producer, heartbeat: Callable[[], None]) -> None:
+                 producer: Producer, heartbeat: Callable[[], None],
+                 delivery_errors: List[str]) -> None:
         self.app = app
         self.datadir = datadir
         self.consumer_config = consumer_config
         self.producer = producer
         self.heartbeat = heartbeat
+        #: the worker's list of failed deliveries: a lost changelog record fails the batch
+        self.delivery_errors = delivery_errors
         self.source = app.table_source or ""
         self.tasks: Dict[str, TaskTables] = {}
         self.by_partition: Dict[TopicPartitionKey, TaskTables] = {}
         self._cluster_id: Optional[str] = None
         self._partitions: Optional[int] = None
-        self._changelog_offsets: Dict[Tuple[str, int], Dict[str, int]] = {}
         self.restoring = False
 
     @property
@@ -66,11 +68,22 @@ class TaskStates:
             log.warning("task %s: local state came from another cluster or topic; discarded", task)
         tp = (self.source, partition)
         stored = store.input_offset(*tp)
+        if stored is not None and (start_offset < 0 or stored > start_offset):
+            # State beyond the group's position (or with nothing committed at all) may hold
+            # batches whose changelog another owner has since written over, or come from a
+            # world that no longer exists (a fresh in-memory broker reports the same cluster
+            # id): the only state known to be right is the committed one, so rebuild it.
+            log.warning("task %s: local state at offset %d is ahead of the group's position "
+                        "(%s); rebuilding it from the changelog", task, stored,
+                        start_offset if start_offset >= 0 else "none")
+            store.wipe()
+            store.set_identity(self._cluster_id or "", self.source)
+            stored = None
         if start_offset >= 0 and (stored is None or stored < start_offset):
             self.restore(task, store, partition, {tp: start_offset})
         elif stored is not None:
-            log.info("task %s: local state is at offset %d (group at %s): no restore needed",
-                     task, stored, start_offset if start_offset >= 0 else "the beginning")
+            log.info("task %s: local state is at the group's offset %d: no restore needed",
+                     task, stored)
         assert self._partitions is not None
         tables_of_task = TaskTables(store, tables, partition, self.source,
                                     key_partitioner(self.app.topics[self.source].encode_key,
@@ -134,7 +147,8 @@ class TaskStates:
         watermark of the fetch responses: right on Kafka and on tansu alike)."""
         last_beat = time.monotonic()
         while True:
-            for msg in consumer.consume(RESTORE_BATCH, 1.0):
+            # a short timeout: consume() waits it out even after the end-of-partition event
+            for msg in consumer.consume(RESTORE_BATCH, 0.05):
                 err = msg.error()
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:
@@ -165,19 +179,24 @@ class TaskStates:
                 continue
             batch = tables.drain({tp: positions[tp]})
             offsets: Dict[str, int] = {}
-            self._changelog_offsets[tp] = offsets
+            batch.changelog_offsets = offsets  # type: ignore[attr-defined]  # filled on delivery
+            delivered = _remember_offset(offsets, self.delivery_errors)
             for record in batch.records:
-                self.producer.produce(record.topic, record.value, record.key,
-                                      partition=record.partition, headers=record.headers,
-                                      on_delivery=_remember_offset(offsets, record.table))
+                while True:
+                    try:
+                        self.producer.produce(record.topic, record.value, record.key,
+                                              partition=record.partition, headers=record.headers,
+                                              on_delivery=delivered(record.table))
+                        break
+                    except BufferError:  # queue full: let deliveries drain, then retry
+                        self.producer.poll(0.05)
             batches.append(batch)
         return batches
 
     def commit(self, batches: List[DrainedBatch]) -> None:
         """After the acknowledgements: each task's state and offsets in one transaction."""
         for batch in batches:
-            tp = next(iter(batch.input_offsets), None)
-            batch.commit(self._changelog_offsets.pop(tp, {}) if tp else {})
+            batch.commit(batch.changelog_offsets)  # type: ignore[attr-defined]
 
     def rollback_record(self) -> None:
         """The record in hand failed: its table writes are taken back."""
@@ -191,9 +210,18 @@ class TaskStates:
             tables.abort()
 
 
-def _remember_offset(offsets: Dict[str, int], table: str) -> Callable[[Any, Message], None]:
-    def delivered(err: Any, msg: Message) -> None:
-        if err is None and msg.offset() > offsets.get(table, -1):
-            offsets[table] = msg.offset()
+def _remember_offset(offsets: Dict[str, int], errors: List[str]
+                     ) -> Callable[[str], Callable[[Any, Message], None]]:
+    """Delivery callbacks for one batch's changelog records: they note the offset written
+    per table, and failures (a per-message callback replaces the producer's own, so they
+    must be passed on here or the batch would commit without its changelog)."""
+    def for_table(table: str) -> Callable[[Any, Message], None]:
+        def delivered(err: Any, msg: Message) -> None:
+            if err is not None:
+                errors.append(f"{msg.topic()}: {err.str()}")
+            elif msg.offset() > offsets.get(table, -1):
+                offsets[table] = msg.offset()
 
-    return delivered
+        return delivered
+
+    return for_table

@@ -7,6 +7,7 @@ outputs and reports offsets) and resumes the agent when the next batch arrives.
 from __future__ import annotations
 
 from collections import deque
+from time import monotonic
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Deque, Dict, List, Optional, Tuple
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,6 +54,10 @@ class Stream:
         self.wait_sync: Optional[Callable[[], None]] = None
         # installed by the worker when the app has tables: the record becomes theirs too
         self.on_record: Optional[Callable[["Message"], None]] = None
+        # called at most once a second while the agent works through a batch: the
+        # child's heartbeat must not depend on how long a batch takes
+        self.on_progress: Optional[Callable[[], None]] = None
+        self._progress_due = 0.0
 
     # values
     def __aiter__(self) -> "Stream":
@@ -65,7 +70,14 @@ class Stream:
         value, self.current = buffer.popleft()
         if self.on_record is not None:
             self.on_record(self.current)
+        if monotonic() >= self._progress_due:
+            self._progressed()
         return value
+
+    def _progressed(self) -> None:
+        self._progress_due = monotonic() + 1.0
+        if self.on_progress is not None:
+            self.on_progress()
 
     def __iter__(self) -> "Stream":
         return self
@@ -77,6 +89,8 @@ class Stream:
         value, self.current = buffer.popleft()
         if self.on_record is not None:
             self.on_record(self.current)
+        if monotonic() >= self._progress_due:
+            self._progressed()
         return value
 
     # (key, value) pairs and events

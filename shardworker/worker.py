@@ -1,12 +1,15 @@
 """The child process's runtime: the whole data path of a record, top to bottom.
 
-    consume → decode → agent → sinks (and dead letters) → acknowledged → report offsets
+    consume → decode → agent → sinks, dead letters, changelog → acknowledged
+            → LMDB commit (state + offsets) → report offsets
 
 A child reads its partitions with ``assign()`` (it is not a group member), runs the
-records of a batch through the agents, waits until the broker has acknowledged every
-record the batch produced, and only then reports "processed up to" offsets to the
-supervisor, which commits them as the group member.  A crash anywhere before the report
-means the batch is read again: at-least-once, nothing lost.
+records of a batch through the agents, and (:meth:`Worker.settle`) once the broker has
+acknowledged every record the batch produced, commits its table state and reports
+"processed up to" offsets to the supervisor, which commits them as the group member.
+Up to :data:`MAX_UNSETTLED` batches are processed while earlier ones wait for their
+acknowledgements; they settle in order.  A crash anywhere before the report means the
+batch is read again: at-least-once, nothing lost, no state applied twice.
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ from .topology import TopicPartitionKey, group_by_task, task_id, task_sort_key
 log = logging.getLogger("shardworker.worker")
 
 STATS_INTERVAL = 1.0       # seconds between heartbeats with stats to the supervisor
+MAX_UNSETTLED = 4          # batches processed ahead of their acknowledgements, at most
+SETTLE_WITHIN = 0.05       # seconds a batch may wait for its acknowledgements unforced
 REPORT_INTERVAL = 0.05     # offsets are reported at most this often (and at every stop)
 FLUSH_TIMEOUT = 60.0       # a batch whose outputs are not acknowledged by then is fatal
 
@@ -65,6 +70,8 @@ class Worker:
         self.runners: List[AgentRunner] = []
         self.routes: Dict[str, List[AgentRunner]] = {}
         self._timer_due: Dict[str, float] = {}
+        #: batches processed whose outputs are not known to be acknowledged yet, in order
+        self.unsettled: List[Tuple[float, Dict[TopicPartitionKey, int], List[Any]]] = []
 
     # -- set-up ---------------------------------------------------------------------
     def setup(self) -> None:
@@ -88,7 +95,8 @@ class Worker:
             "delivery.report.only.error": not app.tables,
         })
         self.state = TaskStates(app, self.datadir, consumer_config, self.producer,
-                                heartbeat=lambda: self.report(force=False))
+                                heartbeat=lambda: self.report(force=False),
+                                delivery_errors=self._delivery_errors)
         app._producer = self.producer  # topic.send() inside agents and timers uses it
         if any(agent.is_async for agent in app.agents) or any(
                 asyncio.iscoroutinefunction(t.fn) for t in app.timers):
@@ -103,6 +111,7 @@ class Worker:
                 runner = SyncAgentRunner(agent, self.emit, self.on_agent_error)
             if app.tables:
                 runner.stream.on_record = self.state.on_record
+            runner.stream.on_progress = lambda: self.report(force=False)
             runner.start()
             self.runners.append(runner)
             self.routes.setdefault(agent.topic.name, []).append(runner)
@@ -128,8 +137,10 @@ class Worker:
                     self.process(records)
                 elif not self.positions:
                     self.handle_control(timeout=0.1)  # nothing assigned: wait for work
+                self.settle(block=False)
                 self.run_timers()
                 self.report(force=False)
+            self.settle(block=True)
             self.report(force=True)
             self.channel.send("bye", offsets=self._offsets_list(self.positions))
             return 0
@@ -140,7 +151,9 @@ class Worker:
             self.close()
 
     def process(self, records: List[Message]) -> None:
-        """One batch: decode, run the agents, wait for acknowledgements, advance offsets."""
+        """One batch: decode, run the agents, produce; :meth:`settle` advances its offsets
+        once the broker has acknowledged everything it produced.  Batches overlap: the
+        next one is processed while the broker acknowledges this one."""
         positions: Dict[TopicPartitionKey, int] = {}
         routes = self.routes
         # 1. decode each record and queue it for the agents of its topic
@@ -168,13 +181,28 @@ class Worker:
                 raise runner.fatal
         # 3. the tables' changes of the batch: one changelog record per changed key
         changes = self.state.drain(positions) if self.state.enabled else []
-        # 4. every output, dead letter and changelog record is acknowledged by the broker ...
-        self.flush()
-        # 5. ... before the state commits: state + input offsets + changelog offsets
-        self.state.commit(changes)
-        # 6. ... and before the batch's offsets count as processed
-        self.positions.update(positions)
-        self.processed += len(records)
+        self.processed += len(records)  # stats count processing; offsets wait for acks
+        self.unsettled.append((time.monotonic(), positions, changes))
+
+    def settle(self, block: bool) -> None:
+        """Steps 4-6 of every batch whose outputs are acknowledged, in batch order."""
+        if not self.unsettled:
+            return
+        overdue = time.monotonic() - self.unsettled[0][0] >= SETTLE_WITHIN
+        if block or overdue or len(self.unsettled) >= MAX_UNSETTLED:
+            self.flush()
+        else:
+            self.producer.poll(0)
+            if len(self.producer):
+                return  # something produced is still unacknowledged
+            self.flush()  # nothing outstanding: returns at once, checks delivery errors
+        for _began, positions, changes in self.unsettled:
+            # 4. every output, dead letter and changelog record is acknowledged, so:
+            # 5. the state commits: state + input offsets + changelog offsets, then
+            self.state.commit(changes)
+            # 6. the batch's offsets count as processed (reported to the supervisor)
+            self.positions.update(positions)
+        self.unsettled.clear()
 
     def emit(self, agent: Agent, msg: Message, value: Any) -> None:
         """Sends a value the agent yielded to each of its sinks, keyed like its input."""
@@ -257,6 +285,7 @@ class Worker:
         log.info("assigned %s", ", ".join(f"{t}[{p}]@{o}" for t, p, o in partitions))
 
     def revoke(self, partitions: List[List[Any]]) -> None:
+        self.settle(block=True)
         keys = [(topic, part) for topic, part in partitions]
         self.consumer.incremental_unassign([TopicPartition(t, p) for t, p in keys])
         final = {k: self.positions.pop(k) for k in keys if k in self.positions}

@@ -173,9 +173,12 @@ class Arbiter:
             signal.signal(sig, self.queue_signal)
 
     def queue_signal(self, sig: int, frame: object) -> None:
-        if len(self.SIG_QUEUE) < 5:
+        # CHLD is queued once (reap() collects every exit); shutdown signals never dropped
+        if sig == signal.SIGCHLD and sig in self.SIG_QUEUE:
+            return
+        if len(self.SIG_QUEUE) < 5 or sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             self.SIG_QUEUE.append(sig)
-            self.wakeup()
+        self.wakeup()
 
     def wakeup(self) -> None:
         try:
@@ -246,6 +249,7 @@ class Arbiter:
             slot.crashes.clear()
             if slot.alive:
                 slot.state = "stopping"
+                slot.stop_requested = time.monotonic()
                 slot.signal(signal.SIGTERM)  # reaped, then spawned again at once
             elif slot.state == "failed":
                 slot.state = "down"
@@ -343,6 +347,11 @@ class Arbiter:
         """A child silent for ``child_timeout`` is stuck: dump its traceback, kill it."""
         now = time.monotonic()
         for slot in self.slots.values():
+            if slot.state == "stopping" and now - slot.stop_requested > self.shutdown_timeout:
+                log.error("child %d (pid %s) did not stop within %.0fs; killing it",
+                          slot.index, slot.pid, self.shutdown_timeout)
+                slot.signal(signal.SIGKILL)
+                slot.stop_requested = now
             if slot.state in ("starting", "running") and now - slot.last_heard > self.child_timeout:
                 trace = collect_trace(slot)
                 log.error("child %d (pid %s, tasks %s) sent no heartbeat for %.0fs; its "
@@ -405,13 +414,15 @@ class Arbiter:
     def on_assign(self, partitions: List[TopicPartitionKey]) -> None:
         assert self.member is not None
         self.joined = True
-        if not partitions:
-            return
+        if not partitions or self.stopping:
+            return  # shutting down: member.close() gives them back
         self.offsets.update(self.member.start_offsets(partitions))
         tasks = list(group_by_task(self.source_topics, partitions))
         log.info("assigned tasks %s", ",".join(tasks))
         # a failed slot takes no new work: its tasks wait for a HUP
-        hosted = {i: s.tasks for i, s in self.slots.items() if s.state != "failed"}
+        # (nor does one that is retiring: it is on its way out with whatever it holds)
+        hosted = {i: s.tasks for i, s in self.slots.items()
+                  if s.state != "failed" and not s.retiring}
         for_existing, for_new = place_tasks(tasks, hosted, self.max_children)
         for index, new in for_existing.items():
             slot = self.slots[index]
@@ -435,6 +446,13 @@ class Arbiter:
     def take_back(self, partitions: List[TopicPartitionKey], commit: bool) -> None:
         if self.closing:
             return
+        if self.stopping:  # children are stopping anyway: keep what they reported, let go
+            if commit:
+                self.commit(force=True)
+            for key in partitions:
+                self.offsets.pop(key, None)
+                self.committed.pop(key, None)
+            return
         revoked = group_by_task(self.source_topics, partitions)
         log.info("revoking tasks %s", ",".join(revoked))
         waiting = []
@@ -451,6 +469,15 @@ class Arbiter:
             self.sleep(0.05)
             self.read_children()
             self.reap()
+        for slot in waiting:
+            if slot.revoking and slot.alive:
+                # it must not go on with a task the group gives to someone else
+                log.error("child %d did not give back tasks within %.0fs; killing it",
+                          slot.index, self.shutdown_timeout)
+                slot.signal(signal.SIGKILL)
+                while slot.alive:
+                    self.sleep(0.05)
+                    self.reap()
         if commit:
             self.commit(force=True)
         for slot in list(self.slots.values()):
@@ -459,6 +486,7 @@ class Arbiter:
                 slot.retiring = True
                 if slot.alive:
                     slot.state = "stopping"
+                    slot.stop_requested = time.monotonic()
                     slot.signal(signal.SIGTERM)
                 else:
                     del self.slots[slot.index]
@@ -532,6 +560,7 @@ class Arbiter:
             slot.retiring = True
             if slot.alive:
                 slot.state = "stopping"
+                slot.stop_requested = time.monotonic()
         if mode == "warm":
             self.murder(signal.SIGTERM)
         deadline = time.monotonic() + self.shutdown_timeout

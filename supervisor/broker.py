@@ -37,6 +37,15 @@ def tansu_binary() -> str:
     return path
 
 
+def _die_with_parent() -> None:
+    """In the broker's process before exec: KILL it when the supervisor dies, even by
+    KILL (it is in a session of its own, so nothing else would reach it)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -65,6 +74,7 @@ class EmbeddedBroker:
             # its own session: Ctrl-C in the terminal must not stop it before the children
             # have committed; the supervisor stops it last
             start_new_session=True,
+            preexec_fn=_die_with_parent,
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -90,7 +100,11 @@ class EmbeddedBroker:
 
 
 def admin_client(app: App, bootstrap: str) -> AdminClient:
-    return AdminClient({**app.kafka_config(bootstrap), "socket.connection.setup.timeout.ms": 5000})
+    try:
+        return AdminClient({**app.kafka_config(bootstrap),
+                            "socket.connection.setup.timeout.ms": 5000})
+    except (KafkaException, ValueError, TypeError) as exc:
+        raise UsageError(f"bad Kafka client configuration: {exc}") from None
 
 
 def check_reachable(app: App, bootstrap: str, timeout: float = 10.0) -> str:

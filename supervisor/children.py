@@ -43,6 +43,7 @@ class ChildSlot:
         self.token = ""
         self.trace_path = ""
         self.restoring = False
+        self.stop_requested = 0.0   # monotonic time the last TERM was sent
         self.records_total = 0      # over every incarnation of this slot
         self.errors_total = 0
         self.records_per_s = 0.0

@@ -87,6 +87,10 @@ def start(app_spec: str, concurrency: Optional[int], loglevel: str, datadir: Opt
     app = load(app_spec)
     if not app.agents:
         fail(f"app {app.id!r} has no agents: nothing to consume")
+    try:
+        app.table_source  # tables need one source topic: say so now, not in a child
+    except ValueError as exc:
+        fail(str(exc))
     broker = broker or os.environ.get("SHARDSUP_BROKER") or app.broker
     arbiter = Arbiter(app, app_spec, concurrency or os.cpu_count() or 1, broker,
                       datadir or f"{app.id}-data", loglevel, shutdown_timeout,
@@ -98,6 +102,10 @@ def start(app_spec: str, concurrency: Optional[int], loglevel: str, datadir: Opt
         fail(str(exc))
     except KeyboardInterrupt:  # Ctrl-C before the signal handlers were installed
         code = 130
+    except Exception as exc:  # noqa: BLE001 - a bug or an environment we did not foresee
+        logging.getLogger("supervisor").exception("supervisor failed")
+        fail(f"supervisor failed: {type(exc).__name__}: {exc} (traceback in the log above)",
+             code=1)
     logging.shutdown()
     sys.exit(code)
 
