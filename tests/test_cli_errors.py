@@ -106,3 +106,7 @@ def test_send_encodes_with_the_topic_serializers(broker, prefix):
     bad = shardsup("send", "-A", "tests.apps.doubler", "--broker", broker, f"{prefix}-in", "{oops",
                    env={"SHARDSUP_TEST_PREFIX": prefix})
     assert "not valid JSON" in one_line_error(bad)
+    # a partition the topic does not have: the broker refuses, and send says so
+    refused = shardsup("send", "-A", "tests.apps.doubler", "--broker", broker, f"{prefix}-in",
+                       "--partition", "9", '{"n": 4}', env={"SHARDSUP_TEST_PREFIX": prefix})
+    assert "send failed" in one_line_error(refused)
