@@ -8,7 +8,8 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections import deque
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 import psutil
 
@@ -20,6 +21,7 @@ BACKOFF_FIRST = 0.1     # seconds before the first restart of a crashed child
 BACKOFF_MAX = 10.0      # the backoff doubles per crash up to this
 STABLE_AFTER = 30.0     # a child that lived this long starts its backoff afresh
 CHILD_TOKEN_ENV = "SHARDSUP_CHILD_TOKEN"
+RATE_WINDOW = 10.0      # seconds over which records/s is computed
 
 
 class ChildSlot:
@@ -49,7 +51,7 @@ class ChildSlot:
         self.records_per_s = 0.0
         self._base_records = 0      # totals of earlier incarnations
         self._base_errors = 0
-        self._rate_mark = (0.0, 0)
+        self._rate_samples: Deque[Tuple[float, int]] = deque()
         self._psutil: Optional[psutil.Process] = None
 
     @property
@@ -83,7 +85,7 @@ class ChildSlot:
         self.revoking = False
         self.stats = {}
         self._base_records, self._base_errors = self.records_total, self.errors_total
-        self._rate_mark = (self.started_at, self.records_total)
+        self._rate_samples = deque([(self.started_at, self.records_total)])
         self.records_per_s = 0.0
         self._psutil = None
 
@@ -93,11 +95,16 @@ class ChildSlot:
         self.restoring = bool(stats.get("restoring"))
         self.records_total = self._base_records + int(stats.get("processed", 0))
         self.errors_total = self._base_errors + int(stats.get("errors", 0))
+        # records/s over the last RATE_WINDOW seconds: a child counts its records once
+        # per batch, so a shorter window would swing between 0 and a peak
         now = time.monotonic()
-        then, count = self._rate_mark
-        if now - then >= 1.0:
+        samples = self._rate_samples
+        samples.append((now, self.records_total))
+        while len(samples) > 2 and now - samples[1][0] >= RATE_WINDOW:
+            samples.popleft()
+        then, count = samples[0]
+        if now > then:
             self.records_per_s = (self.records_total - count) / (now - then)
-            self._rate_mark = (now, self.records_total)
 
     def usage(self) -> Tuple[Optional[int], Optional[float]]:
         """(RSS bytes, CPU %) of the process, or (None, None) when it is not running."""
