@@ -324,6 +324,9 @@ class Arbiter:
             slot.respawn_at = time.monotonic()
             return
         delay = slot.schedule_restart(time.monotonic(), self.max_crashes, self.crash_window)
+        if delay is not None and slot.hangs >= self.max_crashes and slot.last_error \
+                and slot.last_error.startswith("no heartbeat"):
+            slot.state, slot.respawn_at, delay = "failed", None, None
         if delay is None:
             log.error("tasks %s FAILED: their child crashed %d times within %.0fs (last exit "
                       "code %s, last error: %s); not restarting them until HUP",
@@ -358,6 +361,10 @@ class Arbiter:
                           "traceback:\n%s\nkilling it", slot.index, slot.pid,
                           ",".join(slot.tasks), now - slot.last_heard, trace)
                 slot.last_error = f"no heartbeat for {now - slot.last_heard:.0f}s"
+                # hangs with no progress in between count toward failure, however long
+                # each incarnation lived (the crash window alone would never see them)
+                slot.hangs = slot.hangs + 1 if slot.records_total == slot.records_at_hang else 1
+                slot.records_at_hang = slot.records_total
                 slot.signal(signal.SIGKILL)
                 slot.last_heard = now  # one kill; reap() handles the exit
 
@@ -575,6 +582,8 @@ class Arbiter:
                 sig = self.SIG_QUEUE.pop(0)
                 if sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
                     self.stopping = "cold"
+                elif sig == signal.SIGUSR1:
+                    self.handle_usr1()  # a stuck shutdown is when a dump is wanted most
             self.read_children()
             self.reap()
             if self.member is not None:

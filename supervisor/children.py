@@ -46,6 +46,8 @@ class ChildSlot:
         self.trace_path = ""
         self.restoring = False
         self.stop_requested = 0.0   # monotonic time the last TERM was sent
+        self.hangs = 0              # heartbeat kills in a row without progress
+        self.records_at_hang = -1
         self.records_total = 0      # over every incarnation of this slot
         self.errors_total = 0
         self.records_per_s = 0.0

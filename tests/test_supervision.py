@@ -197,6 +197,17 @@ def test_stuck_child_gets_its_traceback_logged_then_is_killed_and_restarted(
 
 
 @pytest.mark.timeout(120)
+def test_a_child_that_hangs_every_time_is_marked_failed(broker, prefix, start_supervisor):
+    sup = start_supervisor("tests.apps.supervised", "-c", "1", "--child-timeout", "2",
+                           "--max-restarts", "2")
+    sup.wait_for(lambda: len(sup.child_tasks()) == 1, 30, "one child")
+    produce(broker, f"{prefix}-in", [(b"h", json.dumps({"n": 0, "hang_always": True}).encode(), 0)])
+    sup.wait_for(lambda: "FAILED" in sup.output(), 60, "the hanging task to be marked failed")
+    assert sup.output().count("sent no heartbeat") == 2
+    assert sup.stop() == 0
+
+
+@pytest.mark.timeout(120)
 def test_crash_loop_marks_the_task_failed_and_the_rest_goes_on(broker, prefix, start_supervisor):
     sup = start_supervisor("tests.apps.supervised", "-c", "2", "--max-restarts", "3")
     sup.wait_for(lambda: len(sup.child_tasks()) == 2, 30, "two children")

@@ -38,6 +38,8 @@ async def work(stream):
     async for value in stream:
         if value.get("hang") and first_time(value["hang"]):
             hang_forever()
+        if value.get("hang_always"):
+            hang_forever()
         if value.get("daemon") and first_time(value["daemon_marker"]):
             start_daemon(value["daemon"])
         if value.get("die"):
