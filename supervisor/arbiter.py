@@ -26,6 +26,7 @@ from .descendants import end_orphans
 from .dump import collect_trace, dump_report, latest_dump_path, trace_path
 from .membership import GroupMember
 from . import sdnotify
+from .guard import start_guard
 from .pidfile import PidFile
 from .placement import place_tasks
 from .status import StatusServer
@@ -93,6 +94,8 @@ class Arbiter:
         self.bootstrap = ""
         self.member: Optional[GroupMember] = None
         self.pidfile = PidFile(datadir)
+        self.guard_fd: Optional[int] = None
+        self.guard_pid: Optional[int] = None
 
     # -- start-up -------------------------------------------------------------------
     def run(self) -> int:
@@ -101,6 +104,8 @@ class Arbiter:
         self.init_signals()
         try:
             self.set_subreaper()
+            # before any thread or Kafka client exists: the guard forks without exec
+            self.guard_pid, self.guard_fd = start_guard()
             self.status_server = StatusServer(status_socket_path(self.datadir), self.handle_request)
             if self.web_port is not None:
                 self.web = WebServer(self.web_host, self.web_port, lambda: self.latest_snapshot)
@@ -120,6 +125,9 @@ class Arbiter:
                 self.loop_once()
             return self.shutdown()
         finally:
+            if self.guard_fd is not None:
+                os.close(self.guard_fd)  # the guard sweeps (nothing left by now) and exits
+                self.wait_for_guard()
             if self.web is not None:
                 self.web.stop()
             if self.status_server is not None:
@@ -344,7 +352,20 @@ class Arbiter:
         pids = [s.pid for s in self.slots.values() if s.pid is not None]
         if self.embedded is not None and self.embedded.proc is not None:
             pids.append(self.embedded.proc.pid)
+        if self.guard_pid is not None:
+            pids.append(self.guard_pid)
         return pids  # type: ignore[return-value]
+
+    def wait_for_guard(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.guard_pid is not None and time.monotonic() < deadline:
+            try:
+                pid, _status = os.waitpid(self.guard_pid, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid:
+                return
+            time.sleep(0.02)
 
     def check_heartbeats(self) -> None:
         """A child silent for ``child_timeout`` is stuck: dump its traceback, kill it."""

@@ -93,6 +93,19 @@ def test_double_forked_descendant_ends_at_shutdown(broker, prefix, start_supervi
 
 
 @pytest.mark.timeout(90)
+def test_kill_9_of_the_supervisor_leaves_no_orphan(broker, prefix, start_supervisor, tmp_path,
+                                                    daemon_seconds):
+    sup = start_supervisor("tests.apps.supervised", "-c", "2")
+    sup.wait_for(lambda: len(sup.child_tasks()) == 2, 30, "two children")
+    produce(broker, f"{prefix}-in", spawn_daemon_record(tmp_path, daemon_seconds))
+    wait_until(lambda: sleepers(daemon_seconds), 30, "the double-forked sleep")
+    sup.proc.kill()
+    sup.proc.wait(5)
+    wait_until(lambda: not sleepers(daemon_seconds), 10,
+               "the guard to end what the dead supervisor's children started")
+
+
+@pytest.mark.timeout(90)
 def test_kill_9_of_a_child_ends_its_orphans_and_leaves_no_zombie(broker, prefix, start_supervisor,
                                                                  tmp_path, daemon_seconds):
     sup = start_supervisor("tests.apps.supervised", "-c", "2")
