@@ -1145,11 +1145,16 @@ def fmt(value: Any, spec: str) -> str:
     return format(value, spec)
 
 
+def median_of(results: Dict[str, List[Dict[str, Any]]], kind: str, key: str) -> Optional[float]:
+    """The median of ``key`` over the complete runs of ``kind`` (None when there are none)."""
+    vals = [r[key] for r in results.get(kind, []) if r.get("ok") and r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
 def summarize(results: Dict[str, List[Dict[str, Any]]], args: argparse.Namespace,
               cal: Dict[str, float]) -> bool:
     def med(kind: str, key: str) -> Optional[float]:
-        vals = [r[key] for r in results.get(kind, []) if r.get("ok") and key in r]
-        return statistics.median(vals) if vals else None
+        return median_of(results, kind, key)
 
     raw_rate = med("raw", "rate")
     print()
@@ -1229,8 +1234,7 @@ def summarize_state(results: Dict[str, List[Dict[str, Any]]], args: argparse.Nam
         return results.get(kind, [])
 
     def med(kind: str, key: str) -> Optional[float]:
-        vals = [r[key] for r in runs(kind) if r.get("ok") and r.get(key) is not None]
-        return statistics.median(vals) if vals else None
+        return median_of(results, kind, key)
 
     n = args.records
     kinds = [k for k in args.runs if is_state_kind(k) and k != "state-restore"]

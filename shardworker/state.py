@@ -178,9 +178,7 @@ class TaskStates:
             if tp not in positions:
                 continue
             batch = tables.drain({tp: positions[tp]})
-            offsets: Dict[str, int] = {}
-            batch.changelog_offsets = offsets  # type: ignore[attr-defined]  # filled on delivery
-            delivered = _remember_offset(offsets, self.delivery_errors)
+            delivered = _remember_offset(batch.changelog_offsets, self.delivery_errors)
             for record in batch.records:
                 while True:
                     try:
@@ -196,7 +194,7 @@ class TaskStates:
     def commit(self, batches: List[DrainedBatch]) -> None:
         """After the acknowledgements: each task's state and offsets in one transaction."""
         for batch in batches:
-            batch.commit(batch.changelog_offsets)  # type: ignore[attr-defined]
+            batch.commit()
 
     def rollback_record(self) -> None:
         """The record in hand failed: its table writes are taken back."""

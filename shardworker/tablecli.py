@@ -4,12 +4,14 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional
 
-from supervisor.errors import UsageError
-
 from .app import App
 from .state import task_dir
 from .store import open_readonly
 from .tables import split_window_key
+
+
+class TableReadError(LookupError):
+    """The table, its state or the key is not there; the message is one line."""
 
 
 def read_table(app: App, datadir: str, name: str, key: Any = None) -> Any:
@@ -20,10 +22,10 @@ def read_table(app: App, datadir: str, name: str, key: Any = None) -> Any:
     table = next((t for t in app.tables if t.name == name), None)
     if table is None:
         known = ", ".join(t.name for t in app.tables) or "none"
-        raise UsageError(f"app {app.id!r} has no table {name!r} (tables: {known})")
+        raise TableReadError(f"app {app.id!r} has no table {name!r} (tables: {known})")
     tasks_root = os.path.dirname(task_dir(datadir, app.id, "x"))
     if not os.path.isdir(tasks_root):
-        raise UsageError(f"no task state under {tasks_root}")
+        raise TableReadError(f"no task state under {tasks_root}")
     merged: Dict[Any, Any] = {}
     for task in sorted(os.listdir(tasks_root)):
         path = os.path.join(tasks_root, task)
@@ -48,7 +50,7 @@ def read_table(app: App, datadir: str, name: str, key: Any = None) -> Any:
         return merged
     rendered = _render(key)
     if rendered not in merged:
-        raise UsageError(f"table {name!r} has no key {key!r}")
+        raise TableReadError(f"table {name!r} has no key {key!r}")
     return merged[rendered]
 
 

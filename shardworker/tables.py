@@ -60,7 +60,7 @@ __all__ = [
     "HDR_SRC_TOPIC", "HDR_SRC_PARTITION", "HDR_SRC_OFFSET", "CONTEXT",
     "Table", "WindowedTable", "WindowSet", "Window", "TableContext", "TaskTables",
     "DrainedBatch", "ChangelogRecord", "TableError", "KeyPartitionError",
-    "NoCurrentRecordError", "apply_changelog", "drain", "window_key", "split_window_key",
+    "NoCurrentRecordError", "apply_changelog", "window_key", "split_window_key",
 ]
 
 #: changelog record headers: where the batch that wrote the record came from
@@ -179,6 +179,9 @@ class DrainedBatch:
         #: ``{(topic, partition): next offset to read}`` for :meth:`TaskStore.commit`
         self.input_offsets = input_offsets
         self.latest_ms = latest_ms
+        #: offset of the last changelog record written per table, filled in by the
+        #: producer's delivery reports before the batch commits
+        self.changelog_offsets: Dict[str, int] = {}
         self.committed = False
 
     @property
@@ -187,11 +190,12 @@ class DrainedBatch:
         return not self.records
 
     def commit(self, changelog_offsets: Optional[Mapping[str, int]] = None) -> None:
-        """Commits the batch to LMDB (state + input offsets + ``changelog_offsets``, the
-        offset of the last changelog record produced per table) in one transaction.
-        Call it only after every record of :attr:`records` is acknowledged, and commit
-        batches of a task in the order they were drained."""
-        self.task._commit(self, dict(changelog_offsets or {}))
+        """Commits the batch to LMDB (state + input offsets + the changelog offsets:
+        ``changelog_offsets`` if given, else :attr:`changelog_offsets`) in one
+        transaction.  Call it only after every record of :attr:`records` is acknowledged,
+        and commit batches of a task in the order they were drained."""
+        offsets = self.changelog_offsets if changelog_offsets is None else changelog_offsets
+        self.task._commit(self, dict(offsets))
 
 
 class TaskTables:
@@ -450,10 +454,6 @@ class TaskTables:
         self.abort()
         self.store.close()
 
-
-def drain(task: TaskTables, input_offsets: Optional[Mapping[TP, int]] = None) -> DrainedBatch:
-    """Module-level alias of :meth:`TaskTables.drain`."""
-    return task.drain(input_offsets)
 
 
 # -- the user-facing table ---------------------------------------------------------------

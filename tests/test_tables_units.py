@@ -23,7 +23,7 @@ from shardworker.partitioner import key_partitioner, murmur2, partition_for
 from shardworker.store import StoreBusyError, TaskStore
 from shardworker.tables import (HDR_SRC_OFFSET, HDR_SRC_PARTITION, HDR_SRC_TOPIC,
                                 KeyPartitionError, NoCurrentRecordError, Table, TableContext,
-                                TableError, TaskTables, apply_changelog, drain, split_window_key,
+                                TableError, TaskTables, apply_changelog, split_window_key,
                                 window_key)
 
 from tests.conftest import ROOT, create_topic
@@ -255,7 +255,7 @@ def test_a_hot_key_costs_one_put_and_one_changelog_record(tmp_path):
         counts["hot"] += 1
         counts[f"cold{offset % 3}"] = offset
     assert counts["hot"] == 1000
-    batch = drain(task)
+    batch = task.drain()
     assert len(batch.records) == 4 and batch.input_offsets == {(SRC, 0): 1000}
     hot = [r for r in batch.records if r.key == b'"hot"']
     assert len(hot) == 1 and hot[0].value == b"1000"
@@ -290,7 +290,7 @@ def test_table_is_a_dict_over_the_current_task(tmp_path):
     assert t["a"] == {"n": [1, 2]} and "a" in t and len(t) == 2
     t["a"]["n"].append(3)  # mutating what you read stores nothing (until assigned back)
     assert t["a"] == {"n": [1, 2]}
-    drain(task).commit()
+    task.drain().commit()
     ctx.set_record(task, SRC, 0, 1, None)
     del t["b"]
     with pytest.raises(KeyError):
@@ -299,7 +299,7 @@ def test_table_is_a_dict_over_the_current_task(tmp_path):
     assert t.pop("c") == 3 and t.pop("c", None) is None
     t["d"] = None  # None deletes
     assert sorted(t.keys()) == ["a"] and list(t.values()) == [{"n": [1, 2]}]
-    batch = drain(task)
+    batch = task.drain()
     assert {r.key: r.value for r in batch.records} == {b'"b"': None, b'"c"': None,
                                                        b'"d"': None}
     ctx.set_record(task, SRC, 0, 2, None)
@@ -321,7 +321,7 @@ def test_a_restarted_task_ignores_writes_of_records_below_its_stored_offset(tmp_
     for offset in range(10):
         ctx.set_record(task, SRC, 0, offset, None)
         counts["k"] += 1
-    drain(task).commit()
+    task.drain().commit()
     task.close()
     # the restarted task gets offsets 5.. again (the supervisor had committed only 5)
     task = open_task(tmp_path / "s", [counts])
@@ -332,7 +332,7 @@ def test_a_restarted_task_ignores_writes_of_records_below_its_stored_offset(tmp_
         before = counts["k"]  # reads work throughout
         counts["k"] += 1
         assert counts["k"] == (before if offset < 10 else before + 1)
-    batch = drain(task)
+    batch = task.drain()
     assert [(r.key, r.value) for r in batch.records] == [(b'"k"', b"13")]
     assert batch.input_offsets == {(SRC, 0): 13}
     batch.commit()
@@ -341,7 +341,7 @@ def test_a_restarted_task_ignores_writes_of_records_below_its_stored_offset(tmp_
     ctx.set_record(task, SRC, 0, 3, None)
     counts["k"] = 999
     assert counts["k"] == 13
-    batch = drain(task)
+    batch = task.drain()
     assert batch.empty
     batch.commit()
     assert task.store.input_offset(SRC, 0) == 13  # never moves backwards
@@ -355,10 +355,10 @@ def test_batches_in_flight_stay_readable_and_commit_in_order(tmp_path):
     task = open_task(tmp_path / "s", [counts])
     ctx.set_record(task, SRC, 0, 0, None)
     counts["k"] += 1
-    first = drain(task)
+    first = task.drain()
     ctx.set_record(task, SRC, 0, 1, None)
     counts["k"] += 1  # reads batch 1 before it is committed
-    second = drain(task)
+    second = task.drain()
     assert [r.value for r in second.records] == [b"2"]
     with pytest.raises(TableError):
         second.commit()
@@ -368,7 +368,7 @@ def test_batches_in_flight_stay_readable_and_commit_in_order(tmp_path):
     # abort drops what is not committed
     ctx.set_record(task, SRC, 0, 2, None)
     counts["k"] += 1
-    drain(task)
+    task.drain()
     task.abort()
     ctx.set_record(task, SRC, 0, 2, None)
     assert counts["k"] == 2
@@ -396,7 +396,7 @@ def test_writing_a_key_of_another_partition_says_to_re_key(tmp_path):
     assert f"a topic keyed by {by_partition[3]!r}" in message
     with pytest.raises(KeyPartitionError, match="cannot be serialized with the key serializer"):
         counts[42] = 1  # an int cannot be a raw key of the source topic
-    assert [r.key for r in drain(task).records] == [json.dumps(by_partition[1]).encode()]
+    assert [r.key for r in task.drain().records] == [json.dumps(by_partition[1]).encode()]
     task.close()
 
 
@@ -422,7 +422,7 @@ def test_tumbling_windows_place_by_record_timestamp(tmp_path):
     assert clicks["b"].delta(10.5) == 1  # T0 + 0 .. T0 + 10 s
     with pytest.raises(TableError):
         base["a"]  # a windowed table is used through its windowed view
-    batch = drain(task)
+    batch = task.drain()
     placed = {(json.loads(split_window_key(r.key)[1]), split_window_key(r.key)[0]):
               int(r.value) for r in batch.records}
     assert placed == {("a", T0): 2, ("a", T0 + 10_000): 1, ("b", T0 + 20_000): 1,
@@ -450,7 +450,7 @@ def test_hopping_windows_update_every_window_holding_the_timestamp(tmp_path):
     assert views["p"].delta(5) == 11  # T0+11: latest window [T0+10, T0+20)
     assert views["p"].delta(10) == 1  # T0+6: latest window [T0+5, T0+15)
     views["q"] = 7  # plain assignment sets every window of the timestamp
-    batch = drain(task)
+    batch = task.drain()
     placed = {(split_window_key(r.key)[1], split_window_key(r.key)[0] - T0): int(r.value)
               for r in batch.records}
     assert placed == {(b'"p"', 5_000): 1, (b'"p"', 10_000): 11, (b'"p"', 15_000): 10,
@@ -468,7 +468,7 @@ def test_expired_windows_become_tombstones_and_leave_lmdb(tmp_path):
     for offset, ts in enumerate([T0 + 1_000, T0 + 11_000, T0 + 21_000]):
         ctx.set_record(task, SRC, 0, offset, ts)
         hits["k"] += 1
-    drain(task).commit()
+    task.drain().commit()
     assert task.store.count("hits") == 3
     # at T0+49.999 s [T0, T0+10) and [T0+10, T0+20) ended more than 20 s ago: expired,
     # they read as missing; [T0+20, T0+30) ended 19.999 s ago: still live
@@ -480,7 +480,7 @@ def test_expired_windows_become_tombstones_and_leave_lmdb(tmp_path):
     hits["k"] += 100  # a late record for an expired window changes nothing
     ctx.set_record(task, SRC, 0, 5, T0 + 50_000)  # now [T0+20, T0+30) expires too
     assert hits["k"].delta(20) == 0
-    batch = drain(task)
+    batch = task.drain()
     by_start = {split_window_key(r.key)[0] - T0: r.value for r in batch.records}
     assert by_start == {0: None, 10_000: None, 20_000: None, 40_000: b"5"}
     tombstone = next(r for r in batch.records if r.value is None)
@@ -491,7 +491,7 @@ def test_expired_windows_become_tombstones_and_leave_lmdb(tmp_path):
     # the task's stream time survives a restart: the next drain expires nothing new
     task = open_task(tmp_path / "s", [base])
     ctx.set_record(task, SRC, 0, 6, T0 + 50_000)
-    assert hits["k"].current() == 0 and hits["k"].delta(1) == 5 and drain(task).records == []
+    assert hits["k"].current() == 0 and hits["k"].delta(1) == 5 and task.drain().records == []
     task.close()
 
 
@@ -512,7 +512,7 @@ def changelog_of(tmp_path, batches: List[List[Tuple[str, int]]]) -> List[Tuple[b
             else:
                 del counts[key]
             offset += 1
-        drained = drain(task)
+        drained = task.drain()
         records.extend((r.key, r.value, r.headers) for r in drained.records)
         drained.commit()
     task.close()
