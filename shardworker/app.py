@@ -20,16 +20,22 @@ DEFAULT_SETTINGS: Dict[str, Any] = {
     "session_timeout_ms": 10_000,
     # most records a child takes from its consumer per batch
     "batch_size": 1000,
-    # how often the supervisor commits the offsets its children reported (seconds)
-    "commit_interval": 1.0,
+    # how often offsets are committed (seconds): by the supervisor, for what its children
+    # reported (at_least_once); by each task's transaction (exactly_once).  None: 1.0 s
+    # at-least-once, 0.1 s exactly-once (Kafka Streams' defaults)
+    "commit_interval": None,
     # partitions of a topic created by the app when its declaration names none;
     # None asks the broker for its default
     "topic_partitions": None,
     # extra librdkafka settings for every client (consumer, producer, admin)
     "kafka_config": {},
-    # at_least_once: outputs may repeat after a crash, table state never double-counts
+    # at_least_once: outputs may repeat after a crash, table state never double-counts;
+    # exactly_once: outputs, changelogs and offsets of a task commit in one transaction
     "processing_guarantee": "at_least_once",
 }
+
+
+GUARANTEES = ("at_least_once", "exactly_once")
 
 
 def bootstrap_servers(broker: str) -> str:
@@ -119,10 +125,16 @@ class App:
         self.tables: List[Any] = []   # shardworker.tables.Table, in declaration order
         self._producer: Any = None
         self._producer_errors: Optional[List[str]] = None  # None: a worker's producer
-        if self.settings["processing_guarantee"] != "at_least_once":
-            raise ValueError(f"processing_guarantee {self.settings['processing_guarantee']!r} is "
-                             "not available yet; use 'at_least_once' (table state is exact "
-                             "under it, outputs may repeat after a crash)")
+        if self.settings["processing_guarantee"] not in GUARANTEES:
+            raise ValueError(f"processing_guarantee {self.settings['processing_guarantee']!r}: "
+                             f"use one of {', '.join(map(repr, GUARANTEES))}")
+        if self.settings["commit_interval"] is None:
+            self.settings["commit_interval"] = 0.1 if self.exactly_once else 1.0
+
+    @property
+    def exactly_once(self) -> bool:
+        """True when each task commits its outputs and offsets in one transaction."""
+        return bool(self.settings["processing_guarantee"] == "exactly_once")
 
     def __repr__(self) -> str:
         return f"<App {self.id}>"

@@ -36,12 +36,13 @@ class TaskStates:
     """The tables of every task this child holds."""
 
     def __init__(self, app: App, datadir: str, consumer_config: Dict[str, Any],
-                 producer: Producer, heartbeat: Callable[[], None],
+                 producer_for: Callable[[str], Producer], heartbeat: Callable[[], None],
                  delivery_errors: List[str]) -> None:
         self.app = app
         self.datadir = datadir
         self.consumer_config = consumer_config
-        self.producer = producer
+        #: the producer a task's changelog records go to (exactly-once: its transaction's)
+        self.producer_for = producer_for
         self.heartbeat = heartbeat
         #: the worker's list of failed deliveries: a lost changelog record fails the batch
         self.delivery_errors = delivery_errors
@@ -179,15 +180,16 @@ class TaskStates:
                 continue
             batch = tables.drain({tp: positions[tp]})
             delivered = _remember_offset(batch.changelog_offsets, self.delivery_errors)
+            producer = self.producer_for(tables.task_id)
             for record in batch.records:
                 while True:
                     try:
-                        self.producer.produce(record.topic, record.value, record.key,
-                                              partition=record.partition, headers=record.headers,
-                                              on_delivery=delivered(record.table))
+                        producer.produce(record.topic, record.value, record.key,
+                                         partition=record.partition, headers=record.headers,
+                                         on_delivery=delivered(record.table))
                         break
                     except BufferError:  # queue full: let deliveries drain, then retry
-                        self.producer.poll(0.05)
+                        producer.poll(0.05)
             batches.append(batch)
         return batches
 
@@ -202,10 +204,12 @@ class TaskStates:
         if task is not None:
             task.rollback_record()
 
-    def abort(self) -> None:
-        """A batch failed before its commit: forget what it changed."""
-        for tables in self.tasks.values():
-            tables.abort()
+    def abort(self, task: Optional[str] = None) -> None:
+        """Batches failed before their commit: forget what they changed (in ``task``, or
+        in every task)."""
+        for name, tables in self.tasks.items():
+            if task is None or name == task:
+                tables.abort()
 
 
 def _remember_offset(offsets: Dict[str, int], errors: List[str]

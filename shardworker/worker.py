@@ -10,10 +10,16 @@ acknowledged every record the batch produced, commits its table state and report
 Up to :data:`MAX_UNSETTLED` batches are processed while earlier ones wait for their
 acknowledgements; they settle in order.  A crash anywhere before the report means the
 batch is read again: at-least-once, nothing lost, no state applied twice.
+
+Exactly-once (:meth:`Worker.settle_transactions`) replaces step 4: each task's outputs,
+changelog records and input offsets commit as one Kafka transaction every
+``commit_interval``; the LMDB commit follows it, and a transaction the broker refuses is
+aborted and its records read again (:meth:`Worker.rewind`).
 """
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import select
@@ -29,7 +35,8 @@ from .app import Agent, App
 from .logs import set_role
 from .protocol import Channel, ChannelClosed
 from .state import TaskStates
-from .topology import TopicPartitionKey, group_by_task, task_id, task_sort_key
+from .topology import TopicPartitionKey, group_by_task, task_id, task_partitions, task_sort_key
+from .transactions import TransactionAborted, Transactions
 
 log = logging.getLogger("shardworker.worker")
 
@@ -56,6 +63,8 @@ class Worker:
         self.index = index
         self.source_topics = app.source_topics
         self.batch_size = int(app.settings["batch_size"])
+        self.commit_interval = float(app.settings["commit_interval"])
+        self._last_commit = 0.0
         self.stopping = False
         self.tasks: List[str] = []
         #: next offset to read, per partition, for records whose effects are acknowledged
@@ -85,19 +94,28 @@ class Worker:
             "enable.auto.offset.store": False,
             "auto.offset.reset": app.settings["auto_offset_reset"],
             "fetch.wait.max.ms": 100,
+            # aborted transactions' records are skipped (librdkafka's default, said aloud)
+            "isolation.level": "read_committed",
         }
         self.consumer = Consumer(consumer_config)
-        self.producer = Producer({
-            **app.producer_config(self.bootstrap),
-            "client.id": f"{app.id}-child-{self.index}",
-            "on_delivery": self._on_delivery,
-            # changelog offsets come back in delivery reports, so tables need them all
-            "delivery.report.only.error": not app.tables,
-        })
-        self.state = TaskStates(app, self.datadir, consumer_config, self.producer,
+        client_id = f"{app.id}-child-{self.index}"
+        #: exactly-once: one transactional producer per task, else one for the child
+        self.transactions: Optional[Transactions] = None
+        self.producer: Optional[Producer] = None
+        if app.exactly_once:
+            self.transactions = Transactions(app, self.bootstrap, client_id, self._on_delivery)
+        else:
+            self.producer = Producer({
+                **app.producer_config(self.bootstrap),
+                "client.id": client_id,
+                "on_delivery": self._on_delivery,
+                # changelog offsets come back in delivery reports, so tables need them all
+                "delivery.report.only.error": not app.tables,
+            })
+            app._producer = self.producer  # topic.send() inside agents and timers uses it
+        self.state = TaskStates(app, self.datadir, consumer_config, self.producer_for_task,
                                 heartbeat=lambda: self.report(force=False),
                                 delivery_errors=self._delivery_errors)
-        app._producer = self.producer  # topic.send() inside agents and timers uses it
         if any(agent.is_async for agent in app.agents) or any(
                 asyncio.iscoroutinefunction(t.fn) for t in app.timers):
             self.loop = asyncio.new_event_loop()
@@ -109,13 +127,34 @@ class Worker:
                 runner = AsyncAgentRunner(agent, self.emit, self.on_agent_error, self.loop)
             else:
                 runner = SyncAgentRunner(agent, self.emit, self.on_agent_error)
-            if app.tables:
+            if self.transactions is not None:
+                runner.stream.on_record = self.on_record_in_transaction
+            elif app.tables:
                 runner.stream.on_record = self.state.on_record
             runner.stream.on_progress = lambda: self.report(force=False)
             runner.start()
             self.runners.append(runner)
             self.routes.setdefault(agent.topic.name, []).append(runner)
         signal.signal(signal.SIGTERM, self._on_term)
+
+    def producer_for(self, msg: Message) -> Producer:
+        """Where the outputs of ``msg`` go: the child's producer, or (exactly-once) its
+        task's producer with a transaction open."""
+        if self.transactions is None:
+            return self.producer  # type: ignore[return-value]
+        return self.transactions.for_partition(msg.topic(), msg.partition())
+
+    def producer_for_task(self, task: str) -> Producer:
+        if self.transactions is None:
+            return self.producer  # type: ignore[return-value]
+        return self.transactions.for_task(task)
+
+    def on_record_in_transaction(self, msg: Message) -> None:
+        """Exactly-once: the record's task's transaction also takes what the agent sends
+        with ``topic.send()``; the record becomes the tables' too."""
+        self.app._producer = self.producer_for(msg)
+        if self.state.enabled:
+            self.state.on_record(msg)
 
     def _on_term(self, signum: int, frame: Any) -> None:
         self.stopping = True
@@ -186,14 +225,17 @@ class Worker:
 
     def settle(self, block: bool) -> None:
         """Steps 4-6 of every batch whose outputs are acknowledged, in batch order."""
+        if self.transactions is not None:
+            self.settle_transactions(block)
+            return
         if not self.unsettled:
             return
         overdue = time.monotonic() - self.unsettled[0][0] >= SETTLE_WITHIN
         if block or overdue or len(self.unsettled) >= MAX_UNSETTLED:
             self.flush()
         else:
-            self.producer.poll(0)
-            if len(self.producer):
+            self.producer.poll(0)  # type: ignore[union-attr]
+            if len(self.producer):  # type: ignore[arg-type]
                 return  # something produced is still unacknowledged
             self.flush()  # nothing outstanding: returns at once, checks delivery errors
         for _began, positions, changes in self.unsettled:
@@ -204,21 +246,67 @@ class Worker:
             self.positions.update(positions)
         self.unsettled.clear()
 
+    def settle_transactions(self, block: bool) -> None:
+        """Exactly-once steps 4-6, every ``commit_interval`` (at once when ``block``): per
+        task, outputs + changelog records + input offsets in one Kafka transaction, then
+        the LMDB commit, then the offsets count as processed."""
+        transactions = self.transactions
+        assert transactions is not None
+        now = time.monotonic()
+        if not block and now - self._last_commit < self.commit_interval:
+            return
+        self._last_commit = now
+        positions: Dict[TopicPartitionKey, int] = {}
+        drained: Dict[str, List[Any]] = {}
+        for _began, batch_positions, changes in self.unsettled:
+            positions.update(batch_positions)
+            for batch in changes:
+                drained.setdefault(batch.task.task_id, []).append(batch)
+        self.unsettled.clear()
+        self._delivery_errors.clear()  # a failed delivery fails its transaction's commit
+        tasks = set(group_by_task(self.source_topics, positions))
+        tasks.update(task for task, txn in transactions.by_task.items() if txn.open)
+        for task in sorted(tasks, key=task_sort_key):
+            offsets = {tp: positions.get(tp, self.positions.get(tp, -1))
+                       for tp in task_partitions(self.source_topics, task)}
+            offsets = {tp: offset for tp, offset in offsets.items() if offset >= 0}
+            try:
+                # 4. outputs, changelog records and input offsets: one Kafka transaction
+                transactions.by_task[task].commit(offsets, transactions.group_metadata)
+            except TransactionAborted as exc:
+                log.warning("%s; reading its records again from the last commit", exc)
+                self.rewind(task)
+                continue
+            # 5. the state commits after Kafka (a crash in between restores the changelog)
+            for batch in drained.get(task, ()):
+                batch.commit()
+            # 6. the offsets count as processed (already committed: reported for handover)
+            self.positions.update(offsets)
+
+    def rewind(self, task: str) -> None:
+        """After an aborted transaction: drops the task's uncommitted table changes and
+        reads its partitions again from the last committed offsets."""
+        self.state.abort(task)
+        tps = [TopicPartition(t, p, self.positions[(t, p)])
+               for t, p in task_partitions(self.source_topics, task) if (t, p) in self.positions]
+        self.consumer.incremental_unassign(tps)
+        self.consumer.incremental_assign(tps)
+
     def emit(self, agent: Agent, msg: Message, value: Any) -> None:
         """Sends a value the agent yielded to each of its sinks, keyed like its input."""
         key = msg.key()
-        produce = self.producer.produce
+        producer = self.producer_for(msg)
         for sink in agent.sinks:
             data = sink.encode_value(value)
             try:
-                produce(sink.name, data, key)
+                producer.produce(sink.name, data, key)
             except BufferError:
-                self.producer.poll(0.05)  # queue full: let deliveries drain, then retry
-                produce(sink.name, data, key)
+                producer.poll(0.05)  # queue full: let deliveries drain, then retry
+                producer.produce(sink.name, data, key)
 
     def flush(self) -> None:
         """Waits for the broker to acknowledge everything produced so far."""
-        left = self.producer.flush(FLUSH_TIMEOUT)
+        left = self.producer.flush(FLUSH_TIMEOUT)  # type: ignore[union-attr]
         if left or self._delivery_errors:
             errors = "; ".join(self._delivery_errors[:3]) or f"{left} record(s) unacknowledged"
             raise DeliveryFailed(f"outputs not acknowledged, batch will be redelivered: {errors}")
@@ -247,7 +335,7 @@ class Worker:
                 ("shardsup.partition", str(msg.partition()).encode()),
                 ("shardsup.offset", str(msg.offset()).encode()),
             ]
-            self.producer.produce(agent.dlq_topic, msg.value(), msg.key(), headers=headers)
+            self.producer_for(msg).produce(agent.dlq_topic, msg.value(), msg.key(), headers=headers)
 
     def on_consume_error(self, msg: Message) -> None:
         err = msg.error()
@@ -270,8 +358,12 @@ class Worker:
                 self.revoke(message["partitions"])
             elif op == "stop":
                 self.stopping = True
+            elif op == "group" and self.transactions is not None:
+                self.transactions.group_metadata = base64.b64decode(message["metadata"])
 
     def assign(self, partitions: List[List[Any]]) -> None:
+        if self.transactions is not None:  # fences the tasks' previous owners first
+            self.transactions.open(group_by_task(self.source_topics, [(t, p) for t, p, _o in partitions]))
         if self.state.enabled:
             for topic, part, offset in partitions:
                 if topic == self.state.source:
@@ -292,6 +384,9 @@ class Worker:
         for topic, part in keys:
             if topic == self.state.source:
                 self.state.close(task_id(self.source_topics, topic, part))
+        if self.transactions is not None:
+            for task in group_by_task(self.source_topics, keys):
+                self.transactions.close(task)
         for key in keys:
             self._reported.pop(key, None)
         self.channel.send("revoked", offsets=self._offsets_list(final))
@@ -361,6 +456,8 @@ class Worker:
             if now < due:
                 continue
             self._timer_due[timer.name] = now + timer.interval
+            if self.transactions is not None:  # what timers send commits with task 0_0
+                self.app._producer = self.transactions.for_task("0_0")
             try:
                 result = timer.fn()
                 if asyncio.iscoroutine(result):
@@ -368,13 +465,17 @@ class Worker:
                     self.loop.run_until_complete(result)
             except Exception:  # noqa: BLE001 - a timer's failure is logged, not fatal
                 log.exception("timer %s failed", timer.name)
-        self.producer.poll(0)
+        if self.producer is not None:
+            self.producer.poll(0)
 
     def close(self) -> None:
         for runner in self.runners:
             runner.stop()
         try:
-            self.producer.flush(5)
+            if self.producer is not None:
+                self.producer.flush(5)
+            if self.transactions is not None:  # what is not committed is read again
+                self.transactions.close_all()
         finally:
             self.state.close_all()
             self.consumer.close()

@@ -6,6 +6,7 @@ only places where children are started, collected and killed.
 """
 from __future__ import annotations
 
+import base64
 import ctypes
 import errno
 import fcntl
@@ -88,6 +89,8 @@ class Arbiter:
         self.offsets: Dict[TopicPartitionKey, int] = {}
         self.committed: Dict[TopicPartitionKey, int] = {}
         self._last_commit = 0.0
+        #: exactly-once: the group metadata the children have (their transactions need it)
+        self._shared_metadata: Optional[bytes] = None
         self.stopping: Optional[str] = None   # None, "warm" or "cold"
         self.closing = False
         self.embedded: Optional[EmbeddedBroker] = None
@@ -113,10 +116,10 @@ class Arbiter:
             self.start_broker()
             cluster = check_reachable(self.app, self.bootstrap)
             partitions = ensure_topics(self.app, self.bootstrap)
-            log.info("app %s on %s (cluster %s): sources %s, up to %d children",
+            log.info("app %s on %s (cluster %s): sources %s, up to %d children, %s",
                      self.app.id, self.bootstrap, cluster or "?",
                      ", ".join(f"{t}[{partitions[t]}]" for t in self.source_topics),
-                     self.max_children)
+                     self.max_children, self.app.settings["processing_guarantee"])
             self.member = GroupMember(self.app, self.bootstrap, self.on_assign,
                                       self.on_revoke, self.on_lost)
             self.member.subscribe(self.source_topics)
@@ -144,6 +147,7 @@ class Arbiter:
         self.read_children()
         assert self.member is not None
         self.member.poll()
+        self.share_group_metadata()
         self.spawn_due()
         self.check_heartbeats()
         self.commit(force=False)
@@ -275,6 +279,8 @@ class Arbiter:
         slot.spawn(self.app_spec, self.bootstrap, self.loglevel, trace_path(self.datadir, slot.index),
                    self.log_args, self.datadir)
         log.info("started child %d (pid %d) for tasks %s", slot.index, slot.pid, ",".join(slot.tasks))
+        if self.app.exactly_once:
+            self.send_group_metadata([slot])
         self.send_assign(slot, slot.tasks)
 
     def send_assign(self, slot: ChildSlot, tasks: List[str]) -> None:
@@ -429,14 +435,34 @@ class Arbiter:
 
     # -- offsets --------------------------------------------------------------------
     def commit(self, force: bool) -> None:
-        """Commits the children's processed offsets as the group member (throttled)."""
+        """Commits the children's processed offsets as the group member (throttled).
+        Exactly-once: the children's transactions committed them before reporting them;
+        a commit from here could land after a newer transactional one and undo it."""
         now = time.monotonic()
         if not force and now - self._last_commit < self.app.settings["commit_interval"]:
             return
         self._last_commit = now
         pending = {k: o for k, o in self.offsets.items() if o >= 0 and self.committed.get(k) != o}
-        if pending and self.member is not None and self.member.commit(pending):
+        if not pending or self.member is None:
+            return
+        if self.app.exactly_once or self.member.commit(pending):
             self.committed.update(pending)
+
+    def share_group_metadata(self) -> None:
+        """Exactly-once: sends every child the member's group metadata when it changes
+        (each rebalance starts a generation; a stale one gets their commits refused)."""
+        if not self.app.exactly_once or self.member is None or not self.joined:
+            return
+        metadata = self.member.group_metadata()
+        if metadata != self._shared_metadata:
+            self._shared_metadata = metadata
+            self.send_group_metadata([slot for slot in self.slots.values() if slot.alive])
+
+    def send_group_metadata(self, slots: List[ChildSlot]) -> None:
+        assert self.member is not None
+        encoded = base64.b64encode(self.member.group_metadata()).decode()
+        for slot in slots:
+            slot.send("group", metadata=encoded)
 
     # -- rebalances (called by librdkafka from inside member.poll) -----------------
     def on_assign(self, partitions: List[TopicPartitionKey]) -> None:

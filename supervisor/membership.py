@@ -42,6 +42,8 @@ class GroupMember:
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "auto.offset.reset": app.settings["auto_offset_reset"],
+            # committed() then waits for offsets of transactions still being committed
+            "isolation.level": "read_committed",
         })
 
     def subscribe(self, topics: Sequence[str]) -> None:
@@ -87,6 +89,11 @@ class GroupMember:
         reset = OFFSET_END if self.app.settings["auto_offset_reset"] == "latest" else OFFSET_BEGINNING
         committed = self.consumer.committed([TopicPartition(t, p) for t, p in keys], timeout=timeout)
         return {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else reset) for tp in committed}
+
+    def group_metadata(self) -> bytes:
+        """librdkafka's serialized group metadata (group, generation, member id): what a
+        child's transaction needs to commit offsets on this member's behalf (KIP-447)."""
+        return bytes(self.consumer.consumer_group_metadata())
 
     def commit(self, offsets: Dict[TopicPartitionKey, int]) -> bool:
         """Commits as the group member; False (logged) when the broker refuses."""
