@@ -37,21 +37,29 @@ def _str_decode(data: Optional[bytes]) -> Optional[str]:
 
 
 _json_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_json_string = json.encoder.encode_basestring  # what _json_dumps does for a str, minus a call
 
 
 def _json_encode(obj: Any) -> Optional[bytes]:
+    # ints and strs (counts, sums, keys) are most of what tables write: skip the encoder
+    kind = type(obj)
+    if kind is int:
+        return b"%d" % obj
+    if kind is str:
+        return _json_string(obj).encode()
     if obj is None:
         return None
     return _json_dumps(obj).encode()
 
 
-_json_loads = json.loads
+_json_text = json.JSONDecoder().decode
 
 
 def _json_decode(data: Optional[bytes]) -> Any:
+    # UTF-8, as Kafka's JSON serializers write it (json.loads would also sniff UTF-16/32)
     if data is None:
         return None
-    return _json_loads(data)
+    return _json_text(data.decode() if isinstance(data, (bytes, bytearray)) else data)
 
 
 CODECS: Dict[str, Tuple[Encoder, Decoder]] = {

@@ -103,6 +103,12 @@ class ChangelogRecord(NamedTuple):
 
 
 # -- the current record ------------------------------------------------------------------
+#: key types whose serialized form depends on the value alone (bool is not int here)
+_MEMO_KEY_TYPES = (str, int)
+#: serialized keys a table remembers before it starts over
+KEY_MEMO_SIZE = 100_000
+
+
 class TableContext:
     """What a table needs to know about the record being processed: its task's
     :class:`TaskTables` and the record's topic, partition, offset and timestamp.
@@ -496,6 +502,8 @@ class Table:
         self._encode_key, self._decode_key = get_codec(key_serializer)
         self._encode_value, self._decode_value = get_codec(value_serializer)
         self._roundtrip = _ROUNDTRIP_TYPES.get(value_serializer, ())
+        #: serialized keys of recent str/int keys: a hot key is encoded once, not per access
+        self._key_memo: Dict[Any, bytes] = {}
         self.app_id = app_id
         self.help = help
         self._context = context or CONTEXT
@@ -552,9 +560,18 @@ class Table:
         return self._decode_value(raw)
 
     def _key_bytes(self, key: Any) -> bytes:
+        memoable = type(key) in _MEMO_KEY_TYPES
+        if memoable:
+            kb = self._key_memo.get(key)
+            if kb is not None:
+                return kb
         kb = self._encode_key(key)
         if kb is None:
             raise TableError(f"table {self.name}: None is not a table key")
+        if memoable:
+            if len(self._key_memo) >= KEY_MEMO_SIZE:
+                self._key_memo.clear()
+            self._key_memo[key] = kb
         return kb
 
     # -- the mapping ------------------------------------------------------------------

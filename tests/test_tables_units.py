@@ -376,6 +376,21 @@ def test_batches_in_flight_stay_readable_and_commit_in_order(tmp_path):
 
 
 @pytest.mark.timeout(20)
+def test_keys_that_compare_equal_in_python_stay_apart(tmp_path):
+    """1, True, 1.0 and "1" are four JSON keys, whatever the serialized-key memo holds."""
+    ctx = TableContext()
+    things = table("things", ctx)
+    task = open_task(tmp_path / "s", [things])
+    ctx.set_record(task, SRC, 0, 0, 1_000_000)
+    for key in (1, True, 1.0, "1", 1, "1"):
+        things[key] = repr(key)
+    batch = task.drain()
+    assert sorted((r.key, r.value) for r in batch.records) == [
+        (b'"1"', b'"\'1\'"'), (b"1", b'"1"'), (b"1.0", b'"1.0"'), (b"true", b'"True"')]
+    task.close()
+
+
+@pytest.mark.timeout(20)
 def test_writing_a_key_of_another_partition_says_to_re_key(tmp_path):
     ctx = TableContext()
     counts = table("counts", ctx, default=int)

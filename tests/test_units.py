@@ -1,6 +1,7 @@
 """Unit tests of pure logic: placement, topology, codecs, framing, app loading."""
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
@@ -52,6 +53,14 @@ def test_codecs_round_trip(name, value):
     encode, decode = get_codec(name)
     assert decode(encode(value)) == value
     assert encode(None) is None and decode(None) is None
+
+
+@pytest.mark.parametrize("value", [0, -7, 2**70, True, False, 1.5, "u1", "é\"\n\u2028\\",
+                                   "", [1, "a"], {"a": {"b": None}}])
+def test_json_fast_paths_write_what_json_dumps_writes(value):
+    encode, decode = get_codec("json")
+    assert encode(value) == json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    assert decode(encode(value)) == value and type(decode(encode(value))) is type(value)
 
 
 def test_unknown_codec_is_a_clear_error():
