@@ -124,7 +124,9 @@ class TaskStates:
         self.restoring = True
         began = time.monotonic()
         consumer = Consumer({**self.consumer_config, "enable.partition.eof": True,
-                             "client.id": f"{self.app.id}-restore-{task}"})
+                             "client.id": f"{self.app.id}-restore-{task}",
+                             # back-to-back fetches: measured +15% records/s on tansu
+                             "fetch.wait.max.ms": 10})
         total_applied = total_skipped = 0
         try:
             for index, table in enumerate(self.app.tables):
