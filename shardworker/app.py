@@ -99,6 +99,22 @@ class Agent:
         """Where records go whose decoding or processing raised (policy ``dlq``)."""
         return f"{self.app.id}-{self.name}-dlq"
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The decorated function itself (the decorator returns the agent, as Faust's)."""
+        return self.fn(*args, **kwargs)
+
+    def send_soon(self, key: Any = None, value: Any = None,
+                  headers: Optional[Dict[str, Union[str, bytes]]] = None,
+                  partition: Optional[int] = None) -> None:
+        """Queues a record for the agent's own topic (Faust's ``agent.send``)."""
+        self.topic.send_soon(key, value, headers, partition)
+
+    async def send(self, key: Any = None, value: Any = None,
+                   headers: Optional[Dict[str, Union[str, bytes]]] = None,
+                   partition: Optional[int] = None) -> None:
+        """``await agent.send(key=..., value=...)``: a record for the agent's topic."""
+        self.topic.send_soon(key, value, headers, partition)
+
 
 @dataclass
 class Timer:
@@ -153,7 +169,7 @@ class App:
         return topic
 
     def agent(self, topic: Topic, sink: Sequence[Topic] = (), name: Optional[str] = None,
-              on_error: str = "dlq") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+              on_error: str = "dlq") -> Callable[[Callable[..., Any]], "Agent"]:
         """Decorates ``async def f(stream)`` (or plain ``def f(stream)``) to consume ``topic``.
 
         ``on_error`` says what happens to a record that cannot be decoded or on which the
@@ -164,12 +180,13 @@ class App:
         if on_error not in ERROR_POLICIES:
             raise ValueError(f"on_error must be one of {ERROR_POLICIES}, not {on_error!r}")
 
-        def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def decorate(fn: Callable[..., Any]) -> Agent:
             agent_name = name or fn.__name__
             if any(a.name == agent_name for a in self.agents):
                 raise ValueError(f"two agents named {agent_name!r}")
-            self.agents.append(Agent(self, fn, topic, list(sink), agent_name, on_error))
-            return fn
+            agent = Agent(self, fn, topic, list(sink), agent_name, on_error)
+            self.agents.append(agent)
+            return agent
 
         return decorate
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.conftest import committed_offsets, produce, read_topic
+from tests.conftest import committed_offsets, create_topic, produce, read_topic
 
 N = 20_000
 PARTS = 4
@@ -149,6 +149,32 @@ def test_events_and_topic_send_with_headers(broker, prefix, start_supervisor):
         headers = dict(msg.headers())
         assert headers["seen-by"] == b"describe" and headers["trace"] == f"t{n}".encode()
     assert sup.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_agent_send_puts_records_on_the_agents_topic(broker, prefix):
+    """Faust's ``agent.send()``: the decorator returns the agent, which sends to its topic
+    (and still calls through to the function)."""
+    import asyncio
+
+    import shardworker
+
+    app = shardworker.App(prefix, broker=f"kafka://{broker}")
+    source = app.topic(f"{prefix}-in", partitions=2, key_serializer="str")
+    create_topic(broker, source.name, 2)
+
+    @app.agent(source)
+    async def relay(stream):
+        async for value in stream:
+            yield value
+
+    assert app.agents[0] is relay and relay.name == "relay"
+    asyncio.run(relay.send(key="k1", value={"n": 1}))
+    relay.send_soon(key="k2", value={"n": 2})
+    app.flush()
+    got = read_topic(broker, source.name, 2, timeout=30)
+    assert sorted((m.key(), json.loads(m.value())) for m in got) == [(b"k1", {"n": 1}),
+                                                                      (b"k2", {"n": 2})]
 
 
 @pytest.mark.timeout(90)
