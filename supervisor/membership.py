@@ -83,9 +83,11 @@ class GroupMember:
         if msg is not None and msg.error() is not None:
             log.warning("group member: %s", msg.error().str())
 
-    def start_offsets(self, keys: List[TopicPartitionKey], timeout: float = 10.0
+    def start_offsets(self, keys: List[TopicPartitionKey], timeout: float = 30.0
                       ) -> Dict[TopicPartitionKey, int]:
-        """Committed offsets of the group, or where ``auto_offset_reset`` says for none."""
+        """Committed offsets of the group, or where ``auto_offset_reset`` says for none.
+        Offsets in a transaction still open (a child killed mid-commit) are not answered
+        until it ends; the timeout outlasts the transactions' own (10 s)."""
         reset = OFFSET_END if self.app.settings["auto_offset_reset"] == "latest" else OFFSET_BEGINNING
         committed = self.consumer.committed([TopicPartition(t, p) for t, p in keys], timeout=timeout)
         return {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else reset) for tp in committed}
