@@ -89,9 +89,9 @@ The stateful workload (--workload stateful)
                    and an agent doing the same two updates per record (no sink).
                    At-least-once, the App's default settings (batch_size 1000,
                    commit_interval 1.0 s).
-    state-eos-cN   the same with ``processing_guarantee="exactly_once"``.  When the App
-                   refuses that setting (not implemented yet: ValueError) the runs are
-                   skipped and a line says so; skipped runs do not fail the benchmark.
+    state-eos-cN   the same with ``processing_guarantee="exactly_once"``: a transactional
+                   producer per task, changelog records and input offsets committed in
+                   one transaction per task every 0.1 s (the exactly-once default).
     state-restore  restoring ONE task from a synthetic changelog of ``--restore-records``
                    records (1,000,000; distinct keys, 100 records per source offset, as in
                    tests/test_tables_units.py): produced to partition 0 of the counts
@@ -728,17 +728,6 @@ def parse_restored(log_path: str) -> Dict[str, Tuple[int, int, float]]:
     return found
 
 
-def exactly_once_unavailable() -> Optional[str]:
-    """None when the App accepts processing_guarantee="exactly_once", else why not."""
-    import shardworker
-
-    try:
-        shardworker.App("bench-eos-probe", processing_guarantee="exactly_once")
-    except (ValueError, TypeError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 class StateRun:
     """One stateful run: ``state-raw`` (two dicts in one process), ``state-cN`` (shardsup
     -c N, at-least-once), ``state-eos-cN`` (the same with exactly-once), ``state-restore``
@@ -1283,9 +1272,6 @@ def summarize_state(results: Dict[str, List[Dict[str, Any]]], args: argparse.Nam
         print("-" * len(header))
     for kind in kinds:
         rs = runs(kind)
-        if rs and all(r.get("skipped") for r in rs):
-            print(f"{kind:<13} skipped: {rs[0]['skipped']}")
-            continue
         rate = med(kind, "rate")
         child = med(kind, "child_cpu_s")
         exact = bool(rs) and all(r.get("exact") for r in rs)
@@ -1379,12 +1365,8 @@ def summarize_state(results: Dict[str, List[Dict[str, Any]]], args: argparse.Nam
     for eos_kind, alo_kind in (("state-eos-c1", "state-c1"), ("state-eos-c2", "state-c2")):
         if eos_kind not in args.runs:
             continue
-        skipped = [r for r in runs(eos_kind) if r.get("skipped")]
         eos, alo = med(eos_kind, "rate"), med(alo_kind, "rate")
-        if skipped:
-            print(f"{eos_kind}: not measured: {skipped[0]['skipped']}; aim ≥ "
-                  f"{AIM_EOS_VS_ALO:.0%} of at-least-once not checked")
-        elif eos and alo:
+        if eos and alo:
             print(f"{eos_kind}/{alo_kind} = {eos / alo:.2f}: aim ≥ {AIM_EOS_VS_ALO:.2f}: "
                   f"{'met' if eos / alo >= AIM_EOS_VS_ALO else 'NOT met'}")
     s_rate = statistics.median([r["restore_rate"] for r in synth]) if synth else None
@@ -1518,11 +1500,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         cal = calibrate(args.work_us)
         print(f"work: {cal['iters']} iterations of bench_app.work = {cal['us']:.1f} µs/record "
               f"measured (target {args.work_us:.0f})")
-    eos_missing = exactly_once_unavailable() if any(r.startswith("state-eos-") for r in stateful) \
-        else None
-    if eos_missing:
-        print(f"exactly-once: skipped (state-eos-* runs): shardsup does not implement it yet: "
-              f"App(processing_guarantee='exactly_once') raises {eos_missing}")
     truth = state_truth(args.records, args.keys) if stateful else ({}, {})
     workdir = tempfile.mkdtemp(prefix="shardsup-bench-")
     broker = EmbeddedBroker()
@@ -1545,12 +1522,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             # repeats rotate the order, so no kind always runs first (or on a fuller broker)
             shift = rep % len(args.runs)
             for kind in args.runs[shift:] + args.runs[:shift]:
-                if kind.startswith("state-eos-") and eos_missing:
-                    results.setdefault(kind, []).append(
-                        {"run": kind, "ok": True, "note": "",
-                         "skipped": "exactly-once is not implemented (App(processing_guarantee="
-                                    "'exactly_once') raises ValueError)"})
-                    continue
                 t0 = time.monotonic()
                 try:
                     if is_state_kind(kind):

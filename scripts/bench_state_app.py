@@ -10,8 +10,7 @@ input topic, fresh changelog topics and a fresh consumer group:
                        changelogs ``<prefix>-counts-changelog``, ``<prefix>-sums-changelog``
     BENCH_PARTITIONS   partitions of the input topic (8)
     BENCH_GUARANTEE    the App's processing_guarantee: at_least_once (default) or
-                       exactly_once (bench.py only starts it with exactly_once when the App
-                       accepts that setting)
+                       exactly_once
     BENCH_STATS_DIR    where each child process writes its own CPU time at exit
                        (stats-<pid>.json); the supervisor, which imports this module too,
                        writes nothing
