@@ -1304,8 +1304,9 @@ def summarize_state(results: Dict[str, List[Dict[str, Any]]], args: argparse.Nam
         crates = {k: statistics.median(v) for k in kinds
                   if (v := [r["commit_rate"] for r in runs(k) if r.get("commit_rate")])}
         if crates:
-            print("cross-check from the group's committed offsets (sampled every 0.25 s; the "
-                  "supervisor commits every 1.0 s, so ±1.25 s on a run of a few seconds): "
+            print("cross-check from the group's committed offsets (sampled every 0.25 s; "
+                  "committed every 1.0 s at-least-once, every 0.1 s exactly-once, so up to "
+                  "±1.25 s on a run of a few seconds): "
                   + ", ".join(f"{k} {v:,.0f} rec/s" for k, v in crates.items()))
 
     # -- restore -----------------------------------------------------------------------

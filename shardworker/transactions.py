@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, Optional
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
@@ -165,6 +165,3 @@ class Transactions:
 
     def for_task(self, task: str) -> Producer:
         return self.by_task[task].begin()
-
-    def producers(self) -> List[Producer]:
-        return [txn.producer for txn in self.by_task.values()]
