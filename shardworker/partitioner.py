@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 from typing import Any, Callable, Optional
 
-__all__ = ["murmur2", "to_positive", "partition_for", "key_partitioner"]
+__all__ = ["murmur2", "to_positive", "partition_for", "key_partitioner", "KeyPartitioner"]
 
 _M = 0x5BD1E995
 _SEED = 0x9747B28C
@@ -62,13 +62,25 @@ def partition_for(key_bytes: Optional[bytes], partitions: int) -> int:
     return to_positive(murmur2(bytes(key_bytes))) % partitions
 
 
+class KeyPartitioner:
+    """``key -> partition`` for a topic with ``partitions`` partitions whose keys are
+    serialized by ``encode_key`` (e.g. ``topic.encode_key``); :meth:`of_bytes` does the
+    same for a key already serialized (a record's raw key).  Tables use it only to warn
+    about a write that is likely on the wrong task (DESIGN.md, "State (LMDB)"): the
+    upstream producer's partitioner is unknown, so it never refuses anything."""
+
+    def __init__(self, encode_key: Callable[[Any], Optional[bytes]], partitions: int) -> None:
+        self.encode_key = encode_key
+        self.partitions = partitions
+
+    def __call__(self, key: Any) -> int:
+        return partition_for(self.encode_key(key), self.partitions)
+
+    def of_bytes(self, key_bytes: Optional[bytes]) -> int:
+        return partition_for(key_bytes, self.partitions)
+
+
 def key_partitioner(encode_key: Callable[[Any], Optional[bytes]],
-                    partitions: int) -> Callable[[Any], int]:
-    """A function ``key -> partition`` for a topic with ``partitions`` partitions whose keys
-    are serialized by ``encode_key`` (e.g. ``topic.encode_key``): what a table's context
-    needs to tell whether a table key belongs to the task's partition."""
-
-    def partition_of(key: Any) -> int:
-        return partition_for(encode_key(key), partitions)
-
-    return partition_of
+                    partitions: int) -> KeyPartitioner:
+    """A :class:`KeyPartitioner` (callable: ``key -> partition``)."""
+    return KeyPartitioner(encode_key, partitions)

@@ -34,10 +34,12 @@ Rules implemented here (DESIGN.md, "State (LMDB)"):
   :data:`HDR_SRC_PARTITION`, :data:`HDR_SRC_OFFSET`): the offset is the LAST input offset
   of that partition in the batch, so :func:`apply_changelog` applies a record only when
   its whole batch is committed.
-* **Keys belong to the task.**  Writing a key whose partition (by the source topic's key
-  serializer and Java Kafka's partitioner) is not the task's raises
-  :class:`KeyPartitionError`: a table partition lives with its task, so such a key must
-  be re-keyed through a topic first.
+* **Any upstream partitioner.**  A table write always goes to the task's changelog
+  partition, so restore stays right whatever partitioner put the records on the source
+  topic (the task cannot know which one the producer used).  A write under a key that is
+  not the record's own and whose partition by Java Kafka's partitioner is another task's
+  logs one warning per table (such a key is likely to be counted on two tasks: re-key
+  the stream through a topic first); nothing is refused.
 * Assigning ``None`` deletes the key (serializers map None to no value: a tombstone).
 
 Windowed tables (``table.tumbling(size)``, ``table.hopping(size, step)``) store each
@@ -47,6 +49,7 @@ key range at the start of the database.  See :class:`WindowedTable`.
 """
 from __future__ import annotations
 
+import logging
 import struct
 import time
 from datetime import timedelta
@@ -54,6 +57,7 @@ from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, Name
                     Optional, Sequence, Tuple, Union)
 
 from .codecs import get_codec
+from .partitioner import KeyPartitioner
 from .store import TaskStore
 
 __all__ = [
@@ -78,13 +82,16 @@ _START = struct.Struct(">Q")
 _TS = struct.Struct(">q")
 _MISSING = object()
 
+log = logging.getLogger("shardworker.tables")
+
 
 class TableError(RuntimeError):
     """A table was used in a way that cannot work."""
 
 
 class KeyPartitionError(TableError):
-    """A table key that belongs to another partition (and so to another task)."""
+    """Kept for imports: tables no longer refuse a key for its partition (any upstream
+    partitioner is accepted)."""
 
 
 class NoCurrentRecordError(TableError):
@@ -118,7 +125,7 @@ class TableContext:
     async agents (event loop thread) and plain ones (their own thread) alike.
     """
 
-    __slots__ = ("task", "topic", "partition", "offset", "timestamp_ms", "writable")
+    __slots__ = ("task", "topic", "partition", "offset", "timestamp_ms", "writable", "key")
 
     def __init__(self) -> None:
         self.task: Optional["TaskTables"] = None
@@ -126,11 +133,13 @@ class TableContext:
         self.partition = -1
         self.offset = -1
         self.timestamp_ms: Optional[int] = None
+        #: the record's key as it came from Kafka (bytes), or None
+        self.key: Optional[bytes] = None
         #: False when the record's effects are already in the stored state
         self.writable = False
 
     def set_record(self, task: "TaskTables", topic: str, partition: int, offset: int,
-                   timestamp_ms: Optional[int] = None) -> None:
+                   timestamp_ms: Optional[int] = None, key: Optional[bytes] = None) -> None:
         """Makes this record current.  ``timestamp_ms``: the record's timestamp (epoch
         ms; None or negative = unknown, then the wall clock is used for windows)."""
         if timestamp_ms is None or timestamp_ms < 0:
@@ -140,13 +149,15 @@ class TableContext:
         self.partition = partition
         self.offset = offset
         self.timestamp_ms = timestamp_ms
+        self.key = key
         self.writable = task.observe(topic, partition, offset, timestamp_ms)
         task.undo.clear()
 
     def set_message(self, task: "TaskTables", msg: Any) -> None:
         """:meth:`set_record` from a confluent_kafka ``Message``."""
         kind, stamp = msg.timestamp()
-        self.set_record(task, msg.topic(), msg.partition(), msg.offset(), stamp if kind else None)
+        self.set_record(task, msg.topic(), msg.partition(), msg.offset(), stamp if kind else None,
+                        msg.key())
 
     def clear(self) -> None:
         """No current record (between batches)."""
@@ -209,13 +220,13 @@ class TaskTables:
     drained but not yet committed, and the rules (skip below the stored offset, key
     partition check, window expiry).
 
-    ``key_partition(key) -> partition`` says which partition of ``source_topic`` a table
-    key belongs to (see :func:`shardworker.partitioner.key_partitioner`); None disables
-    the check.
+    ``key_partition`` (a :class:`~shardworker.partitioner.KeyPartitioner` of
+    ``source_topic``) is used only to warn once per table about a write under a foreign
+    key (see :meth:`check_key`); None: no warning.
     """
 
     def __init__(self, store: TaskStore, tables: Sequence["Table"], partition: int,
-                 source_topic: str = "", key_partition: Optional[Callable[[Any], int]] = None,
+                 source_topic: str = "", key_partition: Optional[KeyPartitioner] = None,
                  task_id: str = "") -> None:
         self.store = store
         self.tables: Dict[str, Table] = {t.name: t for t in tables}
@@ -226,6 +237,8 @@ class TaskTables:
         self.partition = partition
         self.source_topic = source_topic
         self.key_partition = key_partition
+        #: tables whose foreign-key warning was logged (once per table)
+        self._warned: set = set()
         self.task_id = task_id
         self.max_key_size = int(store.env.max_key_size())
         #: table → key bytes → (value, serialized value or None = deleted, source tp)
@@ -288,7 +301,7 @@ class TaskTables:
         record's effects are already stored.  ``key`` is the user's key (partition check)."""
         cache = self._cache[table.name]
         if kb not in cache:  # first write of this key in the batch: check it once
-            self.check_key(table, key, kb)
+            self.check_key(table, key, kb, ctx.key)
         if not ctx.writable:
             return
         raw = None if value is None else table._encode_value(value)
@@ -309,27 +322,32 @@ class TaskTables:
                 self._cache[table][kb] = before
         self.undo.clear()
 
-    def check_key(self, table: "Table", key: Any, kb: bytes) -> None:
-        """Raises unless ``key`` may be written by this task."""
+    def check_key(self, table: "Table", key: Any, kb: bytes,
+                  record_key: Optional[bytes] = None) -> None:
+        """Raises unless ``key`` fits LMDB; warns once per table about a key that is
+        likely another task's.  Nothing is refused for its partition: the upstream
+        producer's partitioner is unknown (librdkafka's default is consistent_random,
+        not murmur2), and the write goes to this task's changelog partition, so restore
+        is right either way (DESIGN.md, "State (LMDB)")."""
         if not kb or len(kb) > self.max_key_size:
             raise TableError(f"table {table.name}: key {key!r} is {len(kb)} bytes serialized; "
                              f"LMDB keys are 1 to {self.max_key_size} bytes")
-        if self.key_partition is None:
+        if self.key_partition is None or table.name in self._warned:
             return
-        topic = self.source_topic or "the source topic"
         try:
+            if record_key is None or self.key_partition.of_bytes(record_key) != self.partition:
+                return  # the upstream is not murmur2-partitioned: nothing to compare with
             part = self.key_partition(key)
-        except Exception as exc:  # noqa: BLE001 - any serializer failure means the same
-            raise KeyPartitionError(
-                f"table {table.name}: key {key!r} cannot be serialized with the key serializer "
-                f"of topic {topic} ({exc}), so its partition is unknown; re-key the stream "
-                f"(e.g. send it through a topic keyed by {key!r}) before using it as a "
-                "table key") from None
+        except Exception:  # noqa: BLE001 - a key the source serializer cannot write
+            return
         if part != self.partition:
-            raise KeyPartitionError(
-                f"table {table.name}: key {key!r} belongs to partition {part} of topic {topic} "
-                f"but this task holds partition {self.partition}; re-key the stream (e.g. send "
-                f"it through a topic keyed by {key!r}) before using it as a table key")
+            self._warned.add(table.name)
+            log.warning("table %s: task %s writes key %r, which Java Kafka's partitioner puts "
+                        "on partition %d of %s, not %d: if other records carry that key, it is "
+                        "counted on more than one task (re-key the stream through a topic "
+                        "keyed by it first); warned once per table", table.name,
+                        self.task_id or self.partition, key, part,
+                        self.source_topic or "the source topic", self.partition)
 
     def iter_raw(self, table: str) -> Iterator[Tuple[bytes, bytes]]:
         """Every (key, serialized value) of ``table`` as this task sees it now: LMDB

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import pytest
 from confluent_kafka import Producer
@@ -35,10 +35,14 @@ def truth(count: int) -> Tuple[Counter, Counter]:
     return counts, sums
 
 
-def produce_orders(broker: str, topic: str, start: int, stop: int) -> None:
-    """Keyed by user and partitioned by Java Kafka's partitioner, as tables require."""
-    producer = Producer({"bootstrap.servers": broker, "partitioner": "murmur2_random",
-                         "linger.ms": 10, "enable.idempotence": True})
+def produce_orders(broker: str, topic: str, start: int, stop: int,
+                   partitioner: Optional[str] = "murmur2_random") -> None:
+    """Keyed by user; partitioned by Java Kafka's partitioner unless ``partitioner`` says
+    otherwise (None: the producer's default, librdkafka's consistent_random)."""
+    config = {"bootstrap.servers": broker, "linger.ms": 10, "enable.idempotence": True}
+    if partitioner is not None:
+        config["partitioner"] = partitioner
+    producer = Producer(config)
     for n in range(start, stop):
         while True:
             try:
@@ -191,3 +195,17 @@ def test_windows_bad_input_and_the_table_command(broker, prefix, start_superviso
                              "--datadir", sup.datadir, "counts", '"w"'], cwd=ROOT, capture_output=True,
                             text=True, timeout=30, env={**os.environ, "SHARDSUP_TEST_PREFIX": prefix})
     assert result.returncode == 0 and json.loads(result.stdout) == 5, result.stderr
+
+
+@pytest.mark.timeout(120)
+def test_counts_are_exact_with_the_default_producers_partitioner(broker, prefix, start_supervisor):
+    """Records from a plain ``confluent_kafka.Producer()`` (consistent_random, not
+    murmur2): every table write is accepted and the counts are exact."""
+    sup = start_supervisor("tests.apps.counter", "-c", "2")
+    sup.wait_for(lambda: len(sup.child_tasks()) == 2, 30, "two children")
+    produce_orders(broker, f"{prefix}-in", 0, 20_000, partitioner=None)
+    counts, sums = truth(20_000)
+    assert wait_for_total([sup.datadir], prefix, 20_000, timeout=90) == dict(counts)
+    assert table(sup.datadir, "sums", prefix) == dict(sums)
+    assert sup.stop() == 0
+    assert "dead-lettered" not in sup.output()

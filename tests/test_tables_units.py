@@ -22,7 +22,7 @@ from shardworker.codecs import get_codec
 from shardworker.partitioner import key_partitioner, murmur2, partition_for
 from shardworker.store import StoreBusyError, TaskStore
 from shardworker.tables import (HDR_SRC_OFFSET, HDR_SRC_PARTITION, HDR_SRC_TOPIC,
-                                KeyPartitionError, NoCurrentRecordError, Table, TableContext,
+                                NoCurrentRecordError, Table, TableContext,
                                 TableError, TaskTables, apply_changelog, split_window_key,
                                 window_key)
 
@@ -391,7 +391,9 @@ def test_keys_that_compare_equal_in_python_stay_apart(tmp_path):
 
 
 @pytest.mark.timeout(20)
-def test_writing_a_key_of_another_partition_says_to_re_key(tmp_path):
+def test_a_key_of_another_partition_is_written_and_warned_about_once(tmp_path, caplog):
+    """Any upstream partitioner: nothing is refused for its partition; a foreign key
+    under a murmur2-partitioned record warns once per table."""
     ctx = TableContext()
     counts = table("counts", ctx, default=int)
     encode_raw = get_codec("raw")[0]
@@ -401,17 +403,22 @@ def test_writing_a_key_of_another_partition_says_to_re_key(tmp_path):
         by_partition.setdefault(partition_for(f"user-{i}".encode(), partitions), f"user-{i}")
     task = open_task(tmp_path / "s", [counts], partition=1,
                      key_partition=key_partitioner(encode_raw, partitions))
-    ctx.set_record(task, SRC, 1, 0, None)
-    counts[by_partition[1]] += 1  # the task's own partition: fine
-    with pytest.raises(KeyPartitionError) as info:
+    # a record that a consistent_random producer put on partition 1: its own key is fine
+    ctx.set_record(task, SRC, 1, 0, None, key=by_partition[3].encode())
+    with caplog.at_level("WARNING", logger="shardworker.tables"):
         counts[by_partition[3]] += 1
-    message = str(info.value)
-    assert f"key {by_partition[3]!r} belongs to partition 3 of topic {SRC}" in message
-    assert "this task holds partition 1" in message and "re-key the stream" in message
-    assert f"a topic keyed by {by_partition[3]!r}" in message
-    with pytest.raises(KeyPartitionError, match="cannot be serialized with the key serializer"):
-        counts[42] = 1  # an int cannot be a raw key of the source topic
-    assert [r.key for r in task.drain().records] == [json.dumps(by_partition[1]).encode()]
+        counts[42] = 1  # an int is not a raw key of the source topic: written all the same
+        assert not caplog.records
+        # a murmur2-partitioned record writing two keys of other tasks: one warning
+        ctx.set_record(task, SRC, 1, 1, None, key=by_partition[1].encode())
+        counts[by_partition[1]] += 1
+        counts[by_partition[0]] += 1
+        counts[by_partition[2]] += 1
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1, warnings
+    assert f"key {by_partition[0]!r}" in warnings[0] and "partition 0" in warnings[0]
+    keys = sorted(r.key for r in task.drain().records)
+    assert keys == sorted([json.dumps(by_partition[n]).encode() for n in (0, 1, 2, 3)] + [b"42"])
     task.close()
 
 
