@@ -36,7 +36,7 @@ from .logs import set_role
 from .protocol import Channel, ChannelClosed
 from .state import TaskStates
 from .topology import TopicPartitionKey, group_by_task, task_id, task_partitions, task_sort_key
-from .transactions import TransactionAborted, Transactions
+from .transactions import CALL_TIMEOUT, TransactionAborted, Transactions
 
 log = logging.getLogger("shardworker.worker")
 
@@ -364,6 +364,7 @@ class Worker:
     def assign(self, partitions: List[List[Any]]) -> None:
         if self.transactions is not None:  # fences the tasks' previous owners first
             self.transactions.open(group_by_task(self.source_topics, [(t, p) for t, p, _o in partitions]))
+        partitions = self.committed_starts(partitions)
         if self.state.enabled:
             for topic, part, offset in partitions:
                 if topic == self.state.source:
@@ -375,6 +376,32 @@ class Worker:
             self.positions.setdefault((topic, part), _offset)
         self._tasks_changed()
         log.info("assigned %s", ", ".join(f"{t}[{p}]@{o}" for t, p, o in partitions))
+
+    def committed_starts(self, partitions: List[List[Any]]) -> List[List[Any]]:
+        """Exactly-once: where each assigned partition really starts, the group's committed
+        offset, read after the tasks' producers are initialised.
+
+        The supervisor hands over the offsets it last heard reported, but a killed child
+        may have committed transactions it never reported: starting there would commit
+        those outputs a second time.  ``init_transactions`` (in :meth:`Transactions.open`)
+        has fenced the previous owner and aborted what it left open, so the committed
+        offsets (``read_committed``: OffsetFetch waits for pending transactional offsets,
+        and needs no group membership) are final.  A partition with no committed offset
+        starts where the supervisor said.  At-least-once: unchanged (the supervisor
+        commits what children report, so its offsets are the group's)."""
+        if self.transactions is None or not partitions:
+            return partitions
+        asked = [TopicPartition(topic, part) for topic, part, _o in partitions]
+        committed = {(tp.topic, tp.partition): tp.offset
+                     for tp in self.consumer.committed(asked, timeout=CALL_TIMEOUT)}
+        starts = []
+        for topic, part, given in partitions:
+            offset = committed.get((topic, part), -1)
+            starts.append([topic, part, offset if offset >= 0 else given])
+        log.info("start offsets (the group's committed offsets, the supervisor's in "
+                 "brackets): %s", ", ".join(f"{t}[{p}]@{o} ({g})" for (t, p, o), (_t, _p, g)
+                                            in zip(starts, partitions)))
+        return starts
 
     def revoke(self, partitions: List[List[Any]]) -> None:
         self.settle(block=True)

@@ -1,0 +1,85 @@
+"""Exactly-once restarts (issue 11, point 2): a child killed with kill -9 right after a
+transaction committed, before it reported the offsets, is restarted from the group's
+committed offsets, never from the older ones the supervisor last heard."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections import Counter
+from typing import Dict, List
+
+import pytest
+
+from tests.conftest import committed_offsets, produce, read_to_end, read_topic
+
+#: tansu keeps the records of aborted transactions visible to read_committed consumers
+#: (DESIGN.md, "Tests and the broker"): exact output counts are checked on a real Kafka only
+KAFKA_HONOURS_ABORTS = bool(os.environ.get("SHARDSUP_TEST_BROKER"))
+
+N = 20_000
+PARTS = 4
+DIED = re.compile(r"child \d+ \(tasks ([\d_,]+)\) died with code -9")
+ASSIGNED = re.compile(r"\] assigned (.*)$", re.MULTILINE)
+
+
+def records(start: int, stop: int):
+    return [(f"k{n}".encode(), json.dumps({"n": n}).encode(), n % PARTS) for n in range(start, stop)]
+
+
+def start_offsets_after(output: str, position: int) -> Dict[int, int]:
+    """The start offset of each partition in the children's "assigned" lines logged
+    after ``position`` of the supervisor's output (the offsets actually used)."""
+    starts: Dict[int, int] = {}
+    for match in ASSIGNED.finditer(output, position):
+        for part, offset in re.findall(r"\[(\d+)\]@(-?\d+)", match.group(1)):
+            starts[int(part)] = int(offset)
+    return starts
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(180)
+def test_a_child_killed_after_a_commit_restarts_from_the_committed_offsets(
+        broker, prefix, start_supervisor, tmp_path):
+    kill_file = tmp_path / "kill-after-next-commit"
+    sup = start_supervisor("tests.apps.eos_doubler", "-c", "2",
+                           env={"SHARDSUP_TEST_WORK_US": "150",
+                                "SHARDSUP_TEST_KILL_AFTER_COMMIT": str(kill_file)})
+    sup.wait_for(lambda: len(sup.child_tasks()) == 2, 30, "two children")
+    produce(broker, f"{prefix}-in", records(0, N // 2))
+    # transactions have committed offsets, so the supervisor heard of some too; then the
+    # fault is armed and the second half's first commit carrying offsets fires it
+    wait_until(lambda: any(o > 0 for o in committed_offsets(broker, prefix, f"{prefix}-in",
+                                                            PARTS).values()),
+               60, "a first committed transaction")
+    kill_file.touch()
+    produce(broker, f"{prefix}-in", records(N // 2, N))
+    sup.wait_for(lambda: DIED.search(sup.output()) is not None, 60,
+                 "a child to die right after a commit")
+    assert not kill_file.exists()
+    # what the dead child's transactions committed: a separate read_committed consumer
+    committed = committed_offsets(broker, prefix, f"{prefix}-in", PARTS)
+    died = DIED.search(sup.output())
+    assert died is not None
+    victim_parts = [int(task.split("_")[1]) for task in died.group(1).split(",")]
+    sup.wait_for(lambda: set(victim_parts) <= set(start_offsets_after(sup.output(), died.end())),
+                 60, "the killed child's tasks to be assigned again")
+    starts = start_offsets_after(sup.output(), died.end())
+    for part in victim_parts:
+        assert starts[part] >= committed[part] > 0, (
+            f"partition {part} restarted at {starts[part]}, below the committed {committed[part]}")
+    # nothing lost; on a real Kafka, nothing committed twice either
+    outputs = read_topic(broker, f"{prefix}-out", N, timeout=120)
+    seen = Counter(json.loads(msg.value())["n"] for msg in outputs)
+    assert set(seen) == set(range(N)), "an output was lost"
+    assert sup.stop() == 0
+    if KAFKA_HONOURS_ABORTS:
+        final = Counter(json.loads(m.value())["n"] for m in read_to_end(broker, f"{prefix}-out"))
+        assert len(final) == N and max(final.values()) == 1, "an output was committed twice"
