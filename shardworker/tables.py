@@ -251,6 +251,8 @@ class TaskTables:
         raw = store.get_meta(META_LATEST_TIMESTAMP)
         self.latest_ms: Optional[int] = None if raw is None else _TS.unpack(raw)[0]
         self._latest_tp: Optional[TP] = None
+        #: stream time before the current record moved it (taken back if it fails)
+        self._time_before: Tuple[Optional[int], Optional[TP]] = (self.latest_ms, None)
         self._expired_upto: Dict[str, int] = {}
         self.inflight: List[DrainedBatch] = []
         #: cache entries as they were before the current record wrote them (None: absent)
@@ -262,11 +264,13 @@ class TaskTables:
     # -- per record -----------------------------------------------------------------------
     def observe(self, topic: str, partition: int, offset: int, timestamp_ms: int) -> bool:
         """Notes a record of the current batch (its offset goes into the next commit,
-        its timestamp advances the task's stream time); True when its writes count."""
+        its timestamp advances the task's stream time, which :meth:`rollback_record`
+        takes back if it fails); True when its writes count."""
         tp = (topic, partition)
         if self.pending.get(tp, -1) <= offset:
             self.pending[tp] = offset + 1
         latest = self.latest_ms
+        self._time_before = (latest, self._latest_tp)
         if latest is None or timestamp_ms > latest:
             self.latest_ms = timestamp_ms
             self._latest_tp = tp
@@ -313,8 +317,10 @@ class TaskTables:
         cache[kb] = (value, raw, (ctx.topic, ctx.partition))  # type: ignore[assignment]
 
     def rollback_record(self) -> None:
-        """Takes back every write of the current record (it failed and is dead-lettered:
-        a failed record leaves the tables as they were)."""
+        """Takes back every write of the current record and the stream time it moved (it
+        failed and is dead-lettered or skipped: a failed record leaves the tables and the
+        window expiry as they were; DESIGN.md, "State (LMDB)")."""
+        self.latest_ms, self._latest_tp = self._time_before
         for (table, kb), before in self.undo.items():
             if before is None:
                 self._cache[table].pop(kb, None)

@@ -517,6 +517,30 @@ def test_expired_windows_become_tombstones_and_leave_lmdb(tmp_path):
     task.close()
 
 
+@pytest.mark.timeout(20)
+def test_a_failed_record_from_the_year_2100_does_not_move_stream_time(tmp_path):
+    """A record the agent rejects (dead-lettered or skipped: the worker rolls it back)
+    takes back the stream time it moved: open windows do not expire."""
+    ctx = TableContext()
+    base = table("hits", ctx, default=int)
+    hits = base.tumbling(10, expires=20)
+    task = open_task(tmp_path / "s", [base])
+    ctx.set_record(task, SRC, 0, 0, T0 + 1_000)
+    hits["k"] += 1
+    year_2100 = 4_102_444_800_000
+    ctx.set_record(task, SRC, 0, 1, year_2100)
+    hits["k"] += 1  # the agent wrote, then raised
+    task.rollback_record()
+    assert task.latest_ms == T0 + 1_000
+    ctx.set_record(task, SRC, 0, 2, T0 + 2_000)
+    hits["k"] += 1
+    batch = task.drain()
+    assert [(split_window_key(r.key)[0] - T0, r.value) for r in batch.records] == [(0, b"2")]
+    batch.commit()
+    assert task.store.count("hits") == 1
+    task.close()
+
+
 # -- restore -------------------------------------------------------------------------------
 def changelog_of(tmp_path, batches: List[List[Tuple[str, int]]]) -> List[Tuple[bytes, Optional[bytes], list]]:
     """Runs batches of (key, increment) records (one offset each) through a real task and
