@@ -360,6 +360,8 @@ class Worker:
                 self.stopping = True
             elif op == "group" and self.transactions is not None:
                 self.transactions.group_metadata = base64.b64decode(message["metadata"])
+            elif op == "timers":
+                self.runs_timers = bool(message["run"])
 
     def assign(self, partitions: List[List[Any]]) -> None:
         if self.transactions is not None:  # fences the tasks' previous owners first
@@ -473,9 +475,13 @@ class Worker:
         return [(topic, part, off) for (topic, part), off in offsets.items() if off >= 0]
 
     # -- timers -----------------------------------------------------------------------
+    #: set by the supervisor's ``timers`` message: exactly one child (the one with the
+    #: lowest running task) runs the app's timers, and it moves when that child fails
+    runs_timers = False
+
     def run_timers(self) -> None:
-        """Runs due timers, only in the child that owns task 0_0 (one in the group)."""
-        if not self.app.timers or "0_0" not in self.tasks:
+        """Runs due timers, only in the child the supervisor chose (one in the group)."""
+        if not self.app.timers or not self.runs_timers or not self.tasks:
             return
         now = time.monotonic()
         for timer in self.app.timers:
@@ -483,8 +489,8 @@ class Worker:
             if now < due:
                 continue
             self._timer_due[timer.name] = now + timer.interval
-            if self.transactions is not None:  # what timers send commits with task 0_0
-                self.app._producer = self.transactions.for_task("0_0")
+            if self.transactions is not None:  # what timers send commits with our first task
+                self.app._producer = self.transactions.for_task(self.tasks[0])
             try:
                 result = timer.fn()
                 if asyncio.iscoroutine(result):
