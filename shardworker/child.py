@@ -13,9 +13,9 @@ import os
 import signal
 import socket
 import sys
-from typing import List, Optional
+from typing import List, Optional, TextIO
 
-from .logs import setup_logging
+from .logs import open_private, setup_logging
 from .protocol import Channel
 
 PR_SET_PDEATHSIG = 1
@@ -28,6 +28,17 @@ def die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         pass
+
+
+def open_trace(path: Optional[str]) -> TextIO:
+    """The file USR1 writes tracebacks to: private, appended to, never through a link
+    (the supervisor removed any; one planted since makes us fall back to stderr)."""
+    if path:
+        try:
+            return os.fdopen(open_private(path, os.O_WRONLY | os.O_APPEND), "a")
+        except OSError as exc:
+            sys.stderr.write(f"cannot open trace file {path}: {exc}; tracebacks go to stderr\n")
+    return sys.stderr
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -51,7 +62,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # USR1 dumps every thread's traceback from the signal handler itself, so it works even
     # while an agent is stuck in a long C call; the supervisor gathers the file's new lines.
-    trace_file = open(args.trace_file, "a") if args.trace_file else sys.stderr
+    trace_file = open_trace(args.trace_file)
     faulthandler.register(signal.SIGUSR1, file=trace_file, all_threads=True)
     setup_logging(f"child {args.index}", args.loglevel, args.log_format)
     os.environ["SHARDSUP_BROKER"] = args.broker

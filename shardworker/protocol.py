@@ -1,7 +1,8 @@
 """Framed messages between the supervisor and a child over one socketpair.
 
 A frame is a 4-byte big-endian length followed by a UTF-8 JSON object with an ``op`` key.
-Supervisor → child: ``assign``, ``revoke``, ``stop``.  Child → supervisor: ``ready``,
+Supervisor → child: ``assign``, ``revoke``, ``stop``, ``group``, ``timers`` (``run``: this
+child runs the app's timers, or stops running them).  Child → supervisor: ``ready``,
 ``offsets`` (processed-up-to, i.e. the next offset to read), ``revoked``, ``stats``,
 ``failed``.  Messages are small and rare (a few per second), so JSON is plenty.
 """

@@ -22,14 +22,14 @@ from shardworker.protocol import ChannelClosed
 from shardworker.topology import TopicPartitionKey, group_by_task, task_partitions
 
 from .broker import EmbeddedBroker, check_reachable, ensure_topics
-from .children import ChildSlot
+from .children import FAILED_RETRY, ChildSlot
 from .descendants import end_orphans
 from .dump import collect_trace, dump_report, latest_dump_path, trace_path
 from .membership import GroupMember
 from . import sdnotify
 from .guard import start_guard
 from .pidfile import PidFile
-from .placement import place_tasks
+from .placement import choose_timer_owner, place_tasks
 from .status import StatusServer
 from .web import WebServer
 
@@ -37,6 +37,14 @@ log = logging.getLogger("supervisor")
 
 PR_SET_CHILD_SUBREAPER = 36
 SNAPSHOT_EVERY = 1.0  # seconds between refreshes of the snapshot the web thread serves
+
+
+def make_private() -> None:
+    """Every file and folder this process and its children create is private to the
+    user (0600 files, 0700 folders: LMDB state, logs, dumps, traces, the pid file, the
+    status socket), whatever the umask of the shell or service manager that started us:
+    the state holds the app's data (DESIGN.md, "State (LMDB)").  Children inherit it."""
+    os.umask(0o077)
 
 
 def status_socket_path(datadir: str) -> str:
@@ -54,7 +62,8 @@ class Arbiter:
                  datadir: str, loglevel: str = "info", shutdown_timeout: float = 30.0,
                  child_timeout: float = 60.0, max_crashes: int = 5, crash_window: float = 60.0,
                  exit_on_task_failure: bool = False, web_host: str = "127.0.0.1",
-                 web_port: Optional[int] = None, log_args: Sequence[str] = ()) -> None:
+                 web_port: Optional[int] = None, log_args: Sequence[str] = (),
+                 failed_retry: float = FAILED_RETRY) -> None:
         self.app = app
         self.app_spec = app_spec
         self.max_children = max(1, max_children)
@@ -66,6 +75,7 @@ class Arbiter:
         self.max_crashes = max_crashes
         self.crash_window = crash_window
         self.exit_on_task_failure = exit_on_task_failure
+        self.failed_retry = failed_retry
         self.exit_code = 0
         self.web_host = web_host
         self.web_port = web_port
@@ -103,6 +113,7 @@ class Arbiter:
     # -- start-up -------------------------------------------------------------------
     def run(self) -> int:
         """Runs until a shutdown signal; returns the exit code."""
+        make_private()
         self.pidfile.acquire()
         self.init_signals()
         try:
@@ -149,6 +160,7 @@ class Arbiter:
         self.member.poll()
         self.share_group_metadata()
         self.spawn_due()
+        self.assign_timers()
         self.check_heartbeats()
         self.commit(force=False)
 
@@ -291,6 +303,10 @@ class Arbiter:
     def spawn_due(self) -> None:
         now = time.monotonic()
         for slot in list(self.slots.values()):
+            if slot.retry_due(now):
+                log.warning("tasks %s: trying them again %.0fs after they failed (last error: %s)",
+                            ",".join(slot.tasks), self.failed_retry, slot.last_error)
+                slot.respawn_at = now
             if slot.state == "down" and slot.respawn_at is not None and now >= slot.respawn_at:
                 slot.restarts += 1
                 self.spawn(slot)
@@ -337,15 +353,18 @@ class Arbiter:
             log.info("child %d restarted (tasks %s)", slot.index, ",".join(slot.tasks))
             slot.respawn_at = time.monotonic()
             return
-        delay = slot.schedule_restart(time.monotonic(), self.max_crashes, self.crash_window)
+        slot.note_exit(code)
+        now = time.monotonic()
+        delay = slot.schedule_restart(now, self.max_crashes, self.crash_window)
         if delay is not None and slot.hangs >= self.max_crashes and slot.last_error \
                 and slot.last_error.startswith("no heartbeat"):
-            slot.state, slot.respawn_at, delay = "failed", None, None
+            delay = None
         if delay is None:
+            slot.fail(now, self.failed_retry)
             log.error("tasks %s FAILED: their child crashed %d times within %.0fs (last exit "
-                      "code %s, last error: %s); not restarting them until HUP",
+                      "code %s, last error: %s); trying them again in %.0fs (or at HUP)",
                       ",".join(slot.tasks), self.max_crashes, self.crash_window, code,
-                      slot.last_error or "see the log above")
+                      slot.last_error or "see the log above", self.failed_retry)
             if self.exit_on_task_failure:
                 self.exit_code = 3
                 self.stopping = "warm"
@@ -388,6 +407,7 @@ class Arbiter:
                           "traceback:\n%s\nkilling it", slot.index, slot.pid,
                           ",".join(slot.tasks), now - slot.last_heard, trace)
                 slot.last_error = f"no heartbeat for {now - slot.last_heard:.0f}s"
+                slot.error_reported = True
                 # hangs with no progress in between count toward failure, however long
                 # each incarnation lived (the crash window alone would never see them)
                 slot.hangs = slot.hangs + 1 if slot.records_total == slot.records_at_hang else 1
@@ -424,6 +444,25 @@ class Arbiter:
                 slot.record_stats(message)
             elif op == "failed":
                 slot.last_error = message.get("error")
+                slot.error_reported = True
+
+    def assign_timers(self) -> None:
+        """Tells exactly one child to run the app's timers: the one hosting the lowest
+        running task (:func:`choose_timer_owner`).  Re-sent to every new incarnation; the
+        old owner is told to stop before the new one is told to start."""
+        if not self.app.timers:
+            return
+        running = {i: s.tasks for i, s in self.slots.items()
+                   if s.state == "running" and not s.retiring}
+        owner = choose_timer_owner(running)
+        alive = [s for s in self.slots.values() if s.alive and s.channel is not None]
+        for slot in sorted(alive, key=lambda s: s.index == owner):  # stops first
+            wanted = slot.index == owner
+            if slot.runs_timers != wanted:
+                slot.send("timers", run=wanted)
+                slot.runs_timers = wanted
+                if wanted:
+                    log.info("child %d (tasks %s) runs the timers", slot.index, ",".join(slot.tasks))
 
     def record_offsets(self, slot: ChildSlot, offsets: List[List[object]]) -> None:
         owned = set(slot.tasks)
@@ -473,7 +512,7 @@ class Arbiter:
         self.offsets.update(self.member.start_offsets(partitions))
         tasks = list(group_by_task(self.source_topics, partitions))
         log.info("assigned tasks %s", ",".join(tasks))
-        # a failed slot takes no new work: its tasks wait for a HUP
+        # a failed slot takes no new work: its tasks wait for their retry (or a HUP)
         # (nor does one that is retiring: it is on its way out with whatever it holds)
         hosted = {i: s.tasks for i, s in self.slots.items()
                   if s.state != "failed" and not s.retiring}
@@ -591,8 +630,13 @@ class Arbiter:
                 "records_total": slot.records_total, "errors_total": slot.errors_total,
                 "lag": {t: lag.get(t) for t in slot.tasks},
                 "rss_bytes": usage[0], "cpu_percent": usage[1], "last_error": slot.last_error})
+            retry_in = (round(max(0.0, slot.retry_at - now), 1)
+                        if slot.state == "failed" and slot.retry_at is not None else None)
+            children[-1]["retry_in_s"] = retry_in
             for task in slot.tasks:
                 tasks[task] = {"child": slot.index, "state": state, "lag": lag.get(task)}
+                if slot.state == "failed":
+                    tasks[task].update(last_error=slot.last_error, retry_in_s=retry_in)
         group = self.member.group_state() if self.member is not None else {
             "state": "not joined", "generation": None, "member_id": None, "rebalances": 0}
         return {

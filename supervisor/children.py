@@ -20,6 +20,7 @@ log = logging.getLogger("supervisor.children")
 BACKOFF_FIRST = 0.1     # seconds before the first restart of a crashed child
 BACKOFF_MAX = 10.0      # the backoff doubles per crash up to this
 STABLE_AFTER = 30.0     # a child that lived this long starts its backoff afresh
+FAILED_RETRY = 300.0    # seconds before a failed slot's tasks are tried again
 CHILD_TOKEN_ENV = "SHARDSUP_CHILD_TOKEN"
 RATE_WINDOW = 10.0      # seconds over which records/s is computed
 
@@ -40,6 +41,9 @@ class ChildSlot:
         self.revoking = False
         self.retiring = False          # stop for good (no tasks left, or shutdown)
         self.last_error: Optional[str] = None
+        self.error_reported = False    # this incarnation said why it failed (or hung)
+        self.retry_at: Optional[float] = None  # failed: when its tasks are tried again
+        self.runs_timers = False       # this incarnation was told to run the app's timers
         self.stats: Dict[str, Any] = {}
         self.last_heard = 0.0
         self.token = ""
@@ -84,6 +88,9 @@ class ChildSlot:
         self.state = "starting"
         self.started_at = self.last_heard = time.monotonic()
         self.respawn_at = None
+        self.retry_at = None
+        self.error_reported = False
+        self.runs_timers = False
         self.revoking = False
         self.stats = {}
         self._base_records, self._base_errors = self.records_total, self.errors_total
@@ -142,6 +149,31 @@ class ChildSlot:
             self.channel = None
         if self.state != "failed":
             self.state = "down"
+
+    def note_exit(self, code: int) -> None:
+        """Keeps why the process ended as ``last_error`` when it did not say so itself (an
+        ``os._exit`` or a signal), so a failed task always shows an error in status."""
+        if not self.error_reported:
+            self.last_error = (f"killed by signal {-code}" if code < 0
+                               else f"exited with code {code}")
+
+    def fail(self, now: float, retry_after: float) -> None:
+        """Marks the slot failed: no process, its tasks tried again after ``retry_after``
+        seconds (or at HUP), so a task is never abandoned for good."""
+        self.state = "failed"
+        self.respawn_at = None
+        self.retry_at = now + retry_after
+
+    def retry_due(self, now: float) -> bool:
+        """A failed slot whose long backoff is over: start it again, with a clean crash
+        history (it gets ``max_crashes`` more tries before it fails again)."""
+        if self.state != "failed" or self.retry_at is None or now < self.retry_at:
+            return False
+        self.state = "down"
+        self.crashes.clear()
+        self.hangs = 0
+        self.retry_at = None
+        return True
 
     def schedule_restart(self, now: float, max_crashes: int, window: float) -> Optional[float]:
         """Records a crash; returns the backoff before the next start, or None when the

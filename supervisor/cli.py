@@ -61,8 +61,11 @@ def cli() -> None:
                    "and restarted.")
 @click.option("--max-restarts", type=click.IntRange(min=1), default=5, show_default=True,
               help="A child crashing this many times within --restart-window has its tasks "
-                   "marked failed instead of restarted.")
+                   "marked failed (tried again after --failed-retry).")
 @click.option("--restart-window", type=float, default=60.0, show_default=True)
+@click.option("--failed-retry", type=click.FloatRange(min=0.1), default=300.0, show_default=True,
+              metavar="SECONDS",
+              help="Failed tasks are tried again after this many seconds (or at HUP).")
 @click.option("--exit-on-task-failure", is_flag=True,
               help="Shut down (exit code 3) when a task is marked failed, instead of going on.")
 @click.option("--web-port", type=click.IntRange(0, 65535), default=None,
@@ -73,11 +76,12 @@ def cli() -> None:
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 def start(app_spec: str, concurrency: Optional[int], loglevel: str, datadir: Optional[str],
           broker: Optional[str], shutdown_timeout: float, child_timeout: float,
-          max_restarts: int, restart_window: float, exit_on_task_failure: bool,
+          max_restarts: int, restart_window: float, failed_retry: float, exit_on_task_failure: bool,
           web_port: Optional[int], web_host: str, logfile: Optional[str], log_format: str) -> None:
     """Start a supervisor and its children; runs until TERM or INT (Ctrl-C)."""
-    from .arbiter import Arbiter
+    from .arbiter import Arbiter, make_private
 
+    make_private()  # before the log file: it is created 0600 too
     if logfile:
         try:
             redirect_output(logfile)
@@ -95,7 +99,7 @@ def start(app_spec: str, concurrency: Optional[int], loglevel: str, datadir: Opt
     arbiter = Arbiter(app, app_spec, concurrency or os.cpu_count() or 1, broker,
                       datadir or f"{app.id}-data", loglevel, shutdown_timeout,
                       child_timeout, max_restarts, restart_window, exit_on_task_failure,
-                      web_host, web_port, ["--log-format", log_format])
+                      web_host, web_port, ["--log-format", log_format], failed_retry)
     try:
         code = arbiter.run()
     except UsageError as exc:

@@ -4,6 +4,10 @@ Children register ``faulthandler`` for USR1 with a trace file under the datadir,
 child answers even when its agent is stuck in a long call: the handler writes from the
 signal itself.  The supervisor sends USR1, reads what each file gained, and adds its own
 threads and what it knows of each child (tasks, offsets).
+
+Every file here is private (0600, in 0700 folders) and written without following a
+symbolic link: a link planted in the place of a trace or dump file is removed and a new
+file created (these files are ours to rewrite), never written through.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Dict, List
 
+from shardworker.logs import open_private
+
 from shardworker.topology import task_partitions
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -25,8 +31,24 @@ TRACE_WAIT = 1.0  # seconds to wait for a child's handler to write
 
 
 def trace_path(datadir: str, index: int) -> str:
-    os.makedirs(os.path.join(datadir, "traces"), exist_ok=True)
-    return os.path.join(datadir, "traces", f"child-{index}.trace")
+    """Where child ``index`` writes its tracebacks; a symbolic link there is removed (the
+    child opens the file with ``O_NOFOLLOW``, which would fail on it)."""
+    os.makedirs(os.path.join(datadir, "traces"), mode=0o700, exist_ok=True)
+    path = os.path.join(datadir, "traces", f"child-{index}.trace")
+    if os.path.islink(path):
+        os.unlink(path)
+    return path
+
+
+def write_new(path: str, text: str) -> None:
+    """Writes ``text`` to a new private file at ``path``, replacing whatever is there
+    (a symbolic link included: it is removed, not followed)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    with os.fdopen(open_private(path, os.O_WRONLY | os.O_EXCL), "w") as f:
+        f.write(text)
 
 
 def latest_dump_path(datadir: str) -> str:
@@ -102,12 +124,10 @@ def dump_report(arbiter: "Arbiter") -> str:
                   traces.get(slot.trace_path, "(not running)") if slot.pid else "(not running)"]
     report = "\n".join(lines) + "\n"
     folder = os.path.join(arbiter.datadir, "dumps")
-    os.makedirs(folder, exist_ok=True)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
     name = os.path.join(folder, f"dump-{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns() % 10**6}.txt")
-    with open(name, "w") as f:
-        f.write(report)
+    write_new(name, report)
     tmp = latest_dump_path(arbiter.datadir) + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(report)
-    os.replace(tmp, latest_dump_path(arbiter.datadir))
+    write_new(tmp, report)
+    os.replace(tmp, latest_dump_path(arbiter.datadir))  # replaces a link, never follows it
     return report

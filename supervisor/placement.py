@@ -1,7 +1,7 @@
 """Where tasks run: which child hosts which task (pure logic, no processes)."""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from shardworker.topology import task_sort_key
 
@@ -34,3 +34,16 @@ def place_tasks(new_tasks: Sequence[str], hosted: Dict[int, Sequence[str]],
             for_new[-1 - slot].append(task)
         loads[0] = (load + 1, order, slot)
     return for_existing, [tasks for tasks in for_new if tasks]
+
+
+def choose_timer_owner(running: Dict[int, Sequence[str]]) -> Optional[int]:
+    """The child that runs the app's timers: the one hosting the lowest task among the
+    children that are running (``running`` maps child index to its tasks).
+
+    Timers run once per group (DESIGN.md, "Processes": the supervisor decides what each
+    child runs), so exactly one child is told to run them.  Task ``0_0`` is the natural owner, but when its child has failed the timers
+    move to the next running task instead of stopping.  None when no child runs a task.
+    """
+    owners = [(min(task_sort_key(t) for t in tasks), index)
+              for index, tasks in running.items() if tasks]
+    return min(owners)[1] if owners else None

@@ -393,6 +393,10 @@ def format_status(snapshot: Dict[str, Any]) -> str:
             states[state] = states.get(state, 0) + 1
         lines.append("")
         lines.append(f"tasks       {len(tasks)}: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())))
+        for task_id, info in sorted(tasks.items()):
+            if (info or {}).get("state") == "failed":
+                lines.append(f"FAILED      {task_id}: {_one_line(info.get('last_error'), 200)} "
+                             f"(tried again in {format_duration(info.get('retry_in_s'))})")
     return "\n".join(lines)
 
 

@@ -184,8 +184,20 @@ def health(snapshot: Dict[str, Any]) -> Tuple[bool, Dict[str, Any]]:
             bad.setdefault(state, []).append(task_id)
     if bad:
         reason = "; ".join(f"{state}: {','.join(ids)}" for state, ids in sorted(bad.items()))
-        return False, {"status": "unhealthy", "reason": f"tasks not running: {reason}"}
+        body: Dict[str, Any] = {"status": "unhealthy", "reason": f"tasks not running: {reason}"}
+        failed = failed_tasks(snapshot)
+        if failed:
+            body["failed"] = failed
+        return False, body
     return True, {"status": "ok"}
+
+
+def failed_tasks(snapshot: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """Each failed task's last error and the seconds until it is tried again: what an
+    operator (or an orchestrator reading ``/health``) needs to act on a failure."""
+    return {task_id: {"last_error": t.get("last_error"), "retry_in_s": t.get("retry_in_s")}
+            for task_id, t in sorted((snapshot.get("tasks") or {}).items())
+            if (t or {}).get("state") == "failed"}
 
 
 # -- server ---------------------------------------------------------------------------
@@ -305,4 +317,4 @@ class WebServer:
         self.stop()
 
 
-__all__ = ["WebServer", "render_metrics", "health", "escape_label_value", "METRICS_CONTENT_TYPE"]
+__all__ = ["WebServer", "render_metrics", "health", "failed_tasks", "escape_label_value", "METRICS_CONTENT_TYPE"]

@@ -429,7 +429,8 @@ def test_web_health_follows_task_states(web: Tuple[WebServer, Dict[str, Any]]) -
     state["tasks"]["0_1"]["state"] = "down"
     code, _, body = _get(url)
     assert code == 503
-    assert json.loads(body) == {"status": "unhealthy", "reason": "tasks not running: down: 0_1; failed: 0_3"}
+    assert json.loads(body) == {"status": "unhealthy", "reason": "tasks not running: down: 0_1; failed: 0_3",
+                                "failed": {"0_3": {"last_error": None, "retry_in_s": None}}}
 
     state["tasks"] = {}
     state["supervisor"]["state"] = "stopping"
@@ -620,3 +621,56 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Any) -> None:
     result = _verify(analyze, str(instance))
     output = (result.stdout + result.stderr).strip()
     assert result.returncode == 0 and output == "", output
+
+
+# -- failed tasks and the timer owner (issue 11, point 12) --------------------------------
+
+def test_timer_owner_is_the_child_of_the_lowest_running_task() -> None:
+    from supervisor.placement import choose_timer_owner
+
+    assert choose_timer_owner({0: ["0_0", "0_2"], 1: ["0_1", "0_3"]}) == 0
+    assert choose_timer_owner({1: ["0_1", "0_3"]}) == 1          # 0_0's child failed
+    assert choose_timer_owner({3: ["0_10"], 2: ["0_9"], 4: []}) == 2  # numeric, not text
+    assert choose_timer_owner({0: ["1_0"], 1: ["0_5"]}) == 1
+    assert choose_timer_owner({}) is None
+    assert choose_timer_owner({0: []}) is None
+
+
+def test_a_failed_slot_is_tried_again_after_its_backoff_with_a_clean_history() -> None:
+    from supervisor.children import ChildSlot
+
+    slot = ChildSlot(0, ["0_0"])
+    slot.started_at = 100.0
+    for now in (101.0, 102.0):
+        delay = slot.schedule_restart(now, max_crashes=2, window=60.0)
+    assert delay is None and slot.state == "failed"
+    slot.fail(102.0, retry_after=300.0)
+    assert slot.retry_at == 402.0 and not slot.alive
+    assert not slot.retry_due(401.9) and slot.state == "failed"
+    assert slot.retry_due(402.0)
+    assert slot.state == "down" and slot.crashes == [] and slot.hangs == 0 and slot.retry_at is None
+    assert not slot.retry_due(500.0)  # once
+
+
+def test_a_child_that_said_nothing_still_leaves_an_error() -> None:
+    from supervisor.children import ChildSlot
+
+    slot = ChildSlot(0, ["0_0"])
+    slot.note_exit(7)
+    assert slot.last_error == "exited with code 7"
+    slot.note_exit(-9)
+    assert slot.last_error == "killed by signal 9"
+    slot.last_error, slot.error_reported = "RuntimeError: boom", True
+    slot.note_exit(3)
+    assert slot.last_error == "RuntimeError: boom"
+
+
+def test_health_and_status_carry_a_failed_tasks_error() -> None:
+    snapshot = sample()
+    snapshot["tasks"]["0_1"].update(state="failed", last_error="RuntimeError: boom\nline two",
+                                    retry_in_s=250.0)
+    ok, body = health(snapshot)
+    assert not ok
+    assert body["failed"] == {"0_1": {"last_error": "RuntimeError: boom\nline two", "retry_in_s": 250.0}}
+    text = format_status(snapshot)
+    assert "FAILED      0_1: RuntimeError: boom line two (tried again in 4m10s)" in text
