@@ -19,12 +19,19 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Pro
 from .app import App
 from .partitioner import key_partitioner
 from .store import TaskStore
-from .tables import CONTEXT, DrainedBatch, TaskTables, apply_changelog
+from .tables import CONTEXT, DrainedBatch, TaskTables, apply_changelog, source_of
 from .topology import TopicPartitionKey
 
 log = logging.getLogger("shardworker.state")
 
 RESTORE_BATCH = 10_000  # records fetched per consume() call while restoring
+#: metadata key set when the task was revoked from this datadir (its copy may go stale)
+META_RELEASED = "released"
+
+
+class RestoreInterrupted(Exception):
+    """A restore stopped because the task is revoked or the child stops; what it applied
+    is kept, with its changelog offsets, and the next restore goes on from there."""
 
 
 def task_dir(datadir: str, app_id: str, task: str) -> str:
@@ -59,9 +66,26 @@ class TaskStates:
         return bool(self.app.tables)
 
     # -- tasks come and go ----------------------------------------------------------
-    def open(self, task: str, partition: int, start_offset: int) -> None:
-        """Opens the task's store and brings it up to ``start_offset`` (the group's
-        position for the partition) from the changelog when it is missing or behind."""
+    def open(self, task: str, partition: int, start_offset: int,
+             should_stop: Optional[Callable[[], bool]] = None) -> int:
+        """Opens the task's store, brings it up to date from the changelog where needed
+        and returns the offset to read the source partition from (DESIGN.md, "State
+        (LMDB)"):
+
+        * local state at the group's position (``start_offset``): nothing to do;
+        * behind it, or missing: restore the changelog records written since the
+          store's last changelog offsets (only what is missing), read from there;
+        * ahead of it (a killed child's batches committed to LMDB but not yet to the
+          group), or the group has no offset (a reset, retention): when nobody else has
+          written the changelog since (see :meth:`_changelog_moved`), the state is
+          exact: keep it and read from its own input offset, restoring nothing.  When
+          the changelog moved and the group has an offset, rebuild from the changelog
+          up to it; when it has none, apply what is newer in the changelog and read
+          from the position the state then reflects.
+
+        ``should_stop()`` is asked during a restore (the supervisor revoked the task or
+        stops the child): the restore stops with :class:`RestoreInterrupted`, its
+        progress per changelog partition kept for the next time."""
         if self._cluster_id is None:
             self._learn_cluster()
         tables = self.app.tables
@@ -70,37 +94,94 @@ class TaskStates:
         # changelog (Kafka keeps it durable), so exactness never rests on this disk
         store = TaskStore(task_dir(self.datadir, self.app.id, task), [t.name for t in tables],
                           sync=False)
-        if store.ensure_identity(self._cluster_id or "", self.source):
-            log.warning("task %s: local state came from another cluster or topic; discarded", task)
-        tp = (self.source, partition)
-        stored = store.input_offset(*tp)
-        if stored is not None and (start_offset < 0 or stored > start_offset):
-            # State beyond the group's position (or with nothing committed at all) may hold
-            # batches whose changelog another owner has since written over, or come from a
-            # world that no longer exists (a fresh in-memory broker reports the same cluster
-            # id): the only state known to be right is the committed one, so rebuild it.
-            log.warning("task %s: local state at offset %d is ahead of the group's position "
-                        "(%s); rebuilding it from the changelog", task, stored,
-                        start_offset if start_offset >= 0 else "none")
-            store.wipe()
-            store.set_identity(self._cluster_id or "", self.source)
-            stored = None
-        if start_offset >= 0 and (stored is None or stored < start_offset):
-            self.restore(task, store, partition, {tp: start_offset})
-        elif stored is not None:
-            log.info("task %s: local state is at the group's offset %d: no restore needed",
-                     task, stored)
+        try:
+            resume = self._bring_up_to_date(task, store, partition, start_offset, should_stop)
+        except BaseException:
+            store.close()
+            raise
+        store.set_meta(META_RELEASED, None)  # the task is this datadir's now
         assert self._partitions is not None
         tables_of_task = TaskTables(store, tables, partition, self.source,
                                     key_partitioner(self.app.topics[self.source].encode_key,
                                                     self._partitions), task)
         self.tasks[task] = tables_of_task
-        self.by_partition[tp] = tables_of_task
+        self.by_partition[(self.source, partition)] = tables_of_task
+        return resume
 
-    def close(self, task: str) -> None:
+    def _bring_up_to_date(self, task: str, store: TaskStore, partition: int, start_offset: int,
+                          should_stop: Optional[Callable[[], bool]]) -> int:
+        """The decision of :meth:`open`; returns the offset to read from."""
+        if store.ensure_identity(self._cluster_id or "", self.source):
+            log.warning("task %s: local state came from another cluster or topic; discarded", task)
+        tp = (self.source, partition)
+        stored = store.input_offset(*tp)
+        group = start_offset if start_offset >= 0 else "none"
+        if stored is not None and (start_offset < 0 or stored > start_offset):
+            if not self._changelog_moved(store, partition, stored):
+                log.info("task %s: restored 0 changelog records: resumed from local state at "
+                         "offset %d (group's position %s; nobody wrote the changelog since)",
+                         task, stored, group)
+                return stored
+            if start_offset >= 0:
+                # another owner wrote the changelog after this state: the only state known
+                # to be right is the committed one, so rebuild it
+                log.warning("task %s: local state at offset %d is ahead of the group's position "
+                            "%d and another owner wrote the changelog since; rebuilding it",
+                            task, stored, start_offset)
+                store.wipe()
+                store.set_identity(self._cluster_id or "", self.source)
+                stored = None
+        if start_offset < 0:
+            # no committed offset (a new group, a reset, retention): the changelog is the
+            # only record of what was processed; restore it all and read on from there
+            reached = self.restore(task, store, partition, None, should_stop)
+            resume = max(reached.get(tp, -1), stored if stored is not None else -1)
+            if resume < 0:
+                return start_offset  # nothing processed anywhere: the group's reset policy
+            store.commit({}, {tp: resume}, {})
+            log.info("task %s: the group has no offset for %s[%d]; tables restored from the "
+                     "changelog, reading from offset %d", task, self.source, partition, resume)
+            return resume
+        if stored is None or stored < start_offset:
+            self.restore(task, store, partition, {tp: start_offset}, should_stop)
+        else:
+            log.info("task %s: local state is at the group's offset %d: no restore needed",
+                     task, stored)
+        return start_offset
+
+    def _changelog_moved(self, store: TaskStore, partition: int, stored: int) -> bool:
+        """True when someone else wrote the task's changelogs after this state: a record
+        past the store's changelog offsets whose source offset is below the state's
+        input offset ``stored`` was written by an owner that processed records this state
+        already holds (its value may be older than ours: the state cannot be kept).
+        Records from at or after ``stored`` are this state's own batches that never
+        reached LMDB (a kill between the broker's acknowledgement and the LMDB commit) or
+        their like: the records from ``stored`` on are processed again and write the
+        same keys after them.  The changelog's end is the fetch's high watermark."""
+        consumer = self._restorer()
+        try:
+            for table in self.app.tables:
+                last = store.changelog_offset(table.name)
+                start = OFFSET_BEGINNING if last is None else last + 1
+                consumer.assign([TopicPartition(table.changelog_topic, partition, start)])
+                for _key, _value, headers in self._changelog(consumer, []):
+                    source = source_of(headers)
+                    if source is None or (source[0], source[1]) != (self.source, partition) \
+                            or source[2] < stored:
+                        return True
+        finally:
+            consumer.unassign()
+        return False
+
+    def close(self, task: str, released: bool = False) -> None:
+        """Closes the task's store; ``released``: the task was revoked, so its copy here
+        is marked stale for ``shardsup table`` (it may move to another machine)."""
         tables = self.tasks.pop(task, None)
         if tables is not None:
             self.by_partition = {k: v for k, v in self.by_partition.items() if v is not tables}
+            if released:
+                tables.abort()
+                tables.store.set_meta(META_RELEASED, b"1")
             tables.close()
 
     def close_all(self) -> None:
@@ -121,33 +202,45 @@ class TaskStates:
 
     # -- restore --------------------------------------------------------------------
     def restore(self, task: str, store: TaskStore, partition: int,
-                committed: Dict[TopicPartitionKey, int]) -> None:
-        """Applies the changelog records written since the store's last commit whose
-        source offset is below the group's committed offset (DESIGN.md: restore reflects
-        exactly the committed position)."""
+                committed: Optional[Dict[TopicPartitionKey, int]],
+                should_stop: Optional[Callable[[], bool]] = None) -> Dict[TopicPartitionKey, int]:
+        """Applies the changelog records written since the store's last changelog offsets
+        whose source offset is below the group's committed offset (DESIGN.md: restore
+        reflects exactly the committed position); ``committed=None`` (the group has no
+        offset): every record.  Each write transaction also stores the changelog offset
+        reached, so an interrupted restore (``should_stop()`` turned True, a crash) goes
+        on from there.  Returns the newest source offset + 1 per partition that the
+        applied records reflect (filled only when ``committed`` is None)."""
         self.restoring = True
         began = time.monotonic()
         consumer = self._restorer()
         total_applied = total_skipped = 0
+        reached: Dict[TopicPartitionKey, int] = {}
         try:
-            for index, table in enumerate(self.app.tables):
+            for table in self.app.tables:
                 last = store.changelog_offset(table.name)
                 start = OFFSET_BEGINNING if last is None else last + 1
                 consumer.assign([TopicPartition(table.changelog_topic, partition, start)])
                 tail: List[int] = []
                 applied, skipped = apply_changelog(
-                    store, table.name, self._changelog(consumer, tail), committed,
-                    set_offsets=index == len(self.app.tables) - 1)
-                if tail:  # the changelog position reached, kept for the next restore
-                    store.commit({}, {}, {table.name: tail[0]})
+                    store, table.name, self._changelog(consumer, tail, should_stop), committed,
+                    set_offsets=False, position=lambda: tail[0] if tail else None,
+                    reached=reached)
                 total_applied += applied
                 total_skipped += skipped
+            if committed is not None:  # the state is complete: it reflects that position
+                store.commit({}, committed, {})
+        except RestoreInterrupted:
+            log.info("task %s: restore interrupted after %d changelog records (%.2fs); it goes "
+                     "on from there next time", task, total_applied, time.monotonic() - began)
+            raise
         finally:
             consumer.unassign()
             self.restoring = False
         elapsed = time.monotonic() - began
         log.info("task %s: restored %d changelog records (%d skipped: after the committed "
                  "offset) in %.2fs", task, total_applied, total_skipped, elapsed)
+        return reached
 
     def _restorer(self) -> Consumer:
         """The child's restore consumer, made once: a new consumer (or a topic it has not
@@ -163,12 +256,16 @@ class TaskStates:
             self._restore_consumer = consumer
         return self._restore_consumer
 
-    def _changelog(self, consumer: Consumer, tail: List[int]
+    def _changelog(self, consumer: Consumer, tail: List[int],
+                   should_stop: Optional[Callable[[], bool]] = None
                    ) -> Iterator[Tuple[Optional[bytes], Optional[bytes], Any]]:
         """The records of the assigned changelog partition up to its end (the high
-        watermark of the fetch responses: right on Kafka and on tansu alike)."""
+        watermark of the fetch responses: right on Kafka and on tansu alike).  Raises
+        :class:`RestoreInterrupted` between fetches once ``should_stop()`` is True."""
         last_beat = time.monotonic()
         while True:
+            if should_stop is not None and should_stop():
+                raise RestoreInterrupted("the task was revoked or the child stops")
             # a short timeout: consume() waits it out even after the end-of-partition event
             for msg in consumer.consume(RESTORE_BATCH, 0.05):
                 err = msg.error()

@@ -61,10 +61,10 @@ from .partitioner import KeyPartitioner
 from .store import TaskStore
 
 __all__ = [
-    "HDR_SRC_TOPIC", "HDR_SRC_PARTITION", "HDR_SRC_OFFSET", "CONTEXT",
+    "HDR_SRC_TOPIC", "HDR_SRC_PARTITION", "HDR_SRC_OFFSET", "HDR_STREAM_TIME", "CONTEXT",
     "Table", "WindowedTable", "WindowSet", "Window", "TableContext", "TaskTables",
     "DrainedBatch", "ChangelogRecord", "TableError", "KeyPartitionError",
-    "NoCurrentRecordError", "apply_changelog", "window_key", "split_window_key",
+    "NoCurrentRecordError", "apply_changelog", "source_of", "window_key", "split_window_key",
 ]
 
 #: changelog record headers: where the batch that wrote the record came from
@@ -72,6 +72,9 @@ HDR_SRC_TOPIC = "shardsup.src.topic"
 HDR_SRC_PARTITION = "shardsup.src.partition"
 #: the last offset of that source partition in the batch (ASCII decimal)
 HDR_SRC_OFFSET = "shardsup.src.offset"
+#: the task's stream time after the batch (epoch ms, ASCII decimal): restored with the
+#: state, so windows expired before a failover stay expired (DESIGN.md, "State (LMDB)")
+HDR_STREAM_TIME = "shardsup.stream.time"
 
 #: metadata key under which a task keeps the latest record timestamp it saw (">q" ms)
 META_LATEST_TIMESTAMP = "latest_timestamp_ms"
@@ -391,6 +394,8 @@ class TaskTables:
                 h = headers[tp] = [(HDR_SRC_TOPIC, tp[0].encode()),
                                    (HDR_SRC_PARTITION, b"%d" % tp[1]),
                                    (HDR_SRC_OFFSET, b"%d" % last)]
+                if self.latest_ms is not None:
+                    h.append((HDR_STREAM_TIME, b"%d" % self.latest_ms))
             return h
 
         records: List[ChangelogRecord] = []
@@ -913,10 +918,25 @@ class WindowSet:
 ChangelogInput = Tuple[Optional[bytes], Optional[bytes], Any]
 
 
+def source_of(headers: Any) -> Optional[Tuple[str, int, int]]:
+    """``(source topic, partition, batch's last offset)`` of a changelog record's
+    headers, or None when it has none."""
+    if not headers:
+        return None
+    found = dict(headers.items() if isinstance(headers, dict) else headers)
+    try:
+        topic = found[HDR_SRC_TOPIC]
+        topic = topic.decode() if isinstance(topic, (bytes, bytearray)) else str(topic)
+        return topic, int(found[HDR_SRC_PARTITION]), int(found[HDR_SRC_OFFSET])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def apply_changelog(store: TaskStore, table: str, records: Iterable[ChangelogInput],
-                    committed: Mapping[TP, int], batch_size: int = 50_000,
-                    last_offset: Optional[int] = None, set_offsets: bool = True
-                    ) -> Tuple[int, int]:
+                    committed: Optional[Mapping[TP, int]], batch_size: int = 50_000,
+                    last_offset: Optional[int] = None, set_offsets: bool = True,
+                    position: Optional[Callable[[], Optional[int]]] = None,
+                    reached: Optional[Dict[TP, int]] = None) -> Tuple[int, int]:
     """Restores ``table`` from its changelog: ``records`` are ``(key, value or None,
     headers)`` in changelog order (headers as confluent_kafka gives them: a list of
     ``(name, bytes)``, or a dict).  Returns ``(applied, skipped)``.
@@ -924,12 +944,20 @@ def apply_changelog(store: TaskStore, table: str, records: Iterable[ChangelogInp
     A record is applied only if its :data:`HDR_SRC_OFFSET` is BELOW ``committed[(source
     topic, source partition)]`` (the group's committed offset): later ones belong to
     batches that will be processed again.  A record without the source headers, or from
-    a partition without a committed offset, is skipped.  Values are whole values, so
-    applying a changelog twice gives the same state.  Writes go in transactions of
-    ``batch_size`` distinct keys (50,000: measured here, 10,000 per transaction restores
-    about 155,000 records/s, 50,000 about 280,000, 100,000+ slower again; every commit is
-    an fsync).  A crash in the middle leaves complete transactions only, and restoring
-    again is harmless.
+    a partition without a committed offset, is skipped.  ``committed=None`` means the
+    group's offsets are gone (DESIGN.md, "State (LMDB)"): every record with source
+    headers is applied, and ``reached`` (when given) collects the newest source offset
+    + 1 per partition, the position the restored state reflects.  Values are whole
+    values, so applying a changelog twice gives the same state.  Writes go in
+    transactions of ``batch_size`` records (50,000: measured here, 10,000 per
+    transaction restores about 155,000 records/s, 50,000 about 280,000, 100,000+ slower
+    again).  A crash in the middle leaves complete transactions only, and restoring
+    again is harmless; with ``position`` (the changelog offset of the last record
+    handed in) every transaction also stores how far the table got, so an interrupted
+    restore goes on from there instead of from the beginning.
+
+    The stream time (:data:`HDR_STREAM_TIME`) of the newest applied record becomes the
+    store's :data:`META_LATEST_TIMESTAMP` when it is later than the stored one.
 
     At the end (with ``set_offsets``) the input offsets become ``committed`` and, when
     ``last_offset`` is given, the table's changelog offset becomes it, in the last write
@@ -940,15 +968,24 @@ def apply_changelog(store: TaskStore, table: str, records: Iterable[ChangelogInp
     limits: Dict[Tuple[Any, Any], Optional[int]] = {}
     chunk: Dict[bytes, Optional[bytes]] = {}
     applied = skipped = 0
+    in_chunk = 0
     commit = store.commit
-    o_name, p_name, t_name = HDR_SRC_OFFSET, HDR_SRC_PARTITION, HDR_SRC_TOPIC
+    o_name, p_name, t_name, s_name = HDR_SRC_OFFSET, HDR_SRC_PARTITION, HDR_SRC_TOPIC, HDR_STREAM_TIME
+    take_all = committed is None
     # the records of one batch share their headers' values: decide once per run of them
     last_t: Any = None
     last_p: Any = None
     last_o: Any = None
+    last_s: Any = None
     last_ok = False
+    newest_time: Optional[int] = None
+
+    def progress() -> Dict[str, int]:
+        at = position() if position is not None else None
+        return {} if at is None else {table: at}
+
     for key, value, headers in records:
-        src_t = src_p = src_o = None
+        src_t = src_p = src_o = src_s = None
         if headers:
             if type(headers) is dict:  # noqa: E721 - a list is by far the usual case
                 headers = headers.items()
@@ -959,6 +996,8 @@ def apply_changelog(store: TaskStore, table: str, records: Iterable[ChangelogInp
                     src_p = hval
                 elif name == t_name:
                     src_t = hval
+                elif name == s_name:
+                    src_s = hval
         if src_o == last_o and src_p == last_p and src_t == last_t:
             ok = last_ok
         elif src_o is None or src_p is None or src_t is None:
@@ -966,19 +1005,40 @@ def apply_changelog(store: TaskStore, table: str, records: Iterable[ChangelogInp
         else:
             lk = (src_t, src_p)
             limit = limits.get(lk, _MISSING)
-            if limit is _MISSING:
+            if limit is _MISSING or take_all:
                 topic = src_t.decode() if isinstance(src_t, (bytes, bytearray)) else str(src_t)
-                limit = limits[lk] = committed.get((topic, int(src_p)))
-            ok = limit is not None and int(src_o) < limit  # type: ignore[operator]
+                if take_all:
+                    tp = (topic, int(src_p))
+                    if reached is not None and reached.get(tp, -1) <= int(src_o):
+                        reached[tp] = int(src_o) + 1
+                    limit = limits[lk] = None
+                else:
+                    limit = limits[lk] = committed.get((topic, int(src_p)))  # type: ignore[union-attr]
+            ok = take_all or (limit is not None and int(src_o) < limit)  # type: ignore[operator]
             last_t, last_p, last_o, last_ok = src_t, src_p, src_o, ok
         if not ok or key is None:
             skipped += 1
             continue
+        if src_s is not None and src_s != last_s:
+            last_s = src_s
+            stamp = int(src_s)
+            if newest_time is None or stamp > newest_time:
+                newest_time = stamp
         chunk[key] = value
         applied += 1
-        if len(chunk) >= batch_size:
-            commit({table: chunk}, {}, {})
+        in_chunk += 1
+        if in_chunk >= batch_size:
+            commit({table: chunk}, {}, progress())
             chunk = {}
-    changelog = {table: last_offset} if (set_offsets and last_offset is not None) else {}
-    commit({table: chunk}, dict(committed) if set_offsets else {}, changelog)
+            in_chunk = 0
+    changelog = progress()
+    if set_offsets and last_offset is not None:
+        changelog = {table: last_offset}
+    meta = None
+    if newest_time is not None:
+        raw = store.get_meta(META_LATEST_TIMESTAMP)
+        if raw is None or _TS.unpack(raw)[0] < newest_time:
+            meta = {META_LATEST_TIMESTAMP: _TS.pack(newest_time)}
+    offsets = dict(committed) if (set_offsets and committed is not None) else {}
+    commit({table: chunk}, offsets, changelog, meta)
     return applied, skipped

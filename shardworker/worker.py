@@ -293,23 +293,65 @@ class Worker:
         self.consumer.incremental_assign(tps)
 
     def emit(self, agent: Agent, msg: Message, value: Any) -> None:
-        """Sends a value the agent yielded to each of its sinks, keyed like its input."""
+        """Sends a value the agent yielded to each of its sinks, keyed like its input.  An
+        output too large to produce raises :class:`RecordTooLarge` here, in the agent's
+        record: its policy applies to ``msg`` (dead-lettered by default)."""
+        if self._refused_inputs and _record_id(msg) in self._refused_inputs:
+            self._refused_inputs.discard(_record_id(msg))
+            raise RecordTooLarge("the broker refused an output of this record as too large "
+                                 "(its transaction was aborted and the record read again)")
         key = msg.key()
         producer = self.producer_for(msg)
+        on_delivery = functools.partial(self._on_output_delivery, agent, msg)
         for sink in agent.sinks:
-            data = sink.encode_value(value)
-            try:
-                producer.produce(sink.name, data, key)
-            except BufferError:
-                producer.poll(0.05)  # queue full: let deliveries drain, then retry
-                producer.produce(sink.name, data, key)
+            produce(producer, sink.name, sink.encode_value(value), key, on_delivery=on_delivery)
+
+    def _on_output_delivery(self, agent: Agent, source: Message, err: Optional[KafkaError],
+                            msg: Message) -> None:
+        """Delivery report of an output of ``source``.  An output the broker refused as
+        too large is not a failed batch (that would read the record again and again): at
+        least once, ``source`` is dead-lettered now (the flush waiting for this report
+        waits for the dead letter too); exactly-once, the transaction fails anyway, so the
+        record is remembered and dead-lettered when it is read again (:meth:`emit`)."""
+        if err is None:
+            return
+        if is_too_large(err) and agent.on_error != "crash":
+            if self.transactions is not None:
+                self._refused_inputs.add(_record_id(source))
+            else:
+                self.errors += 1
+                self.log_agent_error(agent, source, RecordTooLarge(f"{msg.topic()}: {err.str()}"))
+                if agent.on_error == "dlq":
+                    self.dead_letter(agent, source, RecordTooLarge(f"{msg.topic()}: {err.str()}"))
+                return
+        self._delivery_errors.append(f"{msg.topic()}: {err.str()}")
+
+    #: seconds of one wait for acknowledgements: shorter than the heartbeat interval
+    FLUSH_SLICE = 0.5
 
     def flush(self) -> None:
-        """Waits for the broker to acknowledge everything produced so far."""
-        left = self.producer.flush(FLUSH_TIMEOUT)  # type: ignore[union-attr]
-        if left or self._delivery_errors:
-            errors = "; ".join(self._delivery_errors[:3]) or f"{left} record(s) unacknowledged"
-            raise DeliveryFailed(f"outputs not acknowledged, batch will be redelivered: {errors}")
+        """Waits for the broker to acknowledge everything produced so far, however long it
+        is away: in slices, with a heartbeat to the supervisor after each, so a child
+        waiting on an unreachable broker is never taken for a hung one.  librdkafka
+        retries every record until its ``message.timeout.ms``; only a failed delivery
+        ends the wait (:meth:`raise_delivery_errors`)."""
+        while True:
+            left = self.producer.flush(self.FLUSH_SLICE)  # type: ignore[union-attr]
+            if not left or self._delivery_errors:
+                break
+            self.report(force=False)
+        if self._delivery_errors:
+            self.raise_delivery_errors()
+
+    def raise_delivery_errors(self) -> None:
+        """A batch whose outputs failed is read again after a restart.  When every error
+        says the broker could not be reached, that is :class:`BrokerUnavailable` (the
+        supervisor restarts the child without counting a crash); any other is a refusal
+        of what was sent: :class:`DeliveryFailed`."""
+        errors = "; ".join(self._delivery_errors[:3])
+        if all(says_broker_unreachable(error) for error in self._delivery_errors):
+            raise BrokerUnavailable(f"the broker did not acknowledge outputs in time: {errors}")
+        raise DeliveryFailed(f"outputs not acknowledged, batch will be redelivered: {errors}")
 
     # -- errors -----------------------------------------------------------------------
     def on_agent_error(self, agent: Agent, msg: Optional[Message], exc: BaseException) -> None:
@@ -368,16 +410,70 @@ class Worker:
             self.transactions.open(group_by_task(self.source_topics, [(t, p) for t, p, _o in partitions]))
         partitions = self.committed_starts(partitions)
         if self.state.enabled:
-            for topic, part, offset in partitions:
-                if topic == self.state.source:
-                    self._tasks_changed(restoring=True)
-                    self.state.open(task_id(self.source_topics, topic, part), part, offset)
+            partitions = self._open_tasks(partitions)
         tps = [TopicPartition(topic, part, offset) for topic, part, offset in partitions]
-        self.consumer.incremental_assign(tps)
+        if tps:
+            self.consumer.incremental_assign(tps)
         for topic, part, _offset in partitions:
             self.positions.setdefault((topic, part), _offset)
         self._tasks_changed()
         log.info("assigned %s", ", ".join(f"{t}[{p}]@{o}" for t, p, o in partitions))
+
+    def _open_tasks(self, partitions: List[List[Any]]) -> List[List[Any]]:
+        """Opens (restoring where needed) the tables of each assigned task and returns
+        the partitions to assign, each from where its task's state says to read (its own
+        input offset when it is ahead of the group's and still exact: DESIGN.md, "State
+        (LMDB)").  A task whose restore the supervisor interrupted (a revoke of it, a
+        stop) is left out: its progress is kept for the next time."""
+        from .state import RestoreInterrupted
+
+        starts: Dict[TopicPartitionKey, int] = {}
+        dropped = set()
+        for topic, part, offset in partitions:
+            if topic != self.state.source:
+                continue
+            task = task_id(self.source_topics, topic, part)
+            self._tasks_changed(restoring=True)
+            try:
+                starts[(topic, part)] = self.state.open(
+                    task, part, offset, should_stop=lambda t=topic, p=part: self._told_to_let_go(t, p))
+            except RestoreInterrupted:
+                dropped.add(task)
+        return [[t, p, starts.get((t, p), o)] for t, p, o in partitions
+                if task_id(self.source_topics, t, p) not in dropped]
+
+    def _told_to_let_go(self, topic: str, part: int) -> bool:
+        """During a restore: True when the child is stopping, or when the supervisor's
+        channel holds a ``stop`` or a ``revoke`` of ``topic[part]``.  It only peeks: the
+        messages stay for :meth:`handle_control`, which acts on them next."""
+        import json
+        import socket
+        import struct
+
+        if self.stopping:
+            return True
+        data = bytes(self.channel._inbox)
+        try:
+            peeked = self.channel.sock.recv(1 << 16, socket.MSG_PEEK)
+            if not peeked:
+                return True  # the supervisor has gone
+            data += peeked
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            return True
+        header = struct.Struct(">I")
+        while len(data) >= header.size:
+            (size,) = header.unpack_from(data)
+            if len(data) < header.size + size:
+                break
+            message = json.loads(data[header.size:header.size + size])
+            data = data[header.size + size:]
+            if message.get("op") == "stop":
+                return True
+            if message.get("op") == "revoke" and [topic, part] in message.get("partitions", []):
+                return True
+        return False
 
     def committed_starts(self, partitions: List[List[Any]]) -> List[List[Any]]:
         """Exactly-once: where each assigned partition really starts, the group's committed
@@ -408,11 +504,15 @@ class Worker:
     def revoke(self, partitions: List[List[Any]]) -> None:
         self.settle(block=True)
         keys = [(topic, part) for topic, part in partitions]
-        self.consumer.incremental_unassign([TopicPartition(t, p) for t, p in keys])
+        # a task whose restore was interrupted was never assigned to the consumer
+        assigned = [TopicPartition(t, p) for t, p in keys if (t, p) in self.positions]
+        if assigned:
+            self.consumer.incremental_unassign(assigned)
         final = {k: self.positions.pop(k) for k in keys if k in self.positions}
         for topic, part in keys:
             if topic == self.state.source:
-                self.state.close(task_id(self.source_topics, topic, part))
+                # marked released: `shardsup table` no longer shows this copy as current
+                self.state.close(task_id(self.source_topics, topic, part), released=True)
         if self.transactions is not None:
             for task in group_by_task(self.source_topics, keys):
                 self.transactions.close(task)
