@@ -293,65 +293,23 @@ class Worker:
         self.consumer.incremental_assign(tps)
 
     def emit(self, agent: Agent, msg: Message, value: Any) -> None:
-        """Sends a value the agent yielded to each of its sinks, keyed like its input.  An
-        output too large to produce raises :class:`RecordTooLarge` here, in the agent's
-        record: its policy applies to ``msg`` (dead-lettered by default)."""
-        if self._refused_inputs and _record_id(msg) in self._refused_inputs:
-            self._refused_inputs.discard(_record_id(msg))
-            raise RecordTooLarge("the broker refused an output of this record as too large "
-                                 "(its transaction was aborted and the record read again)")
+        """Sends a value the agent yielded to each of its sinks, keyed like its input."""
         key = msg.key()
         producer = self.producer_for(msg)
-        on_delivery = functools.partial(self._on_output_delivery, agent, msg)
         for sink in agent.sinks:
-            produce(producer, sink.name, sink.encode_value(value), key, on_delivery=on_delivery)
-
-    def _on_output_delivery(self, agent: Agent, source: Message, err: Optional[KafkaError],
-                            msg: Message) -> None:
-        """Delivery report of an output of ``source``.  An output the broker refused as
-        too large is not a failed batch (that would read the record again and again): at
-        least once, ``source`` is dead-lettered now (the flush waiting for this report
-        waits for the dead letter too); exactly-once, the transaction fails anyway, so the
-        record is remembered and dead-lettered when it is read again (:meth:`emit`)."""
-        if err is None:
-            return
-        if is_too_large(err) and agent.on_error != "crash":
-            if self.transactions is not None:
-                self._refused_inputs.add(_record_id(source))
-            else:
-                self.errors += 1
-                self.log_agent_error(agent, source, RecordTooLarge(f"{msg.topic()}: {err.str()}"))
-                if agent.on_error == "dlq":
-                    self.dead_letter(agent, source, RecordTooLarge(f"{msg.topic()}: {err.str()}"))
-                return
-        self._delivery_errors.append(f"{msg.topic()}: {err.str()}")
-
-    #: seconds of one wait for acknowledgements: shorter than the heartbeat interval
-    FLUSH_SLICE = 0.5
+            data = sink.encode_value(value)
+            try:
+                producer.produce(sink.name, data, key)
+            except BufferError:
+                producer.poll(0.05)  # queue full: let deliveries drain, then retry
+                producer.produce(sink.name, data, key)
 
     def flush(self) -> None:
-        """Waits for the broker to acknowledge everything produced so far, however long it
-        is away: in slices, with a heartbeat to the supervisor after each, so a child
-        waiting on an unreachable broker is never taken for a hung one.  librdkafka
-        retries every record until its ``message.timeout.ms``; only a failed delivery
-        ends the wait (:meth:`raise_delivery_errors`)."""
-        while True:
-            left = self.producer.flush(self.FLUSH_SLICE)  # type: ignore[union-attr]
-            if not left or self._delivery_errors:
-                break
-            self.report(force=False)
-        if self._delivery_errors:
-            self.raise_delivery_errors()
-
-    def raise_delivery_errors(self) -> None:
-        """A batch whose outputs failed is read again after a restart.  When every error
-        says the broker could not be reached, that is :class:`BrokerUnavailable` (the
-        supervisor restarts the child without counting a crash); any other is a refusal
-        of what was sent: :class:`DeliveryFailed`."""
-        errors = "; ".join(self._delivery_errors[:3])
-        if all(says_broker_unreachable(error) for error in self._delivery_errors):
-            raise BrokerUnavailable(f"the broker did not acknowledge outputs in time: {errors}")
-        raise DeliveryFailed(f"outputs not acknowledged, batch will be redelivered: {errors}")
+        """Waits for the broker to acknowledge everything produced so far."""
+        left = self.producer.flush(FLUSH_TIMEOUT)  # type: ignore[union-attr]
+        if left or self._delivery_errors:
+            errors = "; ".join(self._delivery_errors[:3]) or f"{left} record(s) unacknowledged"
+            raise DeliveryFailed(f"outputs not acknowledged, batch will be redelivered: {errors}")
 
     # -- errors -----------------------------------------------------------------------
     def on_agent_error(self, agent: Agent, msg: Optional[Message], exc: BaseException) -> None:
