@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+from typing import Dict, Optional, Tuple
 
 import pytest
+from confluent_kafka import OFFSET_INVALID
 
+from shardworker.app import App
+from shardworker.state import TaskStates, task_dir
+from shardworker.store import open_readonly
 from tests.test_tables import produce_orders, table, truth, wait_for_total
 
 N = 40_000
@@ -36,3 +42,59 @@ def test_a_killed_child_resumes_from_its_local_state_without_a_replay(broker, pr
     assert "resumed from local state" in after, after[-3000:]
     restored = [int(n) for n in re.findall(r"restored (\d+) changelog records", after)]
     assert restored and max(restored) == 0, restored
+
+
+def task_states(prefix: str, broker: str, datadir: str) -> TaskStates:
+    """The child's TaskStates for the counter app's tables, in this process (no agent
+    runs: only the open/restore decisions are exercised, against the real broker)."""
+    app = App(prefix, broker=f"kafka://{broker}")
+    orders = app.topic(f"{prefix}-in", partitions=4, key_serializer="str", value_serializer="json")
+    for name in ("counts", "sums", "per_minute", "hopping"):
+        app.table(name, default=int)
+
+    @app.agent(orders)
+    async def count(stream):  # noqa: ANN001 - declares the source topic only
+        async for _value in stream:
+            pass
+
+    consumer_config = {**app.kafka_config(broker), "group.id": prefix,
+                       "enable.auto.commit": False, "isolation.level": "read_committed"}
+    return TaskStates(app, datadir, consumer_config, producer_for=lambda task: None,
+                      heartbeat=lambda: None, delivery_errors=[])
+
+
+def stored_counts(datadir: str, prefix: str, task: str) -> Tuple[Dict[bytes, bytes], Optional[int]]:
+    store = open_readonly(task_dir(datadir, prefix, task))
+    try:
+        return dict(store.items("counts")), store.input_offset(f"{prefix}-in", int(task[2:]))
+    finally:
+        store.close()
+
+
+@pytest.mark.timeout(120)
+def test_lost_group_offsets_restore_the_tables_instead_of_wiping_them(broker, prefix,
+                                                                      start_supervisor):
+    """The group's offsets are gone (a reset, retention): a task with local state keeps
+    it and reads on from it; a task without restores every changelog record and reads
+    on from the newest source offset they reflect."""
+    sup = start_supervisor("tests.apps.counter", "-c", "1")
+    sup.wait_for(lambda: len(sup.child_tasks()) == 1, 30, "one child")
+    produce_orders(broker, f"{prefix}-in", 0, 8_000)
+    wait_for_total([sup.datadir], prefix, 8_000, timeout=60)
+    assert sup.stop() == 0
+    before, offset = stored_counts(sup.datadir, prefix, "0_1")
+    assert before and offset and offset > 0
+    no_offset = OFFSET_INVALID  # what the group hands out when nothing is committed
+    states = task_states(prefix, broker, sup.datadir)
+    try:
+        assert states.open("0_1", 1, no_offset) == offset
+    finally:
+        states.close_all()
+    assert stored_counts(sup.datadir, prefix, "0_1") == (before, offset)
+    shutil.rmtree(task_dir(sup.datadir, prefix, "0_1"))  # and now without local state
+    states = task_states(prefix, broker, sup.datadir)
+    try:
+        assert states.open("0_1", 1, no_offset) == offset
+    finally:
+        states.close_all()
+    assert stored_counts(sup.datadir, prefix, "0_1") == (before, offset)
