@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -602,6 +603,41 @@ def test_restore_applies_only_batches_below_the_committed_offset_and_is_idempote
         counts[key] += inc
     assert counts["a"] == 103 and counts["d"] == 1 and "b" not in counts
     task.close()
+
+
+@pytest.mark.timeout(30)
+def test_stream_time_is_restored_from_the_changelog_so_expired_windows_stay_closed(tmp_path):
+    """Failover: a task restored on another machine from the changelog alone knows the
+    stream time its first owner had reached; a late record for a window that expired
+    there does not reopen it."""
+    ctx = TableContext()
+    base = table("hits", ctx, default=int)
+    hits = base.tumbling(10, expires=20)
+    first = open_task(tmp_path / "first", [base])
+    records = []
+    for offset, ts in enumerate([T0 + 1_000, T0 + 45_000, T0 + 46_000]):
+        ctx.set_record(first, SRC, 0, offset, ts)
+        hits["k"] += 1
+        drained = first.drain()
+        records.extend((r.key, r.value, r.headers) for r in drained.records)
+        drained.commit()
+    first.close()
+    # the window [T0, T0+10 s) expired at T0+30 s: its tombstone is in the changelog
+    store = TaskStore(str(tmp_path / "second"), ["hits"])
+    apply_changelog(store, "hits", records, {(SRC, 0): 3})
+    store.close()
+    second = open_task(tmp_path / "second", [base])
+    assert second.latest_ms == T0 + 46_000
+    ctx.set_record(second, SRC, 0, 3, T0 + 2_000)  # late, for the expired window
+    hits["k"] += 1
+    assert hits["k"].current() == 0
+    assert second.drain().records == []
+    second.close()
+    # a batch that is processed again (source offset not committed) does not count
+    store = TaskStore(str(tmp_path / "third"), ["hits"])
+    apply_changelog(store, "hits", records, {(SRC, 0): 2})
+    assert store.get_meta("latest_timestamp_ms") == struct.pack(">q", T0 + 45_000)
+    store.close()
 
 
 @pytest.mark.timeout(300)
