@@ -20,19 +20,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import os
 import select
 import signal
 import time
 import traceback
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from .agents import AgentRunner, AsyncAgentRunner, SyncAgentRunner
 from .app import Agent, App
 from .logs import set_role
+from .produce import (DEFAULT_MESSAGE_MAX_BYTES, RecordTooLarge, fit_dead_letter, is_too_large,
+                      message_max_bytes, produce)
 from .protocol import Channel, ChannelClosed
 from .state import TaskStates
 from .topology import TopicPartitionKey, group_by_task, task_id, task_partitions, task_sort_key
@@ -45,6 +48,10 @@ MAX_UNSETTLED = 4          # batches processed ahead of their acknowledgements, 
 SETTLE_WITHIN = 0.05       # seconds a batch may wait for its acknowledgements unforced
 REPORT_INTERVAL = 0.05     # offsets are reported at most this often (and at every stop)
 FLUSH_TIMEOUT = 60.0       # a batch whose outputs are not acknowledged by then is fatal
+
+
+def _record_id(msg: Message) -> Tuple[str, int, int]:
+    return msg.topic(), msg.partition(), msg.offset()
 
 
 class DeliveryFailed(RuntimeError):
@@ -75,6 +82,11 @@ class Worker:
         self.processed = 0
         self.errors = 0
         self._delivery_errors: List[str] = []
+        #: exactly-once: input records whose output the broker refused as too large; the
+        #: aborted transaction reads them again, and then they are dead-lettered
+        self._refused_inputs: Set[Tuple[str, int, int]] = set()
+        #: the producers' ``message.max.bytes``: a dead letter is truncated to fit it
+        self.max_message_bytes = DEFAULT_MESSAGE_MAX_BYTES
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.runners: List[AgentRunner] = []
         self.routes: Dict[str, List[AgentRunner]] = {}
@@ -98,6 +110,7 @@ class Worker:
             "isolation.level": "read_committed",
         }
         self.consumer = Consumer(consumer_config)
+        self.max_message_bytes = message_max_bytes(app.producer_config(self.bootstrap))
         client_id = f"{app.id}-child-{self.index}"
         #: exactly-once: one transactional producer per task, else one for the child
         self.transactions: Optional[Transactions] = None
@@ -293,16 +306,38 @@ class Worker:
         self.consumer.incremental_assign(tps)
 
     def emit(self, agent: Agent, msg: Message, value: Any) -> None:
-        """Sends a value the agent yielded to each of its sinks, keyed like its input."""
+        """Sends a value the agent yielded to each of its sinks, keyed like its input.  An
+        output too large to produce raises :class:`RecordTooLarge` here, in the agent's
+        record: its policy applies to ``msg`` (dead-lettered by default)."""
+        if self._refused_inputs and _record_id(msg) in self._refused_inputs:
+            self._refused_inputs.discard(_record_id(msg))
+            raise RecordTooLarge("the broker refused an output of this record as too large "
+                                 "(its transaction was aborted and the record read again)")
         key = msg.key()
         producer = self.producer_for(msg)
+        on_delivery = functools.partial(self._on_output_delivery, agent, msg)
         for sink in agent.sinks:
-            data = sink.encode_value(value)
-            try:
-                producer.produce(sink.name, data, key)
-            except BufferError:
-                producer.poll(0.05)  # queue full: let deliveries drain, then retry
-                producer.produce(sink.name, data, key)
+            produce(producer, sink.name, sink.encode_value(value), key, on_delivery=on_delivery)
+
+    def _on_output_delivery(self, agent: Agent, source: Message, err: Optional[KafkaError],
+                            msg: Message) -> None:
+        """Delivery report of an output of ``source``.  An output the broker refused as
+        too large is not a failed batch (that would read the record again and again): at
+        least once, ``source`` is dead-lettered now (the flush waiting for this report
+        waits for the dead letter too); exactly-once, the transaction fails anyway, so the
+        record is remembered and dead-lettered when it is read again (:meth:`emit`)."""
+        if err is None:
+            return
+        if is_too_large(err) and agent.on_error != "crash":
+            if self.transactions is not None:
+                self._refused_inputs.add(_record_id(source))
+            else:
+                self.errors += 1
+                self.log_agent_error(agent, source, RecordTooLarge(f"{msg.topic()}: {err.str()}"))
+                if agent.on_error == "dlq":
+                    self.dead_letter(agent, source, RecordTooLarge(f"{msg.topic()}: {err.str()}"))
+                return
+        self._delivery_errors.append(f"{msg.topic()}: {err.str()}")
 
     def flush(self) -> None:
         """Waits for the broker to acknowledge everything produced so far."""
@@ -319,23 +354,48 @@ class Worker:
         if self.state.enabled:
             self.state.rollback_record()
         self.errors += 1
+        self.log_agent_error(agent, msg, exc)
+        if agent.on_error == "crash":
+            raise exc
+        if agent.on_error == "dlq":
+            self.dead_letter(agent, msg, exc)
+
+    @staticmethod
+    def log_agent_error(agent: Agent, msg: Message, exc: BaseException) -> None:
+        """One line per failed record: where, what, and what its policy does with it."""
         where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
         if agent.on_error == "crash":
             log.error("agent %s failed on %s: %r; stopping the child", agent.name, where, exc)
-            raise exc
+            return
         log.error("agent %s failed on %s: %s: %s (%s)", agent.name, where, type(exc).__name__,
                   exc, "dead-lettered to " + agent.dlq_topic if agent.on_error == "dlq" else "skipped")
-        if agent.on_error == "dlq":
-            headers = list(msg.headers() or ()) + [
-                ("shardsup.error", f"{type(exc).__name__}: {exc}".encode()[:4000]),
-                ("shardsup.traceback", "".join(traceback.format_exception(
-                    type(exc), exc, exc.__traceback__)).encode()[-8000:]),
-                ("shardsup.agent", agent.name.encode()),
-                ("shardsup.topic", msg.topic().encode()),
-                ("shardsup.partition", str(msg.partition()).encode()),
-                ("shardsup.offset", str(msg.offset()).encode()),
-            ]
-            self.producer_for(msg).produce(agent.dlq_topic, msg.value(), msg.key(), headers=headers)
+
+    def dead_letter(self, agent: Agent, msg: Message, exc: BaseException) -> None:
+        """Sends ``msg`` to the agent's dead-letter topic with the error in its headers.
+        A dead letter too large for ``message.max.bytes`` goes with its payload truncated
+        (header ``shardsup.truncated``: the original length); one that cannot fit even
+        then (a huge key) is logged and dropped: never a crash loop (DESIGN.md, "Bad input
+        and errors")."""
+        headers = list(msg.headers() or ()) + [
+            ("shardsup.error", f"{type(exc).__name__}: {exc}".encode()[:4000]),
+            ("shardsup.traceback", "".join(traceback.format_exception(
+                type(exc), exc, exc.__traceback__)).encode()[-8000:]),
+            ("shardsup.agent", agent.name.encode()),
+            ("shardsup.topic", msg.topic().encode()),
+            ("shardsup.partition", str(msg.partition()).encode()),
+            ("shardsup.offset", str(msg.offset()).encode()),
+        ]
+        producer = self.producer_for(msg)
+        try:
+            produce(producer, agent.dlq_topic, msg.value(), msg.key(), headers)
+            return
+        except RecordTooLarge:
+            value, headers = fit_dead_letter(msg.value(), msg.key(), headers, self.max_message_bytes)
+        try:
+            produce(producer, agent.dlq_topic, value, msg.key(), headers)
+        except RecordTooLarge as exc2:
+            log.error("dead letter of %s[%d]@%d dropped: %s", msg.topic(), msg.partition(),
+                      msg.offset(), exc2)
 
     def on_consume_error(self, msg: Message) -> None:
         err = msg.error()
