@@ -82,3 +82,14 @@ def fit_dead_letter(value: Optional[bytes], key: Optional[bytes], headers: Heade
     room -= 64
     payload = None if value is None else value[:max(0, room)]
     return payload, kept
+
+
+def check_fits(topic: str, key: Optional[bytes], value: Optional[bytes], limit: int) -> None:
+    """Raises :class:`RecordTooLarge` when a record for ``topic`` could not be produced
+    under ``limit`` (``message.max.bytes``), with room for librdkafka's own overhead.
+    Tables call it when a value is written, so that a changelog value too large fails the
+    record that wrote it (dead-lettered, its writes taken back) instead of the batch."""
+    size = len(key or b"") + len(value or b"")
+    if size + RECORD_OVERHEAD > limit:
+        raise RecordTooLarge(f"a record of {size} bytes for {topic} is larger than "
+                             f"message.max.bytes ({limit}) allows")

@@ -120,3 +120,14 @@ def test_an_output_refused_as_too_large_dead_letters_its_input_instead_of_failin
     worker._on_output_delivery(agent, record, KafkaError(KafkaError._MSG_TIMED_OUT),
                                FakeMessage("out", 1, -1, b"v"))
     assert len(worker._delivery_errors) == 1
+
+
+def test_check_fits_refuses_what_librdkafka_would_refuse():
+    from shardworker.produce import check_fits
+
+    check_fits("t-changelog", b"k", b"v" * (LIMIT - 600), LIMIT)
+    with pytest.raises(RecordTooLarge, match="t-changelog"):
+        check_fits("t-changelog", b"k", b"v" * LIMIT, LIMIT)
+    producer = real_producer()  # what passes the check, librdkafka takes
+    produce(producer, "t-changelog", b"v" * (LIMIT - 600), b"k")
+    producer.purge()
