@@ -25,6 +25,9 @@ from .topology import TopicPartitionKey
 log = logging.getLogger("shardworker.state")
 
 RESTORE_BATCH = 10_000  # records fetched per consume() call while restoring
+#: changelog records per restore write transaction; each stores the changelog position
+#: reached, so an interrupted restore goes on from there (see apply_changelog)
+RESTORE_COMMIT_EVERY = 50_000
 #: metadata key set when the task was revoked from this datadir (its copy may go stale)
 META_RELEASED = "released"
 
@@ -224,7 +227,7 @@ class TaskStates:
                 tail: List[int] = []
                 applied, skipped = apply_changelog(
                     store, table.name, self._changelog(consumer, tail, should_stop), committed,
-                    set_offsets=False, position=lambda: tail[0] if tail else None,
+                    batch_size=RESTORE_COMMIT_EVERY, set_offsets=False, position=lambda: tail[0] if tail else None,
                     reached=reached)
                 total_applied += applied
                 total_skipped += skipped

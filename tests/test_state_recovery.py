@@ -13,6 +13,7 @@ from confluent_kafka import OFFSET_INVALID
 from shardworker.app import App
 from shardworker.state import TaskStates, task_dir
 from shardworker.store import open_readonly
+from tests.conftest import read_to_end
 from tests.test_tables import produce_orders, table, truth, wait_for_total
 
 N = 40_000
@@ -98,3 +99,38 @@ def test_lost_group_offsets_restore_the_tables_instead_of_wiping_them(broker, pr
     finally:
         states.close_all()
     assert stored_counts(sup.datadir, prefix, "0_1") == (before, offset)
+
+
+@pytest.mark.timeout(240)
+def test_a_restore_stops_cleanly_when_told_and_goes_on_from_where_it_got_to(
+        broker, prefix, start_supervisor, tmp_path):
+    """A new machine restores every task from the changelog; the supervisor is stopped
+    in the middle (TERM: it stops its child): the child leaves the restore and exits
+    cleanly.  Started again, the restore goes on from the changelog position it had
+    stored, not from the beginning, and the counts are exact."""
+    first = start_supervisor("tests.apps.counter", "-c", "1", name="first")
+    first.wait_for(lambda: len(first.child_tasks()) == 1, 30, "one child")
+    produce_orders(broker, f"{prefix}-in", 0, N)
+    wait_for_total([first.datadir], prefix, N, timeout=120)
+    assert first.stop() == 0
+    changelog_records = sum(len(read_to_end(broker, f"{prefix}-{name}-changelog"))
+                            for name in ("counts", "sums", "per_minute", "hopping"))
+    marker = str(tmp_path / "restoring")
+    second = start_supervisor("tests.apps.slow_restore_counter", "-c", "1", name="second",
+                              env={"SHARDSUP_TEST_RESTORE_MARKER": marker})
+    second.wait_for(lambda: os.path.exists(marker), 60, "a restore past its first progress")
+    assert second.stop() == 0
+    interrupted = second.output()
+    assert "restore interrupted" in interrupted, interrupted[-3000:]
+    assert "died with code" not in interrupted and "Traceback" not in interrupted
+    third = start_supervisor("tests.apps.counter", "-c", "1", name="second")
+    produce_orders(broker, f"{prefix}-in", N, N + 1_000)
+    counts, sums = truth(N + 1_000)
+    assert wait_for_total([third.datadir], prefix, N + 1_000, timeout=120) == dict(counts)
+    assert table(third.datadir, "sums", prefix) == dict(sums)
+    assert third.stop() == 0
+    # (the same datadir: its log file now holds the third run only) the 1,000+ records
+    # applied before the stop, whose progress was stored, are not read again
+    restored = sum(int(n) for n in re.findall(r"restored (\d+) changelog records",
+                                              third.output()))
+    assert 0 < restored <= changelog_records - 1_000, (restored, changelog_records)
