@@ -27,6 +27,10 @@ log = logging.getLogger("shardworker.transactions")
 #: how long the broker keeps a transaction open without a word from its producer; after
 #: a crash whose task is not taken over this bounds how long read_committed readers wait
 TRANSACTION_TIMEOUT_MS = 10_000
+#: seconds after which an open transaction commits whatever the commit interval: half the
+#: timeout, so a slow batch or a slow broker still commits well before the broker aborts
+#: the transaction (and fences the task's producer)
+COMMIT_BEFORE = TRANSACTION_TIMEOUT_MS / 1000 / 2
 #: seconds one transactional call may take before the task gives up on its transaction
 CALL_TIMEOUT = 30.0
 #: a retriable commit is retried this many times before the task gives up
@@ -62,6 +66,8 @@ class TaskTransaction:
         self.task = task
         self.producer = producer
         self.open = False
+        #: when the open transaction began (time.monotonic())
+        self.began = 0.0
 
     def init(self) -> None:
         """Registers the id with the broker: fences an older producer of the task and
@@ -73,6 +79,7 @@ class TaskTransaction:
         if not self.open:
             self.producer.begin_transaction()
             self.open = True
+            self.began = time.monotonic()
         return self.producer
 
     def commit(self, offsets: Dict[TopicPartitionKey, int], group_metadata: Any) -> None:
@@ -162,6 +169,10 @@ class Transactions:
         """The producer for the outputs of a record of ``topic[partition]``, its task's
         transaction begun."""
         return self.by_partition[(topic, partition)].begin()
+
+    def oldest_age(self, now: float) -> float:
+        """Seconds the oldest open transaction has been open (0 when none is)."""
+        return max((now - txn.began for txn in self.by_task.values() if txn.open), default=0.0)
 
     def for_task(self, task: str) -> Producer:
         return self.by_task[task].begin()

@@ -39,7 +39,7 @@ from .produce import (DEFAULT_MESSAGE_MAX_BYTES, RecordTooLarge, fit_dead_letter
 from .protocol import Channel, ChannelClosed
 from .state import TaskStates
 from .topology import TopicPartitionKey, group_by_task, task_id, task_partitions, task_sort_key
-from .transactions import CALL_TIMEOUT, TransactionAborted, Transactions
+from .transactions import CALL_TIMEOUT, COMMIT_BEFORE, TransactionAborted, Transactions
 
 log = logging.getLogger("shardworker.worker")
 
@@ -48,6 +48,7 @@ MAX_UNSETTLED = 4          # batches processed ahead of their acknowledgements, 
 SETTLE_WITHIN = 0.05       # seconds a batch may wait for its acknowledgements unforced
 REPORT_INTERVAL = 0.05     # offsets are reported at most this often (and at every stop)
 FLUSH_TIMEOUT = 60.0       # a batch whose outputs are not acknowledged by then is fatal
+CHUNK_SECONDS = 0.5        # exactly-once: a batch is processed in chunks of about this long
 
 
 def _record_id(msg: Message) -> Tuple[str, int, int]:
@@ -93,6 +94,10 @@ class Worker:
         self._timer_due: Dict[str, float] = {}
         #: batches processed whose outputs are not known to be acknowledged yet, in order
         self.unsettled: List[Tuple[float, Dict[TopicPartitionKey, int], List[Any]]] = []
+        #: exactly-once: records per chunk of a batch (:meth:`process`), and the partitions
+        #: rewound by an aborted transaction while the batch was being processed
+        self._chunk = 1
+        self._rewound: Set[TopicPartitionKey] = set()
 
     # -- set-up ---------------------------------------------------------------------
     def setup(self) -> None:
@@ -205,7 +210,39 @@ class Worker:
     def process(self, records: List[Message]) -> None:
         """One batch: decode, run the agents, produce; :meth:`settle` advances its offsets
         once the broker has acknowledged everything it produced.  Batches overlap: the
-        next one is processed while the broker acknowledges this one."""
+        next one is processed while the broker acknowledges this one.
+
+        Exactly-once, a batch goes through in chunks sized to take about
+        :data:`CHUNK_SECONDS` each (from the time records took so far), with a chance to
+        commit after each: a batch of slow records never holds a transaction open past
+        ``transaction.timeout.ms``, after which the broker would abort it and fence the
+        task's producer.  Records of a task whose transaction aborted meanwhile are
+        dropped from the rest of the batch: they are read again from the last commit."""
+        if self.transactions is None:
+            self.process_chunk(records)
+            return
+        self._rewound.clear()
+        done = 0
+        while done < len(records):
+            chunk = records[done:done + self._chunk]
+            done += len(chunk)
+            if self._rewound:
+                chunk = [m for m in chunk if (m.topic(), m.partition()) not in self._rewound]
+            began = time.monotonic()
+            self.process_chunk(chunk)
+            self._size_chunks(len(chunk), time.monotonic() - began)
+            self.settle_transactions(block=False)  # commits when the interval or age is due
+
+    def _size_chunks(self, count: int, elapsed: float) -> None:
+        """The next chunk's size: what takes :data:`CHUNK_SECONDS` at the speed just seen,
+        at most four times the last (a slowdown shows within a few records), at least 1."""
+        if count <= 0:
+            return
+        fits = int(CHUNK_SECONDS * count / elapsed) if elapsed > 0 else self.batch_size
+        self._chunk = max(1, min(fits, self._chunk * 4, self.batch_size))
+
+    def process_chunk(self, records: List[Message]) -> None:
+        """Steps 1-3 for ``records``: decode, run the agents, drain the tables' changes."""
         positions: Dict[TopicPartitionKey, int] = {}
         routes = self.routes
         # 1. decode each record and queue it for the agents of its topic
@@ -266,7 +303,8 @@ class Worker:
         transactions = self.transactions
         assert transactions is not None
         now = time.monotonic()
-        if not block and now - self._last_commit < self.commit_interval:
+        if (not block and now - self._last_commit < self.commit_interval
+                and transactions.oldest_age(now) < COMMIT_BEFORE):
             return
         self._last_commit = now
         positions: Dict[TopicPartitionKey, int] = {}
@@ -300,6 +338,7 @@ class Worker:
         """After an aborted transaction: drops the task's uncommitted table changes and
         reads its partitions again from the last committed offsets."""
         self.state.abort(task)
+        self._rewound.update(task_partitions(self.source_topics, task))
         tps = [TopicPartition(t, p, self.positions[(t, p)])
                for t, p in task_partitions(self.source_topics, task) if (t, p) in self.positions]
         self.consumer.incremental_unassign(tps)
@@ -504,9 +543,15 @@ class Worker:
         offsets (``read_committed``: OffsetFetch waits for pending transactional offsets,
         and needs no group membership) are final.  A partition with no committed offset
         starts where the supervisor said.  At-least-once: unchanged (the supervisor
-        commits what children report, so its offsets are the group's)."""
+        commits what children report, so its offsets are the group's).
+
+        First, the open transactions of the tasks this child holds already are committed:
+        the restore of the new tasks' tables that follows may outlast
+        ``transaction.timeout.ms``."""
         if self.transactions is None or not partitions:
             return partitions
+        self.settle(block=True)  # no transaction of a task held already stays open through
+        #                          the restore that may follow (transaction.timeout.ms)
         asked = [TopicPartition(topic, part) for topic, part, _o in partitions]
         committed = {(tp.topic, tp.partition): tp.offset
                      for tp in self.consumer.committed(asked, timeout=CALL_TIMEOUT)}

@@ -1,0 +1,159 @@
+"""Exactly-once transactions stay inside ``transaction.timeout.ms`` (issue 11, point 8):
+a fake clock drives the worker's commit decisions, so nothing here depends on speed."""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List
+
+import pytest
+
+from shardworker import App
+from shardworker.transactions import (COMMIT_BEFORE, TRANSACTION_TIMEOUT_MS, TaskTransaction,
+                                      Transactions)
+from shardworker.worker import Worker
+from tests.test_transactions_units import RecordingProducer
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Record:
+    """The parts of a consumed message the worker's batch loop reads."""
+
+    def __init__(self, partition: int, offset: int) -> None:
+        self._where = ("in", partition, offset)
+
+    def topic(self) -> str:
+        return self._where[0]
+
+    def partition(self) -> int:
+        return self._where[1]
+
+    def offset(self) -> int:
+        return self._where[2]
+
+    def error(self) -> None:
+        return None
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(time, "monotonic", fake)
+    return fake
+
+
+def eos_worker(commit_interval: float) -> Worker:
+    """A worker with one task (0_0 of topic ``in``) whose producer records its calls."""
+    app = App("u", processing_guarantee="exactly_once", commit_interval=commit_interval)
+    source = app.topic("in")
+
+    @app.agent(source)
+    def agent(stream):  # pragma: no cover - process_chunk is replaced in these tests
+        yield from stream
+
+    worker = Worker(app, channel=None, bootstrap="127.0.0.1:9", index=0)  # type: ignore[arg-type]
+    worker.transactions = Transactions(app, "127.0.0.1:9", "c", lambda err, msg: None)
+    txn = TaskTransaction("0_0", RecordingProducer())  # type: ignore[arg-type]
+    worker.transactions.by_task["0_0"] = txn
+    worker.transactions.by_partition[("in", 0)] = txn
+    worker._last_commit = time.monotonic()
+    return worker
+
+
+def test_an_open_transaction_commits_at_half_the_timeout_whatever_the_interval(clock):
+    worker = eos_worker(commit_interval=3600.0)
+    txn = worker.transactions.by_task["0_0"]  # type: ignore[union-attr]
+    txn.begin()
+    worker.unsettled.append((clock.now, {("in", 0): 5}, []))
+    clock.now += COMMIT_BEFORE - 0.5
+    worker.settle_transactions(block=False)
+    assert txn.open and "commit" not in txn.producer.calls  # type: ignore[attr-defined]
+    clock.now += 0.5
+    worker.settle_transactions(block=False)
+    assert not txn.open and txn.producer.calls.count("commit") == 1  # type: ignore[attr-defined]
+    assert txn.producer.offsets == [("in", 0, 5)]  # type: ignore[attr-defined]
+    assert COMMIT_BEFORE < TRANSACTION_TIMEOUT_MS / 1000
+
+
+def test_a_batch_of_slow_records_commits_in_chunks_inside_the_timeout(clock, monkeypatch):
+    worker = eos_worker(commit_interval=3600.0)  # only the age of a transaction commits
+    ages: List[float] = []
+    commit = TaskTransaction.commit
+
+    def timed_commit(self: TaskTransaction, offsets: Dict[Any, int], metadata: Any) -> None:
+        ages.append(clock.now - self.began)
+        commit(self, offsets, metadata)
+
+    monkeypatch.setattr(TaskTransaction, "commit", timed_commit)
+    done: List[int] = []
+
+    def slow_chunk(records: List[Record]) -> None:  # one second per record
+        positions = {}
+        for msg in records:
+            worker.transactions.for_partition(msg.topic(), msg.partition())  # type: ignore[union-attr]
+            clock.now += 1.0
+            done.append(msg.offset())
+            positions[(msg.topic(), msg.partition())] = msg.offset() + 1
+        worker.unsettled.append((clock.now, positions, []))
+
+    monkeypatch.setattr(worker, "process_chunk", slow_chunk)
+    worker.process([Record(0, n) for n in range(30)])
+    assert done == list(range(30))
+    assert len(ages) >= 4 and max(ages) <= COMMIT_BEFORE + 1.0, ages
+    worker.settle_transactions(block=True)
+    producer = worker.transactions.by_task["0_0"].producer  # type: ignore[union-attr]
+    assert producer.offsets == [("in", 0, 30)]
+
+
+def test_chunks_grow_back_to_the_batch_for_fast_records(clock):
+    worker = eos_worker(commit_interval=0.1)
+    for _ in range(8):
+        worker._size_chunks(worker._chunk, elapsed=worker._chunk * 1e-5)
+    assert worker._chunk == worker.batch_size
+    worker._size_chunks(worker._chunk, elapsed=worker._chunk * 1.0)  # records slowed down
+    assert worker._chunk == 1
+
+
+class Stub:
+    """Records the calls made on it (a consumer's re-assignment, a state's abort)."""
+
+    def __init__(self) -> None:
+        self.calls: List[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: self.calls.append(name)
+
+
+def test_records_of_a_task_whose_transaction_aborted_mid_batch_are_left_for_the_reread(
+        clock, monkeypatch):
+    from tests.test_transactions_units import error
+
+    worker = eos_worker(commit_interval=3600.0)
+    txn = worker.transactions.by_task["0_0"]  # type: ignore[union-attr]
+    txn.producer = RecordingProducer({"commit": [error(txn_requires_abort=True)]})
+    worker.state, worker.consumer = Stub(), Stub()  # type: ignore[assignment]
+    worker.positions[("in", 0)] = 0
+    done: List[int] = []
+
+    def slow_chunk(records: List[Record]) -> None:
+        positions = {}
+        for msg in records:
+            worker.transactions.for_partition(msg.topic(), msg.partition())  # type: ignore[union-attr]
+            clock.now += 1.0
+            done.append(msg.offset())
+            positions[(msg.topic(), msg.partition())] = msg.offset() + 1
+        worker.unsettled.append((clock.now, positions, []))
+
+    monkeypatch.setattr(worker, "process_chunk", slow_chunk)
+    worker.process([Record(0, n) for n in range(30)])
+    # the first commit (at about COMMIT_BEFORE) was aborted: the rest of the batch waits
+    # for the re-read from offset 0 instead of being processed (and committed) now
+    assert done == list(range(len(done))) and len(done) < 30
+    assert worker.consumer.calls == ["incremental_unassign", "incremental_assign"]  # type: ignore[attr-defined]
+    assert worker.state.calls == ["abort"]  # type: ignore[attr-defined]
