@@ -1,11 +1,16 @@
-"""``shardsup table``: a table's contents read straight from the tasks' LMDB files."""
+"""``shardsup table``: a table's contents read straight from the tasks' LMDB files.
+
+Only the tasks this datadir owns are shown: a task revoked from it (moved to another
+machine, or to another supervisor on this one) keeps its files here, marked released,
+and its copy goes stale as the new owner processes on; it is skipped (DESIGN.md,
+"State (LMDB)").  A task taken back clears the mark when it opens its store again."""
 from __future__ import annotations
 
 import os
 from typing import Any, Dict, List, Optional
 
 from .app import App
-from .state import task_dir
+from .state import META_RELEASED, task_dir
 from .store import open_readonly
 from .tables import split_window_key
 
@@ -18,7 +23,8 @@ def read_table(app: App, datadir: str, name: str, key: Any = None) -> Any:
     """Every task's part of table ``name`` merged: ``{key: value}`` as JSON-ready data
     (keys rendered as JSON text when they are not strings); windowed tables give
     ``{key: {"<start>-<end>": value}}`` with window bounds in seconds.  With ``key``: that
-    key's value (an error when absent)."""
+    key's value (an error when absent).  Stores of tasks released by this datadir (see
+    the module docstring) are left out."""
     table = next((t for t in app.tables if t.name == name), None)
     if table is None:
         known = ", ".join(t.name for t in app.tables) or "none"
@@ -34,7 +40,7 @@ def read_table(app: App, datadir: str, name: str, key: Any = None) -> Any:
         except FileNotFoundError:
             continue
         try:
-            if name not in store.tables:
+            if name not in store.tables or store.get_meta(META_RELEASED) is not None:
                 continue
             for kb, raw in store.items(name):
                 value = table._decode_value(raw)

@@ -214,3 +214,30 @@ def test_counts_are_exact_with_the_default_producers_partitioner(broker, prefix,
     assert table(sup.datadir, "sums", prefix) == dict(sums)
     assert sup.stop() == 0
     assert "dead-lettered" not in sup.output()
+
+
+@pytest.mark.timeout(240)
+def test_the_table_command_shows_only_the_tasks_the_datadir_owns(broker, prefix, start_supervisor):
+    """Tasks that moved to another supervisor leave a stale copy in the first datadir:
+    ``shardsup table`` there shows only the tasks it still holds, each exact."""
+    first = start_supervisor("tests.apps.counter", "-c", "2", name="one")
+    first.wait_for(lambda: sum(len(t) for t in first.child_tasks().values()) == 4, 30,
+                   "every task in the first")
+    produce_orders(broker, f"{prefix}-in", 0, N // 4)
+    wait_for_total([first.datadir], prefix, N // 4, timeout=60)
+    second = start_supervisor("tests.apps.counter", "-c", "2", name="two")
+    second.wait_for(lambda: sum(len(t) for t in second.child_tasks().values()) == 2, 60,
+                    "tasks shared")
+    first.wait_for(lambda: sum(len(t) for t in first.child_tasks().values()) == 2, 60,
+                   "the first to give two tasks away")
+    produce_orders(broker, f"{prefix}-in", N // 4, N // 2)
+    counts, _sums = truth(N // 2)
+    deadline = time.monotonic() + 120
+    while True:
+        one, two = table(first.datadir, "counts", prefix), table(second.datadir, "counts", prefix)
+        if sum(one.values()) + sum(two.values()) == N // 2 or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    assert not set(one) & set(two), "a key shown by both datadirs"
+    assert {**one, **two} == dict(counts)
+    assert first.stop() == 0 and second.stop() == 0
