@@ -46,14 +46,9 @@ def produce(producer: Producer, topic: str, value: Optional[bytes], key: Optiona
     """Queues one record, waiting (serving delivery reports) while the local queue is
     full.  Raises :class:`RecordTooLarge` for a record over ``message.max.bytes``; any
     other refusal propagates as librdkafka raised it."""
-    kwargs: dict = {}
-    if headers:
-        kwargs["headers"] = headers
-    if on_delivery is not None:
-        kwargs["on_delivery"] = on_delivery
     while True:
         try:
-            producer.produce(topic, value, key, **kwargs)
+            producer.produce(topic, value, key, headers=headers, on_delivery=on_delivery)
             return
         except BufferError:
             producer.poll(BACKPRESSURE_POLL)  # queue full: let deliveries drain, then retry
