@@ -157,3 +157,57 @@ def test_records_of_a_task_whose_transaction_aborted_mid_batch_are_left_for_the_
     assert done == list(range(len(done))) and len(done) < 30
     assert worker.consumer.calls == ["incremental_unassign", "incremental_assign"]  # type: ignore[attr-defined]
     assert worker.state.calls == ["abort"]  # type: ignore[attr-defined]
+
+
+class RestoringState:
+    """Stands in for TaskStates: records, at each restore, whether a transaction was open."""
+
+    enabled = True
+    source = "in"
+
+    def __init__(self, transactions: Transactions) -> None:
+        self.transactions = transactions
+        self.open_during_restore: List[bool] = []
+
+    def open(self, task: str, partition: int, offset: int, **kwargs: Any) -> int:
+        self.open_during_restore.append(
+            any(txn.open for txn in self.transactions.by_task.values()))
+        return offset
+
+    def drain(self, positions: Any) -> List[Any]:
+        return []
+
+
+class CommittedConsumer(Stub):
+    """A consumer stub whose group has committed offset 7 for every partition."""
+
+    def committed(self, tps: List[Any], timeout: float) -> List[Any]:
+        from confluent_kafka import TopicPartition
+
+        return [TopicPartition(tp.topic, tp.partition, 7) for tp in tps]
+
+
+def test_no_transaction_is_open_while_a_new_task_restores(clock, monkeypatch):
+    """A child holding task 0_0 with a transaction open is assigned 0_1, whose tables
+    restore (maybe for longer than transaction.timeout.ms): 0_0 commits first."""
+    worker = eos_worker(commit_interval=3600.0)
+    transactions = worker.transactions
+    assert transactions is not None
+    held = transactions.by_task["0_0"]
+    held.begin()
+    worker.positions[("in", 0)] = 3
+    worker.unsettled.append((clock.now, {("in", 0): 5}, []))
+    new = TaskTransaction("0_1", RecordingProducer())  # type: ignore[arg-type]
+
+    def open_tasks(tasks: Any) -> None:  # init_transactions of the new task, no broker
+        transactions.by_task["0_1"] = new
+        transactions.by_partition[("in", 1)] = new
+
+    monkeypatch.setattr(transactions, "open", open_tasks)
+    worker.state = RestoringState(transactions)  # type: ignore[assignment]
+    worker.consumer = CommittedConsumer()  # type: ignore[assignment]
+    worker.channel = Stub()  # type: ignore[assignment]
+    worker.assign([["in", 1, 0]])
+    assert worker.state.open_during_restore == [False]  # type: ignore[attr-defined]
+    assert held.producer.calls[-1] == "commit" and held.producer.offsets == [("in", 0, 5)]  # type: ignore[attr-defined]
+    assert worker.positions[("in", 1)] == 7  # the group's committed offset, not the given 0
