@@ -102,6 +102,22 @@ The stateful workload (--workload stateful)
                    ``apply_changelog`` alone (LMDB, no Kafka) on the same records, the
                    unit-level figure of that test.
 
+    state-kill     kill -9 → the task's next processed record, with ``--kill-keys`` keys
+                   (100,000) in the tables: one record per key is processed first
+                   (``shardsup start -c 1``: one child, every task); then, per mode, a
+                   backlog of ``--kill-extra`` records (200,000) is produced, a new
+                   supervisor starts, and as soon as the group's offsets move (the child
+                   is busy with the backlog) the child gets SIGKILL.  Timed from
+                   the kill to the CreateTime of the first changelog record written after
+                   it (the restarted child's first processed batch).  Twice, each with a
+                   supervisor of its own (no crash backoff carried over): "resume" (the
+                   child's LMDB kept, so a task whose state is ahead of the group's offset
+                   reads on from it: shardworker/state.py) and "store deleted" (the task
+                   stores removed just before the kill: a full restore, which is what the
+                   old code did whenever the state was ahead of the group's offset, as it
+                   nearly always is after a kill of a busy child).  Exact: the counts of
+                   ``shardsup table`` sum to the records produced, over all keys.
+
     When a state-cN run is done: there is no output topic, so the benchmark polls the
     group's committed input offsets (4×/s) until they reach the end offsets the producer's
     delivery reports gave (the supervisor commits an offset only after the state it
@@ -143,6 +159,7 @@ How to run it (from the repository root)
                                                             # state-eos-c1/-c2, state-restore
     .venv/bin/python scripts/bench.py --records 30000 --runs raw,c1   # a quick check
     .venv/bin/python scripts/bench.py --records 30000 --runs state-raw,state-c1 --no-restore
+    .venv/bin/python scripts/bench.py --runs state-kill     # kill -9 → next record, 100k keys
     .venv/bin/python scripts/bench.py --repeat 3            # each run 3×, medians reported
                                                             # (recommended on a shared VM)
 
@@ -802,6 +819,8 @@ class StateRun:
     def execute(self) -> Dict[str, Any]:
         if self.kind == "state-restore":
             return self.execute_synthetic_restore()
+        if self.kind == "state-kill":
+            return self.execute_kill()
         args, res = self.args, self.result
         create_topics(self.bootstrap, [self.in_topic], args.partitions)
         res["produce_s"], ends, note = preproduce_keyed(self.bootstrap, self.in_topic,
@@ -1071,6 +1090,102 @@ class StateRun:
         return res
 
 
+    def execute_kill(self) -> Dict[str, Any]:
+        """kill -9 of a busy child → its tasks' next processed record, with
+        ``--kill-keys`` keys in the tables, the LMDB stores kept ("resume") and deleted
+        just before the kill ("wiped": what the old wipe of a state ahead of the group's
+        offset cost).  See the module docstring (state-kill)."""
+        args, res = self.args, self.result
+        keys, extra, parts = args.kill_keys, args.kill_extra, args.partitions
+        create_topics(self.bootstrap, [self.in_topic], parts)
+        res["produce_s"], ends, note = preproduce_keyed(self.bootstrap, self.in_topic, keys, keys)
+        res["note"] += note
+        produced = keys
+        watcher = Consumer({"bootstrap.servers": self.bootstrap, "group.id": self.prefix,
+                            "enable.auto.commit": False})
+        try:
+            # 1. the tables get their keys
+            with open(os.path.join(self.workdir, f"{self.prefix}-fill.log"), "wb") as log:
+                proc = self.start_supervisor(1, log, "info", json_logs=False, stats=False)
+                try:
+                    if not self._committed_reach(watcher, ends, proc):
+                        res["note"] += "the first records were not committed; "
+                        return res
+                finally:
+                    self.stop(proc)
+            # 2. per mode: a backlog, a supervisor busy with it, the kill
+            for mode in ("resume", "wiped"):
+                before = sum(committed_offsets(watcher, self.in_topic, parts).values())
+                _s, ends, _n = preproduce_keyed(self.bootstrap, self.in_topic, extra, keys)
+                produced += extra
+                log_path = os.path.join(self.workdir, f"{self.prefix}-{mode}.log")
+                with open(log_path, "wb") as log:
+                    proc = self.start_supervisor(1, log, "info", json_logs=False, stats=False)
+                    try:
+                        killed = self._kill_when_busy(watcher, before, proc, mode == "wiped")
+                        if killed is None or not self._committed_reach(watcher, ends, proc):
+                            res["note"] += f"{mode}: no kill or no recovery; {self.log_tail(log_path)}"
+                            return res
+                    finally:
+                        self.stop(proc)
+                res[f"kill_{mode}_s"] = self._first_changelog_after(killed) - killed
+                with open(log_path, encoding="utf-8", errors="replace") as f:
+                    after = f.read().split("died with code -9", 1)[-1]
+                res[f"kill_{mode}_restored"] = sum(
+                    int(n) for n in re.findall(r"restored (\d+) changelog records", after))
+                # tasks whose LMDB was ahead of the group's offset (read on from it) and
+                # tasks whose LMDB was exactly at it (the kill fell between two reports)
+                res[f"kill_{mode}_ahead"] = after.count("resumed from local state")
+                res[f"kill_{mode}_at_offset"] = after.count("local state is at the group's offset")
+        finally:
+            watcher.close()
+        counts = self.table_cli("counts")
+        res["exact"] = len(counts) == keys and sum(counts.values()) == produced
+        if not res["exact"]:
+            res["note"] += (f"NOT EXACT: {len(counts)} keys (want {keys}), counts sum to "
+                            f"{sum(counts.values())} (want {produced}); ")
+        res["ok"] = res["exact"]
+        return res
+
+    def _committed_reach(self, watcher: Consumer, ends: Dict[int, int],
+                         proc: subprocess.Popen) -> bool:
+        """Waits (bounded) until the group's committed offsets reach ``ends``."""
+        deadline = time.monotonic() + self.args.timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            got = committed_offsets(watcher, self.in_topic, self.args.partitions)
+            if all(got.get(p, 0) >= ends.get(p, 0) for p in range(self.args.partitions)):
+                return True
+            time.sleep(0.1)
+        return False
+
+    def _kill_when_busy(self, watcher: Consumer, before: int, proc: subprocess.Popen,
+                        delete_stores: bool) -> Optional[float]:
+        """SIGKILL to the supervisor's child once the group's offsets move past ``before``
+        (it works through its backlog); with ``delete_stores`` its task stores are
+        removed first.  Returns the time of the kill (epoch s), None if it never got busy."""
+        import psutil
+
+        deadline = time.monotonic() + self.args.timeout
+        while sum(committed_offsets(watcher, self.in_topic, self.args.partitions).values()) <= before:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                return None
+            time.sleep(0.05)
+        kids = [k for k in psutil.Process(proc.pid).children()
+                if " child " in " ".join(k.cmdline())]
+        if len(kids) != 1:
+            return None
+        if delete_stores:
+            shutil.rmtree(os.path.join(self.datadir, self.prefix, "tasks"), ignore_errors=True)
+        killed = time.time()
+        os.kill(kids[0].pid, signal.SIGKILL)
+        return killed
+
+    def _first_changelog_after(self, moment: float) -> float:
+        """CreateTime (epoch s) of the first changelog record written after ``moment``."""
+        rows = read_changelog(self.bootstrap, f"{self.prefix}-counts-changelog", 60.0)
+        return min(ts for _kind, ts, *_rest in rows if ts >= moment * 1000) / 1000.0
+
+
 def bare_consume_rate(bootstrap: str, topic: str, expect: int) -> float:
     """Records/s of a bare consume loop over partition 0 of ``topic`` taking each record's
     key, value, headers and offset (what a restore reads), with the restore consumer's
@@ -1257,7 +1372,7 @@ def summarize_state(results: Dict[str, List[Dict[str, Any]]], args: argparse.Nam
         return median_of(results, kind, key)
 
     n = args.records
-    kinds = [k for k in args.runs if is_state_kind(k) and k != "state-restore"]
+    kinds = [k for k in args.runs if is_state_kind(k) and k not in ("state-restore", "state-kill")]
     raw_rate = med("state-raw", "rate")
     print()
     print(f"stateful results ({n:,} JSON records, {args.keys:,} keys, {args.partitions} "
@@ -1343,6 +1458,20 @@ def summarize_state(results: Dict[str, List[Dict[str, Any]]], args: argparse.Nam
               "from the broker, header checks and LMDB writes, both tables, tasks one after "
               "another.")
 
+    # -- kill -9 → next record ------------------------------------------------------------
+    kills = [r for r in runs("state-kill") if r.get("kill_resume_s") is not None]
+    if kills:
+        def km(key: str) -> Optional[float]:
+            vals = [r[key] for r in kills if r.get(key) is not None]
+            return statistics.median(vals) if vals else None
+        print()
+        print(f"kill -9 of a busy child → its tasks' next processed record, {args.kill_keys:,} "
+              f"keys in the tables, {args.partitions} tasks in the child: LMDB kept (resumed) "
+              f"{fmt(km('kill_resume_s'), '.2f')} s, {fmt(km('kill_resume_restored'), ',.0f')} "
+              f"changelog records restored; store deleted (the old wipe) "
+              f"{fmt(km('kill_wiped_s'), '.2f')} s, {fmt(km('kill_wiped_restored'), ',.0f')} "
+              f"records restored (includes noticing the death and starting a new child)")
+
     # -- aims ----------------------------------------------------------------------------
     print()
     print(f"for scale (the issue, same kind of machine and broker): {REFERENCE}")
@@ -1421,9 +1550,9 @@ def code_state() -> str:
 
 
 STATELESS_RUNS = "raw,c1,c2"
-STATEFUL_RUNS = "state-raw,state-c1,state-c2,state-eos-c1,state-eos-c2,state-restore"
+STATEFUL_RUNS = "state-raw,state-c1,state-c2,state-eos-c1,state-eos-c2,state-restore,state-kill"
 RUN_NAME = re.compile(r"^(raw|c[1-9][0-9]*|state-raw|state-c[1-9][0-9]*|state-eos-c[1-9][0-9]*"
-                      r"|state-restore)$")
+                      r"|state-restore|state-kill)$")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -1444,6 +1573,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="skip the end-to-end restore measured after each state-c1 run")
     parser.add_argument("--restore-records", type=int, default=1_000_000,
                         help="changelog records of the synthetic restore (state-restore)")
+    parser.add_argument("--kill-keys", type=int, default=100_000,
+                        help="keys in the tables when state-kill kills the child")
+    parser.add_argument("--kill-extra", type=int, default=200_000,
+                        help="records state-kill produces to keep the child busy at the kill")
     parser.add_argument("--profile", action="store_true",
                         help="run the state-cN children under cProfile and print their top "
                              "functions (slows them: not for the figures)")
@@ -1473,8 +1606,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     for r in args.runs:
         if not RUN_NAME.match(r):
-            parser.error(f"unknown run {r!r}: use raw, cN, state-raw, state-cN, state-eos-cN "
-                         "or state-restore")
+            parser.error(f"unknown run {r!r}: use raw, cN, state-raw, state-cN, state-eos-cN, "
+                         "state-restore or state-kill")
     if len(set(args.runs)) != len(args.runs):
         parser.error("a run is named twice in --runs")
     if args.records < 1 or args.partitions < 1 or args.repeat < 1 or args.keys < 1 \
@@ -1535,7 +1668,18 @@ def main(argv: Optional[List[str]] = None) -> int:
                     res = {"run": kind, "ok": False, "note": f"{type(exc).__name__}: {exc}"}
                 results.setdefault(kind, []).append(res)
                 failed = '' if res.get('ok') else '  FAILED'
-                if kind == "state-restore":
+                if kind == "state-kill":
+                    print(f"  {kind:<13} #{rep + 1}: kill -9 → next record "
+                          f"{fmt(res.get('kill_resume_s'), '.2f')} s with LMDB kept "
+                          f"({fmt(res.get('kill_resume_restored'), ',.0f')} records restored; "
+                          f"tasks whose state was ahead of the group's offset and read on from "
+                          f"it: {res.get('kill_resume_ahead', '-')}, exactly at it: "
+                          f"{res.get('kill_resume_at_offset', '-')}), "
+                          f"{fmt(res.get('kill_wiped_s'), '.2f')} s with the stores deleted "
+                          f"({fmt(res.get('kill_wiped_restored'), ',.0f')} restored), exact "
+                          f"{'yes' if res.get('exact') else 'NO'}, "
+                          f"run {time.monotonic() - t0:.1f} s{failed}", flush=True)
+                elif kind == "state-restore":
                     print(f"  {kind:<13} #{rep + 1}: {fmt(res.get('restore_records'), ',.0f')} "
                           f"changelog records restored in {fmt(res.get('restore_s'), '.2f')} s = "
                           f"{fmt(res.get('restore_rate'), ',.0f')} rec/s (e2e), apply_changelog "
