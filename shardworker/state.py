@@ -120,17 +120,23 @@ class TaskStates:
         stored = store.input_offset(*tp)
         group = start_offset if start_offset >= 0 else "none"
         if stored is not None and (start_offset < 0 or stored > start_offset):
-            if not self._changelog_moved(store, partition, stored):
+            # exactly-once: LMDB commits after the Kafka transaction, so state ahead of the
+            # group's offset is not expected; if it is, its outputs are not committed and
+            # the group's offset wins (the rebuild below)
+            ahead_is_exact = not (self.app.exactly_once and start_offset >= 0)
+            if ahead_is_exact and not self._changelog_moved(store, partition, stored):
                 log.info("task %s: restored 0 changelog records: resumed from local state at "
                          "offset %d (group's position %s; nobody wrote the changelog since)",
                          task, stored, group)
                 return stored
             if start_offset >= 0:
-                # another owner wrote the changelog after this state: the only state known
-                # to be right is the committed one, so rebuild it
+                # another owner wrote the changelog after this state (or, exactly-once, its
+                # outputs are not committed): the only state known to be right is the
+                # committed one, so rebuild it
                 log.warning("task %s: local state at offset %d is ahead of the group's position "
-                            "%d and another owner wrote the changelog since; rebuilding it",
-                            task, stored, start_offset)
+                            "%d and cannot be kept (%s); rebuilding it from the changelog", task,
+                            stored, start_offset, "another owner wrote the changelog since"
+                            if ahead_is_exact else "exactly-once")
                 store.wipe()
                 store.set_identity(self._cluster_id or "", self.source)
                 stored = None
