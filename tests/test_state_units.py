@@ -1,0 +1,43 @@
+"""Unit tests of the worker's side of an interruptible restore: how a child tells, in the
+middle of a restore, that the supervisor revoked the task or stops it (real socketpair,
+real Channel; the decision is pure logic)."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from shardworker.protocol import Channel
+from shardworker.worker import Worker
+
+
+def worker_with_channel() -> "tuple[Worker, Channel]":
+    ours, theirs = socket.socketpair()
+    worker = Worker.__new__(Worker)  # only the attributes _told_to_let_go reads
+    worker.channel = Channel(ours)
+    worker.stopping = False
+    return worker, Channel(theirs)
+
+
+@pytest.mark.timeout(10)
+def test_a_restore_is_told_to_stop_by_a_revoke_of_its_partition_only_and_by_stop():
+    worker, supervisor = worker_with_channel()
+    assert not worker._told_to_let_go("in", 1)
+    supervisor.send("revoke", partitions=[["in", 2], ["in", 3]])
+    assert not worker._told_to_let_go("in", 1)
+    assert worker._told_to_let_go("in", 3)
+    # peeking leaves the messages for handle_control
+    assert [m["op"] for m in worker.channel.receive()] == ["revoke"]
+    assert not worker._told_to_let_go("in", 3)
+    supervisor.send("stop")
+    assert worker._told_to_let_go("in", 1)
+    assert [m["op"] for m in worker.channel.receive()] == ["stop"]
+    worker.stopping = True  # TERM
+    assert worker._told_to_let_go("in", 1)
+
+
+@pytest.mark.timeout(10)
+def test_a_restore_stops_when_the_supervisor_has_gone():
+    worker, supervisor = worker_with_channel()
+    supervisor.close()
+    assert worker._told_to_let_go("in", 0)
