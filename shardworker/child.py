@@ -15,8 +15,10 @@ import socket
 import sys
 from typing import List, Optional, TextIO
 
+from confluent_kafka import KafkaError, KafkaException
+
 from .logs import open_private, setup_logging
-from .protocol import Channel
+from .protocol import EXIT_BROKER_UNAVAILABLE, BrokerUnavailable, Channel, broker_unreachable
 
 PR_SET_PDEATHSIG = 1
 
@@ -75,12 +77,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         app = load_app(args.app)
         return Worker(app, channel, args.broker, args.index, args.datadir).run()
     except Exception as exc:  # noqa: BLE001 - report why, exit non-zero, get restarted
-        logging.getLogger("shardworker.child").exception("child failed: %s", exc)
-        try:
-            channel.send("failed", error=f"{type(exc).__name__}: {exc}")
-        except Exception:  # noqa: BLE001 - the supervisor may be gone
-            pass
-        return 3
+        return report_failure(channel, exc)
+
+
+def report_failure(channel: Channel, exc: Exception) -> int:
+    """Tells the supervisor why this child stops and returns the exit code: the broker
+    being unreachable is not a crash of the agent's code (DESIGN.md, "Processes"), so it
+    exits with :data:`EXIT_BROKER_UNAVAILABLE`, which the supervisor does not count."""
+    log = logging.getLogger("shardworker.child")
+    unavailable = isinstance(exc, BrokerUnavailable) or (
+        isinstance(exc, KafkaException) and isinstance(exc.args[0], KafkaError)
+        and broker_unreachable(exc.args[0]))
+    if unavailable:
+        log.warning("the broker is unreachable (%s); exiting to be restarted, the batch "
+                    "will be read again", exc)
+    else:
+        log.exception("child failed: %s", exc)
+    try:
+        channel.send("failed", error=f"{type(exc).__name__}: {exc}", broker_unavailable=unavailable)
+    except Exception:  # noqa: BLE001 - the supervisor may be gone
+        pass
+    return EXIT_BROKER_UNAVAILABLE if unavailable else 3
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ A frame is a 4-byte big-endian length followed by a UTF-8 JSON object with an ``
 Supervisor → child: ``assign``, ``revoke``, ``stop``, ``group``, ``timers`` (``run``: this
 child runs the app's timers, or stops running them).  Child → supervisor: ``ready``,
 ``offsets`` (processed-up-to, i.e. the next offset to read), ``revoked``, ``stats``,
-``failed``.  Messages are small and rare (a few per second), so JSON is plenty.
+``failed`` (``error``; ``broker_unavailable`` when the broker, not the agent, stopped
+it).  Messages are small and rare (a few per second), so JSON is plenty.
 """
 from __future__ import annotations
 
@@ -13,7 +14,43 @@ import socket
 import struct
 from typing import Any, Dict, List
 
+from confluent_kafka import KafkaError
+
 _HEADER = struct.Struct(">I")
+
+#: A child's exit code when it stopped because the broker could not be reached: the
+#: supervisor restarts it (with a backoff) without counting a crash toward FAILED, since
+#: crash backoff is for the agent's own code (DESIGN.md, "Processes").  75 is EX_TEMPFAIL.
+EXIT_BROKER_UNAVAILABLE = 75
+
+
+class BrokerUnavailable(RuntimeError):
+    """The broker is unreachable (outputs time out, requests fail with transport errors):
+    the child exits with :data:`EXIT_BROKER_UNAVAILABLE` and its batch is read again."""
+
+
+#: errors that say the broker (or the partition's leader) could not be reached in time,
+#: not that it refused what was sent: waiting and retrying is the answer to them
+UNREACHABLE_CODES = frozenset([
+    KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TRANSPORT,
+    KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE, KafkaError.REQUEST_TIMED_OUT,
+    KafkaError.NETWORK_EXCEPTION, KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.COORDINATOR_NOT_AVAILABLE,
+    KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+])
+_UNREACHABLE_TEXTS = tuple(KafkaError(code).str() for code in UNREACHABLE_CODES)
+
+
+def broker_unreachable(error: KafkaError) -> bool:
+    """True for an error of an unreachable or moving broker (see :data:`UNREACHABLE_CODES`)
+    or one librdkafka itself marks retriable; False for a refusal (too large, not
+    authorized, fenced, ...), which is a real failure."""
+    return error.code() in UNREACHABLE_CODES or bool(error.retriable())
+
+
+def says_broker_unreachable(text: str) -> bool:
+    """The same test for an error kept as text (``"<topic>: <error.str()>"``)."""
+    return text.endswith(_UNREACHABLE_TEXTS)
 
 
 class ChannelClosed(EOFError):

@@ -36,7 +36,7 @@ from .app import Agent, App
 from .logs import set_role
 from .produce import (DEFAULT_MESSAGE_MAX_BYTES, RecordTooLarge, fit_dead_letter, is_too_large,
                       message_max_bytes, produce)
-from .protocol import Channel, ChannelClosed
+from .protocol import BrokerUnavailable, Channel, ChannelClosed, says_broker_unreachable
 from .state import TaskStates
 from .topology import TopicPartitionKey, group_by_task, task_id, task_partitions, task_sort_key
 from .transactions import CALL_TIMEOUT, COMMIT_BEFORE, TransactionAborted, Transactions
@@ -378,12 +378,32 @@ class Worker:
                 return
         self._delivery_errors.append(f"{msg.topic()}: {err.str()}")
 
+    #: seconds of one wait for acknowledgements: shorter than the heartbeat interval
+    FLUSH_SLICE = 0.5
+
     def flush(self) -> None:
-        """Waits for the broker to acknowledge everything produced so far."""
-        left = self.producer.flush(FLUSH_TIMEOUT)  # type: ignore[union-attr]
-        if left or self._delivery_errors:
-            errors = "; ".join(self._delivery_errors[:3]) or f"{left} record(s) unacknowledged"
-            raise DeliveryFailed(f"outputs not acknowledged, batch will be redelivered: {errors}")
+        """Waits for the broker to acknowledge everything produced so far, however long it
+        is away: in slices, with a heartbeat to the supervisor after each, so a child
+        waiting on an unreachable broker is never taken for a hung one.  librdkafka
+        retries every record until its ``message.timeout.ms``; only a failed delivery
+        ends the wait (:meth:`raise_delivery_errors`)."""
+        while True:
+            left = self.producer.flush(self.FLUSH_SLICE)  # type: ignore[union-attr]
+            if not left or self._delivery_errors:
+                break
+            self.report(force=False)
+        if self._delivery_errors:
+            self.raise_delivery_errors()
+
+    def raise_delivery_errors(self) -> None:
+        """A batch whose outputs failed is read again after a restart.  When every error
+        says the broker could not be reached, that is :class:`BrokerUnavailable` (the
+        supervisor restarts the child without counting a crash); any other is a refusal
+        of what was sent: :class:`DeliveryFailed`."""
+        errors = "; ".join(self._delivery_errors[:3])
+        if all(says_broker_unreachable(error) for error in self._delivery_errors):
+            raise BrokerUnavailable(f"the broker did not acknowledge outputs in time: {errors}")
+        raise DeliveryFailed(f"outputs not acknowledged, batch will be redelivered: {errors}")
 
     # -- errors -----------------------------------------------------------------------
     def on_agent_error(self, agent: Agent, msg: Optional[Message], exc: BaseException) -> None:

@@ -17,8 +17,10 @@ import signal
 import time
 from typing import Dict, List, Optional, Sequence
 
+from confluent_kafka import KafkaException
+
 from shardworker.app import EMBEDDED, App, bootstrap_servers
-from shardworker.protocol import ChannelClosed
+from shardworker.protocol import EXIT_BROKER_UNAVAILABLE, ChannelClosed
 from shardworker.topology import TopicPartitionKey, group_by_task, task_partitions
 
 from .broker import EmbeddedBroker, check_reachable, ensure_topics
@@ -37,6 +39,9 @@ log = logging.getLogger("supervisor")
 
 PR_SET_CHILD_SUBREAPER = 36
 SNAPSHOT_EVERY = 1.0  # seconds between refreshes of the snapshot the web thread serves
+PLACE_RETRY = 2.0     # seconds between tries to learn the start offsets of new partitions
+COMMIT_RESEND = 10.0  # seconds before unconfirmed asynchronous commits are sent again
+LOST_GRACE = 5.0      # seconds a child may take to give back partitions the group lost
 
 
 def make_private() -> None:
@@ -98,7 +103,12 @@ class Arbiter:
         #: per partition: next offset to read, as reported by the children (acknowledged work)
         self.offsets: Dict[TopicPartitionKey, int] = {}
         self.committed: Dict[TopicPartitionKey, int] = {}
+        #: assigned partitions whose start offsets the broker has not answered yet
+        self.unplaced: List[TopicPartitionKey] = []
+        self._next_placement = 0.0
         self._last_commit = 0.0
+        self._commit_sent: Dict[TopicPartitionKey, int] = {}  # asynchronous, unconfirmed
+        self._commit_sent_at = 0.0
         #: exactly-once: the group metadata the children have (their transactions need it)
         self._shared_metadata: Optional[bytes] = None
         self.stopping: Optional[str] = None   # None, "warm" or "cold"
@@ -158,6 +168,7 @@ class Arbiter:
         self.read_children()
         assert self.member is not None
         self.member.poll()
+        self.place_unplaced()
         self.share_group_metadata()
         self.spawn_due()
         self.assign_timers()
@@ -349,12 +360,18 @@ class Arbiter:
             return
         if self.stopping is not None:
             return
-        if planned and code == 0:
+        if planned and (code == 0 or slot.revoking):
             log.info("child %d restarted (tasks %s)", slot.index, ",".join(slot.tasks))
             slot.respawn_at = time.monotonic()
             return
         slot.note_exit(code)
         now = time.monotonic()
+        if code == EXIT_BROKER_UNAVAILABLE:
+            delay = slot.schedule_outage_restart(now)
+            log.warning("child %d (tasks %s) stopped: the broker is unreachable (%s); "
+                        "restarting in %.1fs (an outage is not counted as a crash)",
+                        slot.index, ",".join(slot.tasks), slot.last_error, delay)
+            return
         delay = slot.schedule_restart(now, self.max_crashes, self.crash_window)
         if delay is not None and slot.hangs >= self.max_crashes and slot.last_error \
                 and slot.last_error.startswith("no heartbeat"):
@@ -476,16 +493,30 @@ class Arbiter:
     def commit(self, force: bool) -> None:
         """Commits the children's processed offsets as the group member (throttled).
         Exactly-once: the children's transactions committed them before reporting them;
-        a commit from here could land after a newer transactional one and undo it."""
+        a commit from here could land after a newer transactional one and undo it.
+
+        The periodic commit does not wait for the broker (an outage must not stop this
+        loop: issue 11, point 7); what it confirms is taken on later turns, and what it
+        does not confirm is sent again after COMMIT_RESEND.  ``force`` (a revoke, the
+        shutdown) waits for the broker's answer."""
         now = time.monotonic()
+        if self.member is not None:
+            confirmed = self.member.take_acknowledged()
+            self.committed.update({k: o for k, o in confirmed.items() if k in self.offsets})
         if not force and now - self._last_commit < self.app.settings["commit_interval"]:
             return
         self._last_commit = now
         pending = {k: o for k, o in self.offsets.items() if o >= 0 and self.committed.get(k) != o}
         if not pending or self.member is None:
             return
-        if self.app.exactly_once or self.member.commit(pending):
+        if self.app.exactly_once:
             self.committed.update(pending)
+        elif force:
+            if self.member.commit(pending):
+                self.committed.update(pending)
+        elif pending != self._commit_sent or now - self._commit_sent_at >= COMMIT_RESEND:
+            self.member.commit_soon(pending)
+            self._commit_sent, self._commit_sent_at = pending, now
 
     def share_group_metadata(self) -> None:
         """Exactly-once: sends every child the member's group metadata when it changes
@@ -505,11 +536,37 @@ class Arbiter:
 
     # -- rebalances (called by librdkafka from inside member.poll) -----------------
     def on_assign(self, partitions: List[TopicPartitionKey]) -> None:
-        assert self.member is not None
         self.joined = True
         if not partitions or self.stopping:
             return  # shutting down: member.close() gives them back
-        self.offsets.update(self.member.start_offsets(partitions))
+        self.unplaced.extend(p for p in partitions if p not in self.unplaced)
+        self._next_placement = 0.0
+        self.place_unplaced()
+
+    def place_unplaced(self) -> None:
+        """Starts the tasks of newly assigned partitions once the group's start offsets
+        are known.  The broker may not answer (an outage, a transaction still open): that
+        is logged and tried again on a later loop turn, never raised, because this runs
+        inside librdkafka's rebalance callback and an exception there would end the
+        supervisor (issue 11, point 7)."""
+        if not self.unplaced or self.stopping or self.member is None:
+            return
+        now = time.monotonic()
+        if now < self._next_placement:
+            return
+        try:
+            offsets = self.member.start_offsets(self.unplaced)
+        except KafkaException as exc:
+            self._next_placement = time.monotonic() + PLACE_RETRY
+            log.warning("start offsets of tasks %s not available (%s); trying again in %.0fs",
+                        ",".join(group_by_task(self.source_topics, self.unplaced)), exc, PLACE_RETRY)
+            return
+        partitions, self.unplaced = self.unplaced, []
+        self.offsets.update(offsets)
+        self.place(partitions)
+
+    def place(self, partitions: List[TopicPartitionKey]) -> None:
+        """Hands the tasks of ``partitions`` (start offsets known) to children."""
         tasks = list(group_by_task(self.source_topics, partitions))
         log.info("assigned tasks %s", ",".join(tasks))
         # a failed slot takes no new work: its tasks wait for their retry (or a HUP)
@@ -537,7 +594,10 @@ class Arbiter:
         self.take_back(partitions, commit=False)
 
     def take_back(self, partitions: List[TopicPartitionKey], commit: bool) -> None:
-        if self.closing:
+        gone = set(partitions)
+        self.unplaced = [p for p in self.unplaced if p not in gone]
+        partitions = [p for p in partitions if p in self.offsets]  # only those placed
+        if self.closing or not partitions:
             return
         if self.stopping:  # children are stopping anyway: keep what they reported, let go
             if commit:
@@ -557,7 +617,10 @@ class Arbiter:
                 slot.revoking = True
                 slot.send("revoke", partitions=[list(tp) for t in mine for tp in revoked[t]])
                 waiting.append(slot)
-        deadline = time.monotonic() + self.shutdown_timeout
+        # lost partitions belong to someone else already, and a child that cannot give
+        # them back is most likely waiting on the unreachable broker that lost them
+        grace = self.shutdown_timeout if commit else min(self.shutdown_timeout, LOST_GRACE)
+        deadline = time.monotonic() + grace
         while any(s.revoking and s.alive for s in waiting) and time.monotonic() < deadline:
             self.sleep(0.05)
             self.read_children()
@@ -565,8 +628,13 @@ class Arbiter:
         for slot in waiting:
             if slot.revoking and slot.alive:
                 # it must not go on with a task the group gives to someone else
-                log.error("child %d did not give back tasks within %.0fs; killing it",
-                          slot.index, self.shutdown_timeout)
+                if commit:
+                    log.error("child %d did not give back tasks within %.0fs; killing it",
+                              slot.index, grace)
+                else:  # not its fault: a planned stop, not a crash
+                    log.warning("child %d did not give back lost tasks within %.0fs; killing "
+                                "it (its uncommitted work is read again)", slot.index, grace)
+                    slot.state = "stopping"
                 slot.signal(signal.SIGKILL)
                 while slot.alive:
                     self.sleep(0.05)

@@ -44,6 +44,7 @@ class ChildSlot:
         self.error_reported = False    # this incarnation said why it failed (or hung)
         self.retry_at: Optional[float] = None  # failed: when its tasks are tried again
         self.runs_timers = False       # this incarnation was told to run the app's timers
+        self.outage_exits = 0          # exits in a row for an unreachable broker
         self.stats: Dict[str, Any] = {}
         self.last_heard = 0.0
         self.token = ""
@@ -103,6 +104,8 @@ class ChildSlot:
         self.stats = stats
         self.restoring = bool(stats.get("restoring"))
         self.records_total = self._base_records + int(stats.get("processed", 0))
+        if stats.get("processed"):
+            self.outage_exits = 0  # it got through to the broker again
         self.errors_total = self._base_errors + int(stats.get("errors", 0))
         # records/s over the last RATE_WINDOW seconds: a child counts its records once
         # per batch, so a shorter window would swing between 0 and a peak
@@ -174,6 +177,15 @@ class ChildSlot:
         self.hangs = 0
         self.retry_at = None
         return True
+
+    def schedule_outage_restart(self, now: float) -> float:
+        """The child stopped because the broker was unreachable: restart it with a
+        backoff (doubling up to BACKOFF_MAX while the outage lasts) without recording a
+        crash, so an outage never marks tasks FAILED.  Returns the delay."""
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** min(self.outage_exits, 16))
+        self.outage_exits += 1
+        self.respawn_at = now + delay
+        return delay
 
     def schedule_restart(self, now: float, max_crashes: int, window: float) -> Optional[float]:
         """Records a crash; returns the backoff before the next start, or None when the

@@ -9,9 +9,11 @@ consumer may commit the group's offsets.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, TopicPartition
+from confluent_kafka import (OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException,
+                             TopicPartition)
 
 from shardworker.app import App
 from shardworker.topology import TopicPartitionKey
@@ -32,6 +34,9 @@ class GroupMember:
         self._on_lost = on_lost
         self.assigned: List[TopicPartitionKey] = []
         self.rebalances = 0
+        self._last_warning = ("", 0.0)  # (text, monotonic time) of the last poll error logged
+        #: offsets the broker confirmed for asynchronous commits, not yet taken
+        self._acknowledged: Dict[TopicPartitionKey, int] = {}
         self.consumer = Consumer({
             **app.kafka_config(bootstrap),
             "group.id": app.id,
@@ -44,34 +49,55 @@ class GroupMember:
             "auto.offset.reset": app.settings["auto_offset_reset"],
             # committed() then waits for offsets of transactions still being committed
             "isolation.level": "read_committed",
+            "on_commit": self._on_commit,
         })
 
     def subscribe(self, topics: Sequence[str]) -> None:
         self.consumer.subscribe(list(topics), on_assign=self._assigned,
                                 on_revoke=self._revoked, on_lost=self._lost)
 
-    # librdkafka calls these from inside poll(), in the supervisor's main thread
+    # librdkafka calls these from inside poll(), in the supervisor's main thread.  An
+    # exception raised in one would come out of poll() and end the supervisor, so a
+    # Kafka error in them (a broker gone in the middle of a rebalance) is logged; the
+    # arbiter retries what needs the broker on its next loop turn (issue 11, point 7).
     def _assigned(self, consumer: Consumer, partitions: List[TopicPartition]) -> None:
-        consumer.incremental_assign(partitions)
-        consumer.pause(partitions)
-        self.rebalances += 1
         keys = [(p.topic, p.partition) for p in partitions]
+        try:
+            consumer.incremental_assign(partitions)
+            consumer.pause(partitions)
+        except KafkaException as exc:
+            log.warning("group member: taking %s: %s", keys, exc)
+        self.rebalances += 1
         self.assigned.extend(keys)
-        self._on_assign(keys)  # also when empty: it tells that the group was joined
+        self._call("assign", self._on_assign, keys)  # also when empty: the group was joined
 
     def _revoked(self, consumer: Consumer, partitions: List[TopicPartition]) -> None:
         keys = [(p.topic, p.partition) for p in partitions]
         if keys:
-            self._on_revoke(keys)  # returns only when the tasks are stopped and committed
+            self._call("revoke", self._on_revoke, keys)  # returns once stopped and committed
         self._forget(keys)
-        consumer.incremental_unassign(partitions)
+        self._unassign(consumer, partitions)
 
     def _lost(self, consumer: Consumer, partitions: List[TopicPartition]) -> None:
         keys = [(p.topic, p.partition) for p in partitions]
         if keys:
-            self._on_lost(keys)
+            self._call("lost", self._on_lost, keys)
         self._forget(keys)
-        consumer.incremental_unassign(partitions)
+        self._unassign(consumer, partitions)
+
+    @staticmethod
+    def _call(what: str, callback: Callback, keys: List[TopicPartitionKey]) -> None:
+        try:
+            callback(keys)
+        except KafkaException as exc:
+            log.error("group member: handling the %s of %s: %s", what, keys, exc)
+
+    @staticmethod
+    def _unassign(consumer: Consumer, partitions: List[TopicPartition]) -> None:
+        try:
+            consumer.incremental_unassign(partitions)
+        except KafkaException as exc:
+            log.warning("group member: giving back %s: %s", partitions, exc)
 
     def _forget(self, keys: List[TopicPartitionKey]) -> None:
         gone = set(keys)
@@ -81,13 +107,24 @@ class GroupMember:
         """Serves heartbeats and rebalance callbacks; records never arrive (all paused)."""
         msg = self.consumer.poll(0)
         if msg is not None and msg.error() is not None:
-            log.warning("group member: %s", msg.error().str())
+            self._warn(msg.error().str())
 
-    def start_offsets(self, keys: List[TopicPartitionKey], timeout: float = 30.0
+    def _warn(self, text: str, every: float = 30.0) -> None:
+        """Logs a poll error, the same one at most every ``every`` seconds (an outage
+        would otherwise repeat it on every loop turn)."""
+        now = time.monotonic()
+        last_text, last_time = self._last_warning
+        if text != last_text or now - last_time >= every:
+            log.warning("group member: %s", text)
+            self._last_warning = (text, now)
+
+    def start_offsets(self, keys: List[TopicPartitionKey], timeout: float = 20.0
                       ) -> Dict[TopicPartitionKey, int]:
         """Committed offsets of the group, or where ``auto_offset_reset`` says for none.
         Offsets in a transaction still open (a child killed mid-commit) are not answered
-        until it ends; the timeout outlasts the transactions' own (10 s)."""
+        until it ends; the timeout outlasts the transactions' own (10 s) and stays under
+        systemd's WatchdogSec (30 s).  Raises KafkaException when the broker does not
+        answer in time (the caller tries again later)."""
         reset = OFFSET_END if self.app.settings["auto_offset_reset"] == "latest" else OFFSET_BEGINNING
         committed = self.consumer.committed([TopicPartition(t, p) for t, p in keys], timeout=timeout)
         return {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else reset) for tp in committed}
@@ -97,8 +134,33 @@ class GroupMember:
         child's transaction needs to commit offsets on this member's behalf (KIP-447)."""
         return bytes(self.consumer.consumer_group_metadata())
 
+    def commit_soon(self, offsets: Dict[TopicPartitionKey, int]) -> None:
+        """Commits as the group member without waiting: the supervisor's loop must not
+        stop while the broker is away (its children, status socket and systemd's
+        watchdog need it).  What the broker confirms comes back from :meth:`poll`
+        through :meth:`take_acknowledged`."""
+        try:
+            self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                                 asynchronous=True)
+        except KafkaException as exc:
+            self._warn(f"offset commit failed: {exc.args[0].str()}")
+
+    def _on_commit(self, error: Optional[KafkaError], partitions: List[TopicPartition]) -> None:
+        if error is not None:
+            self._warn(f"offset commit failed: {error.str()}")
+            return
+        for tp in partitions:
+            if tp.error is None and tp.offset >= 0:
+                self._acknowledged[(tp.topic, tp.partition)] = tp.offset
+
+    def take_acknowledged(self) -> Dict[TopicPartitionKey, int]:
+        """Offsets the broker confirmed since the last call."""
+        acknowledged, self._acknowledged = self._acknowledged, {}
+        return acknowledged
+
     def commit(self, offsets: Dict[TopicPartitionKey, int]) -> bool:
-        """Commits as the group member; False (logged) when the broker refuses."""
+        """Commits as the group member and waits (a revoke must have its offsets
+        committed before the partitions move); False (logged) when the broker refuses."""
         try:
             self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
                                  asynchronous=False)

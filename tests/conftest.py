@@ -248,3 +248,18 @@ def partition_counts(messages: List) -> Dict[int, int]:
 
 __all__ = ["KafkaError", "committed_offsets", "create_topic", "produce", "read_topic",
            "partition_counts", "Supervisor"]
+
+
+@pytest.fixture
+def own_broker() -> Iterator[EmbeddedBroker]:
+    """A tansu broker of this test's own, for tests that stop it (SIGSTOP) to play an
+    outage without stalling the broker every other test shares.  At teardown it is
+    continued (if stopped) and ended."""
+    embedded = EmbeddedBroker()
+    embedded.start()
+    try:
+        yield embedded
+    finally:
+        if embedded.proc is not None and embedded.proc.poll() is None:
+            os.kill(embedded.proc.pid, signal.SIGCONT)
+        embedded.stop()

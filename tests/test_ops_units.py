@@ -674,3 +674,92 @@ def test_health_and_status_carry_a_failed_tasks_error() -> None:
     assert body["failed"] == {"0_1": {"last_error": "RuntimeError: boom\nline two", "retry_in_s": 250.0}}
     text = format_status(snapshot)
     assert "FAILED      0_1: RuntimeError: boom line two (tried again in 4m10s)" in text
+
+
+# -- broker outages (issue 11, point 7) ---------------------------------------------------
+
+def test_errors_of_an_unreachable_broker_are_told_from_refusals() -> None:
+    from confluent_kafka import KafkaError
+
+    from shardworker.protocol import broker_unreachable, says_broker_unreachable
+
+    for code in (KafkaError._MSG_TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN,
+                 KafkaError.REQUEST_TIMED_OUT, KafkaError.NOT_LEADER_FOR_PARTITION):
+        assert broker_unreachable(KafkaError(code))
+        assert says_broker_unreachable(f"proj-out: {KafkaError(code).str()}")
+    for code in (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.TOPIC_AUTHORIZATION_FAILED,
+                 KafkaError._INVALID_ARG):
+        assert not broker_unreachable(KafkaError(code))
+        assert not says_broker_unreachable(f"proj-out: {KafkaError(code).str()}")
+
+
+def test_a_child_stopped_by_the_broker_says_so_and_exits_75() -> None:
+    from confluent_kafka import KafkaError, KafkaException
+
+    from shardworker.child import report_failure
+    from shardworker.protocol import EXIT_BROKER_UNAVAILABLE, BrokerUnavailable, Channel
+
+    ours, theirs = socket.socketpair()
+    child, supervisor = Channel(theirs), Channel(ours)
+    try:
+        cases = [(BrokerUnavailable("outputs timed out"), EXIT_BROKER_UNAVAILABLE, True),
+                 (KafkaException(KafkaError(KafkaError._TRANSPORT)), EXIT_BROKER_UNAVAILABLE, True),
+                 (KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)), 3, False),
+                 (ZeroDivisionError("division by zero"), 3, False)]
+        for exc, code, unavailable in cases:
+            assert report_failure(child, exc) == code
+            deadline = time.monotonic() + 5
+            messages: List[Dict[str, Any]] = []
+            while not messages and time.monotonic() < deadline:
+                messages = supervisor.receive()
+            assert messages[0]["op"] == "failed" and messages[0]["broker_unavailable"] is unavailable
+    finally:
+        child.close()
+        supervisor.close()
+
+
+def test_an_outage_restart_backs_off_without_counting_a_crash() -> None:
+    from supervisor.children import BACKOFF_MAX, ChildSlot
+
+    slot = ChildSlot(0, ["0_0"])
+    delays = [slot.schedule_outage_restart(float(n)) for n in range(12)]
+    assert delays[:3] == [0.1, 0.2, 0.4] and delays[-1] == BACKOFF_MAX
+    assert slot.crashes == [] and slot.state == "down"
+    slot.record_stats({"processed": 10})
+    assert slot.schedule_outage_restart(100.0) == 0.1  # it got through: the backoff starts afresh
+
+
+class _Member:
+    """Stands in for the group member: start offsets fail while ``down`` is set."""
+
+    def __init__(self) -> None:
+        self.down = True
+
+    def start_offsets(self, keys):  # type: ignore[no-untyped-def]
+        from confluent_kafka import KafkaError, KafkaException
+
+        if self.down:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
+        return {key: 7 for key in keys}
+
+
+def test_an_assignment_whose_offsets_time_out_is_placed_on_a_later_turn(tmp_path, monkeypatch) -> None:
+    import shardworker
+    from supervisor.arbiter import Arbiter
+
+    app = shardworker.App("proj")
+    app.topic("proj-in", partitions=2)
+    app.agent(app.topics["proj-in"])(lambda stream: stream)
+    arb = Arbiter(app, "proj", 2, "kafka://x:1", str(tmp_path))
+    arb.member = _Member()  # type: ignore[assignment]
+    placed: List[Any] = []
+    monkeypatch.setattr(arb, "place", placed.append)
+    keys = [("proj-in", 0), ("proj-in", 1)]
+    arb.on_assign(keys)  # inside librdkafka's callback: must not raise
+    assert arb.joined and arb.unplaced == keys and placed == []
+    assert arb._next_placement > 0  # a retry is due in PLACE_RETRY seconds; make it now
+    arb._next_placement = 0.0
+    arb.member.down = False  # type: ignore[attr-defined]
+    arb.place_unplaced()
+    assert placed == [keys] and arb.unplaced == [] and arb.offsets == {k: 7 for k in keys}
+    arb.on_lost([("proj-in", 5)])  # never placed: nothing to take back, nothing raised
