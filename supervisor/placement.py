@@ -41,8 +41,9 @@ def choose_timer_owner(running: Dict[int, Sequence[str]]) -> Optional[int]:
     children that are running (``running`` maps child index to its tasks).
 
     Timers run once per group (DESIGN.md, "Processes": the supervisor decides what each
-    child runs), so exactly one child is told to run them.  Task ``0_0`` is the natural owner, but when its child has failed the timers
-    move to the next running task instead of stopping.  None when no child runs a task.
+    child runs), so exactly one child is told to run them.  Task ``0_0`` is the natural
+    owner, but when its child has failed the timers move to the next running task
+    instead of stopping.  None when no child runs a task.
     """
     owners = [(min(task_sort_key(t) for t in tasks), index)
               for index, tasks in running.items() if tasks]
