@@ -16,6 +16,7 @@ MESSAGE_TIMEOUT_MS = os.environ.get("SHARDSUP_TEST_MESSAGE_TIMEOUT_MS")
 
 app = shardworker.App(P, broker="kafka://127.0.0.1:9092", session_timeout_ms=SESSION_MS,
                       commit_interval=0.2,
+                      processing_guarantee=os.environ.get("SHARDSUP_TEST_GUARANTEE", "at_least_once"),
                       kafka_config={"message.timeout.ms": int(MESSAGE_TIMEOUT_MS)}
                       if MESSAGE_TIMEOUT_MS else {})
 source = app.topic(f"{P}-in", partitions=4, key_serializer="str", value_serializer="json")
