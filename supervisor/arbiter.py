@@ -42,6 +42,7 @@ SNAPSHOT_EVERY = 1.0  # seconds between refreshes of the snapshot the web thread
 PLACE_RETRY = 2.0     # seconds between tries to learn the start offsets of new partitions
 COMMIT_RESEND = 10.0  # seconds before unconfirmed asynchronous commits are sent again
 LOST_GRACE = 5.0      # seconds a child may take to give back partitions the group lost
+FINAL_COMMIT_WAIT = 10.0  # seconds a shutdown waits for the broker to confirm its commit
 
 
 def make_private() -> None:
@@ -518,6 +519,24 @@ class Arbiter:
             self.member.commit_soon(pending)
             self._commit_sent, self._commit_sent_at = pending, now
 
+    def commit_final(self) -> None:
+        """The shutdown's commit: waits for the broker's confirmation, but at most
+        FINAL_COMMIT_WAIT seconds, so a shutdown during an outage still ends (what is
+        not confirmed is read again by the next owner: at least once)."""
+        if self.member is None or self.app.exactly_once:
+            self.commit(force=True)
+            return
+        self.committed.update(self.member.take_acknowledged())
+        pending = {k: o for k, o in self.offsets.items() if o >= 0 and self.committed.get(k) != o}
+        if not pending:
+            return
+        if self.member.commit_within(pending, FINAL_COMMIT_WAIT):
+            self.committed.update(pending)
+        else:
+            log.warning("the broker did not confirm the final commit within %.0fs; records "
+                        "after the group's last committed offsets will be read again",
+                        FINAL_COMMIT_WAIT)
+
     def share_group_metadata(self) -> None:
         """Exactly-once: sends every child the member's group metadata when it changes
         (each rebalance starts a generation; a stale one gets their commits refused)."""
@@ -747,7 +766,7 @@ class Arbiter:
             self.reap()
             if self.member is not None:
                 self.member.poll()
-        self.commit(force=True)
+        self.commit_final()
         self.closing = True
         if self.member is not None:
             self.member.close()

@@ -145,6 +145,20 @@ class GroupMember:
         except KafkaException as exc:
             self._warn(f"offset commit failed: {exc.args[0].str()}")
 
+    def commit_within(self, offsets: Dict[TopicPartitionKey, int], timeout: float) -> bool:
+        """Commits and waits at most ``timeout`` seconds for the broker to confirm every
+        offset; False when it did not (the broker is away).  It polls, so it is for the
+        shutdown only, never inside a rebalance callback."""
+        self.commit_soon(offsets)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = self.consumer.poll(0.05)
+            if msg is not None and msg.error() is not None:
+                self._warn(msg.error().str())
+            if all(self._acknowledged.get(key) == offset for key, offset in offsets.items()):
+                return True
+        return False
+
     def _on_commit(self, error: Optional[KafkaError], partitions: List[TopicPartition]) -> None:
         if error is not None:
             self._warn(f"offset commit failed: {error.str()}")

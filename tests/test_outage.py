@@ -99,3 +99,29 @@ def test_outputs_timing_out_in_an_outage_restart_children_without_counting_crash
                  {"SHARDSUP_TEST_SESSION_MS": "30000", "SHARDSUP_TEST_MESSAGE_TIMEOUT_MS": "3000"})
     assert "the broker is unreachable" in log and "not counted as a crash" in log
     assert "lost partitions" not in log
+
+
+@pytest.mark.timeout(90)
+def test_the_final_commit_gives_up_on_a_stopped_broker_within_its_wait(own_broker, prefix):
+    """A shutdown during an outage must end: the member's last commit waits for the
+    broker's confirmation only so long (a synchronous commit would wait for the broker)."""
+    import shardworker
+    from supervisor.membership import GroupMember
+    from tests.conftest import committed_offsets, create_topic
+
+    assert own_broker.proc is not None
+    topic = f"{prefix}-in"
+    create_topic(own_broker.bootstrap, topic, 1)
+    app = shardworker.App(prefix, broker=f"kafka://{own_broker.bootstrap}")
+    member = GroupMember(app, own_broker.bootstrap, print, print, print)
+    try:
+        assert member.commit_within({(topic, 0): 5}, timeout=20)
+        os.kill(own_broker.proc.pid, signal.SIGSTOP)
+        began = time.monotonic()
+        assert not member.commit_within({(topic, 0): 6}, timeout=3)
+        assert time.monotonic() - began < 6
+        os.kill(own_broker.proc.pid, signal.SIGCONT)
+    finally:
+        os.kill(own_broker.proc.pid, signal.SIGCONT)
+        member.close()
+    assert committed_offsets(own_broker.bootstrap, prefix, topic, 1)[0] in (5, 6)
