@@ -118,7 +118,8 @@ class Agent:
 
 @dataclass
 class Timer:
-    """A function run every ``interval`` seconds in the one child that owns task ``0_0``."""
+    """A function run every ``interval`` seconds in exactly one child of the group:
+    the one the supervisor names, hosting its lowest running task (normally ``0_0``)."""
 
     fn: Callable[[], Any]
     interval: float

@@ -472,7 +472,8 @@ class Arbiter:
             return
         running = {i: s.tasks for i, s in self.slots.items()
                    if s.state == "running" and not s.retiring}
-        owner = choose_timer_owner(running)
+        held = [t for s in self.slots.values() for t in s.tasks]
+        owner = choose_timer_owner(running, held)
         alive = [s for s in self.slots.values() if s.alive and s.channel is not None]
         for slot in sorted(alive, key=lambda s: s.index == owner):  # stops first
             wanted = slot.index == owner

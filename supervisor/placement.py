@@ -1,9 +1,12 @@
 """Where tasks run: which child hosts which task (pure logic, no processes)."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from shardworker.topology import task_sort_key
+
+#: the task whose holder runs the group's timers (one supervisor of the group holds it)
+TIMER_TASK = "0_0"
 
 
 def place_tasks(new_tasks: Sequence[str], hosted: Dict[int, Sequence[str]],
@@ -36,15 +39,20 @@ def place_tasks(new_tasks: Sequence[str], hosted: Dict[int, Sequence[str]],
     return for_existing, [tasks for tasks in for_new if tasks]
 
 
-def choose_timer_owner(running: Dict[int, Sequence[str]]) -> Optional[int]:
+def choose_timer_owner(running: Dict[int, Sequence[str]], held: Iterable[str]) -> Optional[int]:
     """The child that runs the app's timers: the one hosting the lowest task among the
-    children that are running (``running`` maps child index to its tasks).
+    children that are running (``running`` maps child index to its tasks), on the one
+    supervisor of the group that holds task ``0_0`` (``held``: every task assigned to
+    this supervisor, failed ones included).
 
-    Timers run once per group (DESIGN.md, "Processes": the supervisor decides what each
-    child runs), so exactly one child is told to run them.  Task ``0_0`` is the natural
-    owner, but when its child has failed the timers move to the next running task
-    instead of stopping.  None when no child runs a task.
+    Timers run once per group (DESIGN.md, "Failure of a task"), so exactly one child of
+    the group is told to run them.  The group gives task ``0_0`` to one supervisor,
+    which makes it the owner; when the child of ``0_0`` has failed, the timers move to
+    that supervisor's next running task instead of stopping.  None when this
+    supervisor does not hold ``0_0`` or no child of it runs a task.
     """
+    if TIMER_TASK not in held:
+        return None
     owners = [(min(task_sort_key(t) for t in tasks), index)
               for index, tasks in running.items() if tasks]
     return min(owners)[1] if owners else None

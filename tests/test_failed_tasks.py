@@ -89,3 +89,24 @@ def test_timers_move_to_the_next_running_task_when_task_0_0_fails(
     sup.wait_for(lambda: len(timer_pids(beats)) >= seen + 3, 30, "the timer to run again")
     assert set(timer_pids(beats)[seen:]) == {other}
     assert sup.stop() == 0
+
+
+@pytest.mark.timeout(120)
+def test_timers_run_in_one_child_of_the_group_with_two_supervisors(
+        broker, prefix, start_supervisor, tmp_path):
+    """Each supervisor picks its own timer owner, so only the one the group gave task 0_0
+    may pick one: with two supervisors sharing the tasks, the timer runs in one child."""
+    beats = str(tmp_path / "beats")
+    env = {"SHARDSUP_TEST_TIMER_FILE": beats}
+    a = start_supervisor("tests.apps.failing", "-c", "2", name="a", env=env)
+    a.wait_for(lambda: len(a.child_tasks()) == 2, 30, "supervisor a's children")
+    b = start_supervisor("tests.apps.failing", "-c", "2", name="b", env=env)
+    both = lambda: sorted(t for s in (a, b) for ts in s.child_tasks().values() for t in ts)  # noqa: E731
+    b.wait_for(lambda: b.child_tasks() and both() == ["0_0", "0_1", "0_2", "0_3"], 60,
+               "the group to share the tasks between the two supervisors")
+    seen = len(timer_pids(beats))
+    b.wait_for(lambda: len(timer_pids(beats)) >= seen + 10, 30, "the timer to run")
+    holder = next(s for s in (a, b) if any("0_0" in ts for ts in s.child_tasks().values()))
+    owner = next(pid for pid, ts in holder.child_tasks().items() if "0_0" in ts)
+    assert set(timer_pids(beats)[seen + 5:]) == {owner}, "the timer ran in more than one child"
+    assert b.stop() == 0 and a.stop() == 0

@@ -628,12 +628,15 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Any) -> None:
 def test_timer_owner_is_the_child_of_the_lowest_running_task() -> None:
     from supervisor.placement import choose_timer_owner
 
-    assert choose_timer_owner({0: ["0_0", "0_2"], 1: ["0_1", "0_3"]}) == 0
-    assert choose_timer_owner({1: ["0_1", "0_3"]}) == 1          # 0_0's child failed
-    assert choose_timer_owner({3: ["0_10"], 2: ["0_9"], 4: []}) == 2  # numeric, not text
-    assert choose_timer_owner({0: ["1_0"], 1: ["0_5"]}) == 1
-    assert choose_timer_owner({}) is None
-    assert choose_timer_owner({0: []}) is None
+    held = ["0_0", "0_1", "0_2", "0_3"]
+    assert choose_timer_owner({0: ["0_0", "0_2"], 1: ["0_1", "0_3"]}, held) == 0
+    assert choose_timer_owner({1: ["0_1", "0_3"]}, held) == 1          # 0_0's child failed
+    assert choose_timer_owner({3: ["0_10"], 2: ["0_9"], 4: []}, ["0_0", "0_9", "0_10"]) == 2
+    assert choose_timer_owner({0: ["1_0"], 1: ["0_5"]}, ["0_0", "1_0", "0_5"]) == 1
+    assert choose_timer_owner({}, held) is None
+    assert choose_timer_owner({0: []}, held) is None
+    # another supervisor of the group holds 0_0: its child runs the timers, none of ours
+    assert choose_timer_owner({0: ["0_1", "0_3"]}, ["0_1", "0_3"]) is None
 
 
 def test_a_failed_slot_is_tried_again_after_its_backoff_with_a_clean_history() -> None:
