@@ -72,8 +72,10 @@ def test_a_child_killed_after_a_commit_restarts_from_the_committed_offsets(
     sup.wait_for(lambda: set(victim_parts) <= set(start_offsets_after(sup.output(), died.end())),
                  60, "the killed child's tasks to be assigned again")
     starts = start_offsets_after(sup.output(), died.end())
+    # (a task of the victim that had not committed yet starts where the supervisor says)
+    assert any(committed[part] > 0 for part in victim_parts), committed
     for part in victim_parts:
-        assert starts[part] >= committed[part] > 0, (
+        assert starts[part] >= committed[part], (
             f"partition {part} restarted at {starts[part]}, below the committed {committed[part]}")
     # nothing lost; on a real Kafka, nothing committed twice either
     outputs = read_topic(broker, f"{prefix}-out", N, timeout=120)
