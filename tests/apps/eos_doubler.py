@@ -1,9 +1,10 @@
 """Test app: the doubler under exactly-once, with an event-triggered kill -9.
 
 ``SHARDSUP_TEST_KILL_AFTER_COMMIT=<path>``: the first child whose task commits a
-transaction carrying input offsets while ``<path>`` exists removes the file and kills
-itself with SIGKILL right after the commit returns, before it can report the offsets to
-the supervisor.  The supervisor's idea of the task's offsets is then behind what the
+transaction carrying input offsets while ``<path>`` exists removes the file, writes the
+offsets its transactions committed to ``<path>.committed`` (JSON ``[topic, partition,
+offset]`` rows) and kills itself with SIGKILL right after the commit returns, before it
+can report the offsets to the supervisor.  The supervisor's idea of the task's offsets is then behind what the
 group committed, deterministically: the situation a restarted child must not repeat
 outputs in (DESIGN.md, "Tests and the broker": a fault is triggered by an event).
 """
@@ -36,17 +37,26 @@ async def double(stream):
 
 
 if KILL_FILE:
+    import json
+
     from shardworker import transactions
 
     _commit = transactions.TaskTransaction.commit
+    #: what this process's transactions committed: (topic, partition) → next offset
+    _committed = {}
 
     def _commit_then_die(self, offsets, group_metadata):
         _commit(self, offsets, group_metadata)
+        _committed.update(offsets)
         if offsets:
             try:
                 os.unlink(KILL_FILE)  # only one child wins the file, once
             except FileNotFoundError:
                 return
+            # what the child committed, for the test: written whole, then the kill
+            with open(KILL_FILE + ".tmp", "w") as f:
+                json.dump([[t, p, o] for (t, p), o in _committed.items()], f)
+            os.rename(KILL_FILE + ".tmp", KILL_FILE + ".committed")
             os.kill(os.getpid(), signal.SIGKILL)
 
     transactions.TaskTransaction.commit = _commit_then_die
