@@ -52,14 +52,15 @@ def test_every_record_reaches_the_sink_with_two_children(broker, prefix, start_s
 
 @pytest.mark.timeout(150)
 def test_kill_9_of_a_child_mid_stream_loses_nothing(broker, prefix, start_supervisor):
-    # 200 µs of work a record: the stream takes seconds, so the kill lands mid-stream
+    # the kill lands mid-stream by construction, however fast the machine: it follows the
+    # first outputs of the first half, and the second half is produced after it
     sup = start_supervisor("tests.apps.doubler", "-c", "2", env={"SHARDSUP_TEST_WORK_US": "200"})
     sup.wait_for(lambda: len(sup.child_tasks()) == 2, 30, "two children")
-    produce(broker, f"{prefix}-in", records(0, N))
+    produce(broker, f"{prefix}-in", records(0, N // 2))
     victim = min(sup.child_tasks())
-    so_far = read_topic(broker, f"{prefix}-out", 0, timeout=30, until=lambda msgs: len(msgs) >= 500)
+    read_topic(broker, f"{prefix}-out", 0, timeout=30, until=lambda msgs: len(msgs) >= 500)
     os.kill(victim, signal.SIGKILL)
-    assert len(so_far) < N // 2, "the stream was over before the kill"
+    produce(broker, f"{prefix}-in", records(N // 2, N))
     out = read_topic(broker, f"{prefix}-out", N, timeout=90)
     check_outputs(out, range(N))
     sup.wait_for(lambda: len(sup.child_tasks()) == 2 and victim not in sup.child_tasks(), 15,
