@@ -21,6 +21,9 @@ BACKPRESSURE_POLL = 0.05
 #: record overhead, rounded up), so that a truncated dead letter fits for sure
 RECORD_OVERHEAD = 512
 
+#: librdkafka's "no partition given": its partitioner picks one from the key
+UNASSIGNED = -1
+
 Headers = List[Tuple[str, bytes]]
 
 
@@ -42,13 +45,16 @@ def is_too_large(error: Optional[KafkaError]) -> bool:
 
 def produce(producer: Producer, topic: str, value: Optional[bytes], key: Optional[bytes],
             headers: Optional[Headers] = None,
-            on_delivery: Optional[Callable[[Any, Any], None]] = None) -> None:
-    """Queues one record, waiting (serving delivery reports) while the local queue is
-    full.  Raises :class:`RecordTooLarge` for a record over ``message.max.bytes``; any
-    other refusal propagates as librdkafka raised it."""
+            on_delivery: Optional[Callable[[Any, Any], None]] = None,
+            partition: int = UNASSIGNED) -> None:
+    """Queues one record (``partition``: as the partitioner says unless given), waiting
+    (serving delivery reports) while the local queue is full.  Raises
+    :class:`RecordTooLarge` for a record over ``message.max.bytes``; any other refusal
+    propagates as librdkafka raised it."""
     while True:
         try:
-            producer.produce(topic, value, key, headers=headers, on_delivery=on_delivery)
+            producer.produce(topic, value, key, partition=partition, headers=headers,
+                             on_delivery=on_delivery)
             return
         except BufferError:
             producer.poll(BACKPRESSURE_POLL)  # queue full: let deliveries drain, then retry

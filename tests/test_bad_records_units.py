@@ -27,8 +27,10 @@ class FullQueue:
         self.full = full
         self.polls = 0
         self.records: List[Any] = []
+        self.partitions: List[int] = []  # of every call, the ones refused too
 
     def produce(self, topic: str, value: Any, key: Any, **kwargs: Any) -> None:
+        self.partitions.append(kwargs["partition"])
         if self.full:
             self.full -= 1
             raise BufferError("Local: Queue full")
@@ -131,3 +133,11 @@ def test_check_fits_refuses_what_librdkafka_would_refuse():
     producer = real_producer()  # what passes the check, librdkafka takes
     produce(producer, "t-changelog", b"v" * (LIMIT - 600), b"k")
     producer.purge()
+
+
+def test_a_given_partition_goes_through_and_the_queue_is_still_waited_out():
+    producer = FullQueue(full=1)
+    produce(producer, "t-changelog", b"v", b"k", partition=3)  # type: ignore[arg-type]
+    assert producer.partitions == [3, 3] and producer.polls == 1
+    produce(producer, "out", b"v", b"k")  # type: ignore[arg-type]
+    assert producer.partitions[-1] == -1  # no partition given: librdkafka's partitioner
