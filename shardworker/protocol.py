@@ -12,9 +12,12 @@ from __future__ import annotations
 import json
 import socket
 import struct
-from typing import Any, Dict, List
+import time
+from typing import Any, Callable, Dict, List, Optional, TypeVar
 
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, KafkaException
+
+T = TypeVar("T")
 
 _HEADER = struct.Struct(">I")
 
@@ -46,6 +49,41 @@ def broker_unreachable(error: KafkaError) -> bool:
     or one librdkafka itself marks retriable; False for a refusal (too large, not
     authorized, fenced, ...), which is a real failure."""
     return error.code() in UNREACHABLE_CODES or bool(error.retriable())
+
+
+#: seconds one blocking call to the broker waits before the child heartbeats and calls
+#: again: well inside the supervisor's ``--child-timeout`` (a child that sends nothing for
+#: that long is taken for hung and killed, a counted crash)
+BROKER_SLICE = 1.0
+#: seconds a child waits out an unreachable broker in one call before it gives up with
+#: :class:`BrokerUnavailable` (exit 75, restarted without counting a crash)
+BROKER_WAIT = 60.0
+
+
+def call_while_unreachable(call: Callable[[float], T], heartbeat: Callable[[], None],
+                           what: str, limit: Optional[float] = None) -> T:
+    """``call(timeout)`` made in slices of :data:`BROKER_SLICE` seconds, with
+    ``heartbeat()`` between them, for as long as it fails because the broker cannot be
+    reached (:func:`broker_unreachable`), at most ``limit`` seconds; then
+    :class:`BrokerUnavailable`.  Any other error (a refusal, a fatal error, a transaction
+    that must be aborted) is raised at once.  For librdkafka's blocking calls that may be
+    called again after a timeout (``init_transactions``, ``send_offsets_to_transaction``,
+    ``commit_transaction``, ``abort_transaction``, ``Consumer.committed``): waiting in
+    slices keeps the child's heartbeat going through an outage (DESIGN.md, "Processes")."""
+    limit = BROKER_WAIT if limit is None else limit
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            return call(BROKER_SLICE)
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if (not isinstance(error, KafkaError) or error.fatal() or error.txn_requires_abort()
+                    or not broker_unreachable(error)):
+                raise
+            if time.monotonic() >= deadline:
+                raise BrokerUnavailable(f"{what}: no answer from the broker in {limit:.0f}s "
+                                        f"({error.str()})") from None
+        heartbeat()
 
 
 def says_broker_unreachable(text: str) -> bool:

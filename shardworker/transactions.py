@@ -9,17 +9,27 @@ Either all of it becomes visible to ``read_committed`` consumers, or none of it 
 ``transactional.id`` is ``<app id>-<task>``: stable across restarts and machines, so a new
 owner of a task fences the previous one (a zombie child can no longer commit), and its
 ``init_transactions()`` aborts whatever the previous owner left open.
+
+A broker outage is waited out, not taken for a crash (DESIGN.md, "Processes"): every call
+that needs the broker is made in slices of :data:`~.protocol.BROKER_SLICE` seconds with a
+heartbeat to the supervisor in between, retried while the broker cannot be reached, and
+given up after :data:`~.protocol.BROKER_WAIT` seconds with
+:class:`~.protocol.BrokerUnavailable` (the child exits 75 and is restarted uncounted).  A
+transaction that outlived the outage (its records timed out, or the broker aborted it)
+fails its commit, is aborted and its records read again.
 """
 from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, Iterable, Optional
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from .app import App
+from . import protocol
+from .protocol import BROKER_SLICE, BrokerUnavailable, call_while_unreachable
 from .topology import TopicPartitionKey, task_partitions
 
 log = logging.getLogger("shardworker.transactions")
@@ -31,16 +41,26 @@ TRANSACTION_TIMEOUT_MS = 10_000
 #: timeout, so a slow batch or a slow broker still commits well before the broker aborts
 #: the transaction (and fences the task's producer)
 COMMIT_BEFORE = TRANSACTION_TIMEOUT_MS / 1000 / 2
-#: seconds one transactional call may take before the task gives up on its transaction
-CALL_TIMEOUT = 30.0
-#: a retriable commit is retried this many times before the task gives up
-COMMIT_ATTEMPTS = 5
+#: seconds a closing task waits for the broker to abort its open transaction: what is not
+#: committed never counts anyway (the broker aborts it after ``transaction.timeout.ms``,
+#: the task's next owner's ``init_transactions`` at once)
+CLOSE_WAIT = 2.0
 
 
 class TransactionAborted(RuntimeError):
     """The broker refused the task's transaction (the group moved on, a record was not
     delivered, ...); it was aborted, so none of its outputs or offsets count and the
     task must read its records again from the last committed offsets."""
+
+
+def _init_quietly(txn: TaskTransaction) -> None:
+    """``txn.init()`` off the main thread: without its heartbeat, which only the main
+    thread may send (it waits in slices and sends them itself)."""
+    heartbeat, txn.heartbeat = txn.heartbeat, lambda: None
+    try:
+        txn.init()
+    finally:
+        txn.heartbeat = heartbeat
 
 
 def transactional_id(app: App, task: str) -> str:
@@ -62,17 +82,39 @@ def transactional_producer(app: App, bootstrap: str, task: str, client_id: str,
 class TaskTransaction:
     """The transactional producer of one task and whether a transaction is open."""
 
-    def __init__(self, task: str, producer: Producer) -> None:
+    def __init__(self, task: str, producer: Producer,
+                 heartbeat: Callable[[], None] = lambda: None) -> None:
         self.task = task
         self.producer = producer
+        #: called between the slices of a call that waits for the broker (the worker's
+        #: heartbeat to the supervisor; a no-op in a thread)
+        self.heartbeat = heartbeat
         self.open = False
         #: when the open transaction began (time.monotonic())
         self.began = 0.0
 
     def init(self) -> None:
         """Registers the id with the broker: fences an older producer of the task and
-        aborts what it left open."""
-        self.producer.init_transactions(CALL_TIMEOUT)
+        aborts what it left open.  Waits out an unreachable broker (at most
+        :data:`~.protocol.BROKER_WAIT` seconds)."""
+        self._call(self.producer.init_transactions, "initialising its transactions")
+
+    def _call(self, call: Callable[[float], Any], what: str, limit: Optional[float] = None) -> Any:
+        """``call(timeout)`` waiting out an unreachable broker with heartbeats (see
+        :func:`~.protocol.call_while_unreachable`)."""
+        return call_while_unreachable(call, self.heartbeat, f"task {self.task}: {what}", limit)
+
+    def _flush(self, producer: Producer) -> None:
+        """Waits for the delivery reports of everything produced in the transaction, in
+        slices with heartbeats.  Records the broker does not acknowledge fail after
+        ``message.timeout.ms`` (at most ``transaction.timeout.ms`` with transactions), and
+        the commit then fails too; past :data:`~.protocol.BROKER_WAIT`: BrokerUnavailable."""
+        deadline = time.monotonic() + protocol.BROKER_WAIT
+        while producer.flush(BROKER_SLICE):
+            if time.monotonic() >= deadline:
+                raise BrokerUnavailable(f"task {self.task}: outputs not acknowledged in "
+                                        f"{protocol.BROKER_WAIT:.0f}s")
+            self.heartbeat()
 
     def begin(self) -> Producer:
         """The producer, with a transaction open for whatever comes next."""
@@ -86,23 +128,18 @@ class TaskTransaction:
         """Commits the open transaction's outputs together with ``offsets`` (the next
         offsets to read).  Raises :class:`TransactionAborted` when the broker refused the
         transaction and it was aborted; a fatal error (fenced: the task has a new owner)
-        propagates and ends the child."""
+        propagates and ends the child.  An unreachable broker is waited out with
+        heartbeats; past :data:`~.protocol.BROKER_WAIT` it raises BrokerUnavailable."""
         producer = self.begin()  # offsets alone are worth a transaction too
         try:
             # delivery reports first: they carry the changelog offsets that LMDB stores
-            producer.flush(CALL_TIMEOUT)
+            self._flush(producer)
             if offsets:
-                producer.send_offsets_to_transaction(
-                    [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-                    group_metadata, CALL_TIMEOUT)
-            for attempt in range(COMMIT_ATTEMPTS):
-                try:
-                    producer.commit_transaction(CALL_TIMEOUT)
-                    break
-                except KafkaException as exc:
-                    if not exc.args[0].retriable() or attempt == COMMIT_ATTEMPTS - 1:
-                        raise
-                    time.sleep(0.1 * (attempt + 1))
+                tps = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+                self._call(lambda timeout: producer.send_offsets_to_transaction(
+                    tps, group_metadata, timeout), "sending its offsets")
+            # a commit that timed out is resumed by calling it again (librdkafka)
+            self._call(producer.commit_transaction, "committing")
         except KafkaException as exc:
             error: KafkaError = exc.args[0]
             if not error.txn_requires_abort():
@@ -111,17 +148,22 @@ class TaskTransaction:
             raise TransactionAborted(f"task {self.task}: transaction aborted: {error.str()}") from None
         self.open = False
 
-    def abort(self) -> None:
-        """Throws the open transaction away (its records never become visible)."""
+    def abort(self, limit: Optional[float] = None) -> None:
+        """Throws the open transaction away (its records never become visible), waiting
+        out an unreachable broker for at most ``limit`` seconds."""
         if self.open:
-            self.producer.abort_transaction(CALL_TIMEOUT)
+            self._call(self.producer.abort_transaction, "aborting", limit)
             self.open = False
 
     def close(self) -> None:
+        """Aborts what is open, briefly (:data:`CLOSE_WAIT`): a child that stops because
+        the broker is away does not wait for it again."""
         try:
-            self.abort()
+            self.abort(limit=CLOSE_WAIT)
         except KafkaException as exc:  # a fenced or broken producer has nothing to abort
             log.warning("task %s: abort on close failed: %s", self.task, exc.args[0].str())
+        except BrokerUnavailable as exc:
+            log.warning("%s; the broker aborts it after transaction.timeout.ms", exc)
 
 
 class Transactions:
@@ -129,8 +171,11 @@ class Transactions:
     the topic-partition of a record."""
 
     def __init__(self, app: App, bootstrap: str, client_id: str,
-                 on_delivery: Callable[[Optional[KafkaError], Any], None]) -> None:
+                 on_delivery: Callable[[Optional[KafkaError], Any], None],
+                 heartbeat: Callable[[], None] = lambda: None) -> None:
         self.app = app
+        #: the worker's heartbeat to the supervisor, sent while a call waits for the broker
+        self.heartbeat = heartbeat
         self.bootstrap = bootstrap
         self.client_id = client_id
         self.on_delivery = on_delivery
@@ -141,19 +186,31 @@ class Transactions:
 
     def open(self, tasks: Iterable[str]) -> None:
         """Creates and initialises the producers of new tasks (concurrently: each
-        ``init_transactions`` is a round trip or more to the transaction coordinator)."""
+        ``init_transactions`` is a round trip or more to the transaction coordinator).
+        The inits run in threads; this thread heartbeats while it waits for them, so an
+        outage during an assignment is waited out like any other (BrokerUnavailable
+        after :data:`~.protocol.BROKER_WAIT`)."""
         new = [TaskTransaction(task, transactional_producer(self.app, self.bootstrap, task,
-                                                            self.client_id, self.on_delivery))
+                                                            self.client_id, self.on_delivery),
+                               self.heartbeat)
                for task in tasks if task not in self.by_task]
-        if len(new) > 1:
-            with ThreadPoolExecutor(len(new)) as pool:
-                list(pool.map(TaskTransaction.init, new))
-        elif new:
-            new[0].init()
+        if new:
+            self._init_all(new)
         for txn in new:
             self.by_task[txn.task] = txn
             for tp in task_partitions(self.app.source_topics, txn.task):
                 self.by_partition[tp] = txn
+
+    def _init_all(self, new: List[TaskTransaction]) -> None:
+        """``init()`` of every one of ``new`` in its own thread (heartbeats are sent from
+        this one only: the channel is not shared between threads); the first failure is
+        raised once all have ended."""
+        with ThreadPoolExecutor(len(new)) as pool:
+            futures: List[Future] = [pool.submit(_init_quietly, txn) for txn in new]
+            while wait(futures, timeout=BROKER_SLICE).not_done:
+                self.heartbeat()
+        for future in futures:
+            future.result()
 
     def close(self, task: str) -> None:
         txn = self.by_task.pop(task, None)

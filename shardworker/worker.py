@@ -36,10 +36,11 @@ from .app import Agent, App
 from .logs import set_role
 from .produce import (DEFAULT_MESSAGE_MAX_BYTES, RecordTooLarge, fit_dead_letter, is_too_large,
                       message_max_bytes, produce)
-from .protocol import BrokerUnavailable, Channel, ChannelClosed, says_broker_unreachable
+from .protocol import (BrokerUnavailable, Channel, ChannelClosed, call_while_unreachable,
+                       says_broker_unreachable)
 from .state import TaskStates
 from .topology import TopicPartitionKey, group_by_task, task_id, task_partitions, task_sort_key
-from .transactions import CALL_TIMEOUT, COMMIT_BEFORE, TransactionAborted, Transactions
+from .transactions import COMMIT_BEFORE, TransactionAborted, Transactions
 
 log = logging.getLogger("shardworker.worker")
 
@@ -47,7 +48,6 @@ STATS_INTERVAL = 1.0       # seconds between heartbeats with stats to the superv
 MAX_UNSETTLED = 4          # batches processed ahead of their acknowledgements, at most
 SETTLE_WITHIN = 0.05       # seconds a batch may wait for its acknowledgements unforced
 REPORT_INTERVAL = 0.05     # offsets are reported at most this often (and at every stop)
-FLUSH_TIMEOUT = 60.0       # a batch whose outputs are not acknowledged by then is fatal
 CHUNK_SECONDS = 0.5        # exactly-once: a batch is processed in chunks of about this long
 
 
@@ -121,7 +121,8 @@ class Worker:
         self.transactions: Optional[Transactions] = None
         self.producer: Optional[Producer] = None
         if app.exactly_once:
-            self.transactions = Transactions(app, self.bootstrap, client_id, self._on_delivery)
+            self.transactions = Transactions(app, self.bootstrap, client_id, self._on_delivery,
+                                             heartbeat=self.heartbeat)
         else:
             self.producer = Producer({
                 **app.producer_config(self.bootstrap),
@@ -173,6 +174,11 @@ class Worker:
         self.app._producer = self.producer_for(msg)
         if self.state.enabled:
             self.state.on_record(msg)
+
+    def heartbeat(self) -> None:
+        """Tells the supervisor this child is alive while it waits for the broker (the
+        throttled :meth:`report`)."""
+        self.report(force=False)
 
     def _on_term(self, signum: int, frame: Any) -> None:
         self.stopping = True
@@ -562,7 +568,8 @@ class Worker:
         has fenced the previous owner and aborted what it left open, so the committed
         offsets (``read_committed``: OffsetFetch waits for pending transactional offsets,
         and needs no group membership) are final.  A partition with no committed offset
-        starts where the supervisor said.  At-least-once: unchanged (the supervisor
+        starts where the supervisor said.  An unreachable broker is waited out with
+        heartbeats (BrokerUnavailable after a bound).  At-least-once: unchanged (the supervisor
         commits what children report, so its offsets are the group's).
 
         First, the open transactions of the tasks this child holds already are committed:
@@ -573,8 +580,10 @@ class Worker:
         self.settle(block=True)  # no transaction of a task held already stays open through
         #                          the restore that may follow (transaction.timeout.ms)
         asked = [TopicPartition(topic, part) for topic, part, _o in partitions]
-        committed = {(tp.topic, tp.partition): tp.offset
-                     for tp in self.consumer.committed(asked, timeout=CALL_TIMEOUT)}
+        found = call_while_unreachable(
+            lambda timeout: self.consumer.committed(asked, timeout=timeout), self.heartbeat,
+            "reading the group's committed offsets")
+        committed = {(tp.topic, tp.partition): tp.offset for tp in found}
         starts = []
         for topic, part, given in partitions:
             offset = committed.get((topic, part), -1)

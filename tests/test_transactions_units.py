@@ -2,6 +2,7 @@
 transaction reacts to each kind of broker error (a stand-in producer records the calls)."""
 from __future__ import annotations
 
+import time
 from typing import Any, List, Optional
 
 import pytest
@@ -95,3 +96,98 @@ def test_a_retriable_commit_is_retried_and_a_fatal_one_is_not_swallowed():
     with pytest.raises(KafkaException):
         txn.commit({("in", 1): 42}, b"metadata")
     assert "abort" not in fenced.calls  # a fenced producer may not abort: the child ends
+
+
+def timed_out() -> KafkaError:
+    """What librdkafka raises when a transactional call's timeout passed with the broker
+    away: retriable, the call may be made again."""
+    return KafkaError(KafkaError._TIMED_OUT, "planted timeout", retriable=True)
+
+
+def test_an_unreachable_broker_is_waited_out_in_slices_with_heartbeats():
+    """Issue 11, point 7: each call that needs the broker is made again while it times
+    out, with a heartbeat to the supervisor in between (before, one call blocked 30 s)."""
+    beats: List[float] = []
+    producer = RecordingProducer({"send_offsets": [timed_out()], "commit": [timed_out(), timed_out()],
+                                  "abort": [timed_out()]})
+    txn = TaskTransaction("0_1", producer, heartbeat=lambda: beats.append(1))  # type: ignore[arg-type]
+    txn.commit({("in", 1): 42}, b"metadata")
+    assert producer.calls.count("send_offsets") == 2 and producer.calls.count("commit") == 3
+    assert len(beats) == 3 and not txn.open and "abort" not in producer.calls
+    txn.begin()
+    txn.abort()
+    assert producer.calls.count("abort") == 2 and len(beats) == 4 and not txn.open
+
+
+def test_a_broker_away_past_the_bound_is_broker_unavailable_not_a_crash(monkeypatch):
+    """Past BROKER_WAIT the child gives up with BrokerUnavailable (exit 75, uncounted);
+    closing the task then waits only briefly for its abort."""
+    from shardworker import protocol
+    from shardworker.child import report_failure
+    from shardworker.protocol import EXIT_BROKER_UNAVAILABLE, BrokerUnavailable
+
+    monkeypatch.setattr(protocol, "BROKER_SLICE", 0.01)
+    monkeypatch.setattr(protocol, "BROKER_WAIT", 0.05)
+    monkeypatch.setattr("shardworker.transactions.CLOSE_WAIT", 0.05)
+    class Away(RecordingProducer):
+        """Every call waits its timeout and times out, as with the broker stopped."""
+
+        def commit_transaction(self, timeout: float) -> None:
+            time.sleep(timeout)
+            raise KafkaException(timed_out())
+
+        def abort_transaction(self, timeout: float) -> None:
+            self.calls.append("abort")
+            time.sleep(timeout)
+            raise KafkaException(timed_out())
+
+    producer = Away()
+    txn = TaskTransaction("0_1", producer)  # type: ignore[arg-type]
+    with pytest.raises(BrokerUnavailable, match="0_1: committing") as raised:
+        txn.commit({("in", 1): 42}, b"metadata")
+    assert txn.open and "abort" not in producer.calls  # read again by the restarted child
+
+    class Sent:
+        def send(self, op: str, **fields: Any) -> None:
+            self.fields = fields
+
+    sent = Sent()
+    assert report_failure(sent, raised.value) == EXIT_BROKER_UNAVAILABLE  # type: ignore[arg-type]
+    assert sent.fields["broker_unavailable"] is True
+    txn.close()  # logs, does not raise
+    assert producer.calls.count("abort") >= 1
+
+
+def test_init_waits_out_the_broker_and_the_opener_heartbeats(monkeypatch):
+    """Transactions.open runs the inits in threads and heartbeats from its own."""
+    import threading
+    import time as time_module
+
+    from shardworker import transactions as txn_module
+    from shardworker.transactions import Transactions
+
+    class SlowInit(RecordingProducer):
+        def init_transactions(self, timeout: float) -> None:
+            time_module.sleep(timeout)
+            self._call("init")
+
+    from shardworker import protocol
+
+    monkeypatch.setattr(txn_module, "BROKER_SLICE", 0.02)
+    monkeypatch.setattr(protocol, "BROKER_SLICE", 0.02)
+    producers = {"0_0": SlowInit({"init": [timed_out()] * 3}), "0_1": SlowInit()}
+    monkeypatch.setattr(txn_module, "transactional_producer",
+                        lambda app, bootstrap, task, client_id, on_delivery: producers[task])
+    beats: List[str] = []
+    app = App("a", processing_guarantee="exactly_once")
+
+    @app.agent(app.topic("in", partitions=2))
+    def agent(stream):  # pragma: no cover - never runs
+        yield from stream
+
+    transactions = Transactions(app, "b:9", "c", lambda err, msg: None,
+                                heartbeat=lambda: beats.append(threading.current_thread().name))
+    transactions.open(["0_0", "0_1"])
+    assert producers["0_0"].calls == ["init"] * 4 and producers["0_1"].calls == ["init"]
+    assert beats and set(beats) == {threading.main_thread().name}
+    assert set(transactions.by_task) == {"0_0", "0_1"}
