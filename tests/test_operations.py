@@ -5,7 +5,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -36,16 +35,60 @@ def get(url: str):
         return exc.code, exc.read().decode()
 
 
+def total_lag(reading: dict) -> int:
+    return sum(v for k in reading["children"] for v in k["lag"].values())
+
+
+def children_counted(reading: dict, above: dict) -> bool:
+    """Every child has counted records, more than ``above`` says it had (pid → total)."""
+    kids = reading["children"]
+    return bool(kids) and all(k["records_total"] > above.get(k["pid"], 0) for k in kids)
+
+
+def wait_for_status(sup, predicate, timeout: float, what: str) -> dict:
+    """Polls ``shardsup status --json`` until ``predicate`` holds; returns that reading."""
+    found: dict = {}
+
+    def check() -> bool:
+        reading = status_json(sup.datadir)
+        if predicate(reading):
+            found.update(reading)
+            return True
+        return False
+
+    sup.wait_for(check, timeout, what)
+    return found
+
+
+def log_roles(logfile) -> set:
+    """The roles of the complete JSON lines of ``logfile`` so far (a line being written
+    may be cut short: it is skipped until it is whole)."""
+    try:
+        text = logfile.read_text()
+    except FileNotFoundError:
+        return set()
+    roles = set()
+    for line in text.splitlines():
+        try:
+            roles.add(json.loads(line)["role"])
+        except (ValueError, KeyError):
+            continue
+    return roles
+
+
 @pytest.mark.timeout(90)
 def test_status_over_the_socket_with_real_children(broker, prefix, start_supervisor):
     # 1 ms of work a record: 20,000 records keep both children busy for about 10 s
     sup = start_supervisor("tests.apps.supervised", "-c", "2", env={"SHARDSUP_TEST_WORK_US": "1000"})
     sup.wait_for(lambda: len(sup.child_tasks()) == 2, 30, "two children")
     produce(broker, f"{prefix}-in", records(0, 20_000))
-    time.sleep(2.5)
-    first = status_json(sup.datadir)
-    time.sleep(1.5)
-    second = status_json(sup.datadir)
+    # two readings, each waited for: every child has counted records while a backlog
+    # shows (first), then every child has counted more (second), however fast the machine
+    first = wait_for_status(sup, lambda s: children_counted(s, {}) and total_lag(s) > 0,
+                            30, "every child counting with a backlog")
+    counted = {k["pid"]: k["records_total"] for k in first["children"]}
+    second = wait_for_status(sup, lambda s: children_counted(s, counted), 30,
+                             "every child to count more records")
 
     head = second["supervisor"]
     assert head["pid"] == sup.proc.pid and head["app"] == prefix and head["state"] == "running"
@@ -55,12 +98,14 @@ def test_status_over_the_socket_with_real_children(broker, prefix, start_supervi
     assert {k["pid"] for k in kids} == set(sup.child_tasks())
     assert sorted(t for k in kids for t in k["tasks"]) == ["0_0", "0_1", "0_2", "0_3"]
     assert sorted(second["tasks"]) == ["0_0", "0_1", "0_2", "0_3"]
-    for before, after in zip(first["children"], kids):
+    assert {k["pid"] for k in first["children"]} == set(counted) == {k["pid"] for k in kids}
+    for reading in (first, second):
+        assert all(isinstance(v, int) and v >= 0 for k in reading["children"] for v in k["lag"].values())
+    for after in kids:
         assert after["state"] == "running" and after["rss_bytes"] > 10_000_000
-        assert after["records_total"] > before["records_total"] > 0, "records do not count up"
+        assert after["records_total"] > counted[after["pid"]] > 0, "records do not count up"
         assert after["records_per_s"] > 0 and after["cpu_percent"] is not None
-        assert all(isinstance(v, int) and v >= 0 for v in after["lag"].values())
-    assert sum(v for k in kids for v in k["lag"].values()) > 0, "a backlog shows no lag"
+    assert total_lag(first) > 0, "a backlog shows no lag"
 
     table = status(sup.datadir)
     assert table.returncode == 0
@@ -80,12 +125,17 @@ def test_web_status_metrics_and_health_flipping_to_503(broker, prefix, start_sup
     base = f"http://127.0.0.1:{port}"
     wait_until(lambda: get(base + "/health")[0] == 200, 15, "healthy")
     produce(broker, f"{prefix}-in", records(0, 1000))
-    time.sleep(2.5)
     code, body = get(base + "/status")
     assert code == 200 and json.loads(body)["supervisor"]["pid"] == sup.proc.pid
-    code, text = get(base + "/metrics")
-    assert code == 200
-    families = {f.name: f for f in text_string_to_metric_families(text)}
+    families: dict = {}
+
+    def all_processed() -> bool:  # polled, not slept: any machine speed
+        code, text = get(base + "/metrics")
+        assert code == 200
+        families.update({f.name: f for f in text_string_to_metric_families(text)})
+        return sum(s.value for s in families["shardsup_records_processed"].samples) >= 1000
+
+    sup.wait_for(all_processed, 30, "/metrics to count the 1000 records processed")
     processed = families["shardsup_records_processed"].samples
     assert sum(s.value for s in processed) >= 1000
     assert {s.labels["child"] for s in families["shardsup_child_rss_bytes"].samples} == {"0", "1"}
@@ -157,7 +207,8 @@ def test_json_logs_to_a_file_carry_the_role_of_every_process(broker, prefix, sta
                            "--log-format", "json")
     sup.wait_for(lambda: len(sup.child_tasks()) == 2, 30, "two children")
     produce(broker, f"{prefix}-in", records(0, 100))
-    time.sleep(1)
+    sup.wait_for(lambda: any(r.startswith("child 0_") for r in log_roles(logfile)), 30,
+                 "a JSON log line of a child")
     assert sup.stop() == 0
     lines = logfile.read_text().splitlines()
     entries = [json.loads(line) for line in lines]  # every line is one JSON object
