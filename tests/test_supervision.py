@@ -117,8 +117,7 @@ def test_kill_9_of_a_child_ends_its_orphans_and_leaves_no_zombie(broker, prefix,
     wait_until(lambda: not sleepers(daemon_seconds), 15, "the orphan of the killed child to end")
     sup.wait_for(lambda: len(sup.child_tasks()) == 2 and parent not in sup.child_tasks(), 15,
                  "the killed child to be replaced")
-    time.sleep(0.5)
-    assert not zombies_of(sup.proc.pid)
+    wait_until(lambda: not zombies_of(sup.proc.pid), 10, "the supervisor to reap every zombie")
     assert sup.stop() == 0
 
 
@@ -165,7 +164,8 @@ def test_a_second_term_turns_warm_into_cold(broker, prefix, start_supervisor, tm
     wait_until(marker.exists, 30, "the agent to hang")
     began = time.monotonic()
     sup.proc.send_signal(signal.SIGTERM)
-    time.sleep(1.0)
+    # the second TERM once the warm shutdown is under way (logged), on any machine speed
+    sup.wait_for(lambda: "warm shutdown: stopping" in sup.output(), 10, "the warm shutdown to begin")
     sup.proc.send_signal(signal.SIGTERM)
     assert sup.stop(None, timeout=20) == 1
     assert time.monotonic() - began < 15
@@ -275,11 +275,35 @@ def test_stop_command_warm_and_without_a_supervisor(broker, prefix, start_superv
     assert again.returncode != 0 and "no supervisor is running" in again.stderr
 
 
+#: tests.apps.supervised's session timeout: a failover through the group would leave the
+#: killed child's partitions unserved at least this long before a rebalance even began
+SESSION_TIMEOUT = 6.0
+#: the window around the kill where the other partitions are watched for a pause, and the
+#: equally long window before it that measures this machine's own jitter (the baseline)
+WATCH = 3.5
+
+
+def largest_gap(stamps: List[float], start: float, end: float) -> float:
+    window = [t for t in stamps if start <= t <= end]
+    assert len(window) >= 2, f"no outputs between {start:.2f} and {end:.2f}"
+    return max(b - a for a, b in zip(window, window[1:]))
+
+
 @pytest.mark.timeout(150)
 def test_killed_child_stalls_only_its_own_partitions_briefly(broker, prefix, start_supervisor):
-    """The measurement behind the claim: no rebalance, others do not pause."""
+    """The measurement behind the claim: no rebalance, others do not pause.
+
+    Timed by events, not sleeps: the kill follows outputs covering a baseline window, and
+    the feed stops once outputs cover the window after the kill.  The limits hold on a
+    shared, loaded machine: the supervisor's own share of the stall (kill to the new
+    process) is bounded tightly, the whole stall by the session timeout (what a failover
+    through the group would cost at the least; the rest is the new child's start-up, which
+    is this machine's speed), and the other partitions' largest gap
+    around the kill against the largest gap in an equally long window before it."""
     sup = start_supervisor("tests.apps.supervised", "-c", "2")
     sup.wait_for(lambda: len(sup.child_tasks()) == 2, 30, "two children")
+    victim, tasks = next(iter(sup.child_tasks().items()))
+    victim_parts = {int(t.split("_")[1]) for t in tasks}
     stop = threading.Event()
 
     def feed() -> None:  # ~1000 records/s, spread over the partitions
@@ -292,37 +316,50 @@ def test_killed_child_stalls_only_its_own_partitions_briefly(broker, prefix, sta
                 producer.produce(f"{prefix}-in", value, key, partition=part)
             producer.poll(0)
             n += 10
-            time.sleep(0.01)
+            time.sleep(0.01)  # paces the feed; no assertion waits on it
         producer.flush(10)
+
+    def stamps(messages, victims: bool) -> List[float]:
+        return sorted(v["t"] for v in outputs(messages).values()
+                      if (v["n"] % PARTS in victim_parts) == victims)
+
+    def spans(messages, seconds: float) -> bool:  # both sides have flowed that long
+        mine, others = stamps(messages, True), stamps(messages, False)
+        return bool(mine and others) and min(mine[-1] - mine[0], others[-1] - others[0]) >= seconds
 
     feeder = threading.Thread(target=feed, daemon=True)
     feeder.start()
     try:
-        time.sleep(3)
-        victim, tasks = next(iter(sup.child_tasks().items()))
-        victim_parts = {int(t.split("_")[1]) for t in tasks}
+        out = read_topic(broker, f"{prefix}-out", 0, timeout=60,
+                         until=lambda m: spans(m, WATCH + 1.0))
+        assert spans(out, WATCH + 1.0), "outputs never covered the baseline window"
+        before_kill = {k.pid for k in sup.children()}
         killed_at = time.time()
         os.kill(victim, signal.SIGKILL)
-        time.sleep(4)
+        wait_until(lambda: {k.pid for k in sup.children()} - before_kill, 10, "a new child process")
+        respawned = time.time() - killed_at  # an upper bound: the poll runs every 50 ms
+
+        def covered(messages) -> bool:  # victim's partitions resumed; others past the window
+            resumed = [v for v in outputs(messages).values() if v["n"] % PARTS in victim_parts
+                       and v["pid"] != victim and v["t"] > killed_at]
+            return bool(resumed) and stamps(messages, False)[-1] > killed_at + WATCH
+        out = read_topic(broker, f"{prefix}-out", 0, timeout=60, until=covered)
+        assert covered(out), "the killed child's partitions never resumed"
     finally:
         stop.set()
         feeder.join(10)
-    out = read_topic(broker, f"{prefix}-out", 0, timeout=20,
-                     until=lambda m: any(json.loads(x.value())["t"] > killed_at + 3.5 for x in m))
     values = list(outputs(out).values())
     resumed = min(v["t"] for v in values if v["n"] % PARTS in victim_parts and v["pid"] != victim
-                  and v["t"] > killed_at)
-    others = sorted(v["t"] for v in values if v["n"] % PARTS not in victim_parts)
-    def largest_gap(start: float, end: float) -> float:
-        window = [t for t in others if start <= t <= end]
-        return max(b - a for a, b in zip(window, window[1:]))
-
-    gap = largest_gap(killed_at - 0.5, killed_at + 3)
-    before = largest_gap(killed_at - 2.5, killed_at - 0.5)
-    print(f"\nstall of the killed child's partitions: {resumed - killed_at:.2f}s; largest gap "
-          f"on the other partitions: {gap:.3f}s around the kill, {before:.3f}s before it")
-    assert resumed - killed_at < 3.0
-    assert gap < 0.5
+                  and v["t"] > killed_at) - killed_at
+    others = stamps(out, False)
+    gap = largest_gap(others, killed_at - 0.5, killed_at + WATCH - 0.5)
+    before = largest_gap(others, killed_at - 0.5 - WATCH, killed_at - 0.5)
+    print(f"\nstall of the killed child's partitions: {resumed:.2f}s ({respawned:.2f}s to the new "
+          f"process); largest gap on the other partitions: {gap:.3f}s around the kill, "
+          f"{before:.3f}s in as long a window before it")
+    assert respawned < 1.0, "the supervisor was slow to start the replacement"
+    assert resumed < SESSION_TIMEOUT
+    assert gap < max(0.5, 2 * before), "the other partitions paused at the kill"
     assert "revoking" not in sup.output(), "a killed child caused a rebalance"
     assert sup.stop() == 0
 
