@@ -18,6 +18,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Pro
 
 from .app import App
 from .partitioner import key_partitioner
+from .produce import message_max_bytes, produce
 from .store import TaskStore
 from .tables import CONTEXT, DrainedBatch, TaskTables, apply_changelog, source_of
 from .topology import TopicPartitionKey
@@ -57,6 +58,8 @@ class TaskStates:
         #: the worker's list of failed deliveries: a lost changelog record fails the batch
         self.delivery_errors = delivery_errors
         self.source = app.table_source or ""
+        #: what the producer accepts (``kafka_config``): each changelog record must fit
+        self.max_message_bytes = message_max_bytes(app.settings["kafka_config"])
         self.tasks: Dict[str, TaskTables] = {}
         self.by_partition: Dict[TopicPartitionKey, TaskTables] = {}
         self._cluster_id: Optional[str] = None
@@ -106,7 +109,8 @@ class TaskStates:
         assert self._partitions is not None
         tables_of_task = TaskTables(store, tables, partition, self.source,
                                     key_partitioner(self.app.topics[self.source].encode_key,
-                                                    self._partitions), task)
+                                                    self._partitions), task,
+                                    self.max_message_bytes)
         self.tasks[task] = tables_of_task
         self.by_partition[(self.source, partition)] = tables_of_task
         return resume
@@ -309,14 +313,8 @@ class TaskStates:
             delivered = _remember_offset(batch.changelog_offsets, self.delivery_errors)
             producer = self.producer_for(tables.task_id)
             for record in batch.records:
-                while True:
-                    try:
-                        producer.produce(record.topic, record.value, record.key,
-                                         partition=record.partition, headers=record.headers,
-                                         on_delivery=delivered(record.table))
-                        break
-                    except BufferError:  # queue full: let deliveries drain, then retry
-                        producer.poll(0.05)
+                produce(producer, record.topic, record.value, record.key, record.headers,
+                        delivered(record.table), record.partition)
             batches.append(batch)
         return batches
 

@@ -58,6 +58,7 @@ from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, Name
 
 from .codecs import get_codec
 from .partitioner import KeyPartitioner
+from .produce import DEFAULT_MESSAGE_MAX_BYTES, check_fits
 from .store import TaskStore
 
 __all__ = [
@@ -230,7 +231,7 @@ class TaskTables:
 
     def __init__(self, store: TaskStore, tables: Sequence["Table"], partition: int,
                  source_topic: str = "", key_partition: Optional[KeyPartitioner] = None,
-                 task_id: str = "") -> None:
+                 task_id: str = "", max_message_bytes: int = DEFAULT_MESSAGE_MAX_BYTES) -> None:
         self.store = store
         self.tables: Dict[str, Table] = {t.name: t for t in tables}
         missing = [name for name in self.tables if name not in store.tables]
@@ -244,6 +245,8 @@ class TaskTables:
         self._warned: set = set()
         self.task_id = task_id
         self.max_key_size = int(store.env.max_key_size())
+        #: the producer's ``message.max.bytes``: a changelog record must fit in it
+        self.max_message_bytes = max_message_bytes
         #: table → key bytes → (value, serialized value or None = deleted, source tp)
         self._cache: Dict[str, Dict[bytes, Tuple[Any, Optional[bytes], TP]]] = {
             name: {} for name in self.tables}
@@ -314,6 +317,8 @@ class TaskTables:
         raw = None if value is None else table._encode_value(value)
         if raw is None:
             value = None
+        else:  # too large for its changelog: the record that wrote it fails, not the batch
+            check_fits(table.changelog_topic, kb, raw, self.max_message_bytes)
         undo_key = (table.name, kb)
         if undo_key not in self.undo:
             self.undo[undo_key] = cache.get(kb)
