@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from .codecs import get_codec
+from .produce import UNASSIGNED, produce
 
 EMBEDDED = "embedded://"
 
@@ -265,19 +266,10 @@ class App:
 
             self._producer = Producer(self.producer_config(bootstrap_servers(self.resolved_broker())))
             self._producer_errors = []
-        kwargs: Dict[str, Any] = {}
-        if headers:
-            kwargs["headers"] = list(headers.items())
-        if partition is not None:
-            kwargs["partition"] = partition
-        if self._producer_errors is not None:  # outside a worker: failures are ours to see
-            kwargs["on_delivery"] = self._delivered
-        produce = self._producer.produce
-        try:
-            produce(topic, value, key, **kwargs)
-        except BufferError:
-            self._producer.poll(0.1)
-            produce(topic, value, key, **kwargs)
+        # outside a worker, failures are ours to see (a worker routes its own reports)
+        on_delivery = self._delivered if self._producer_errors is not None else None
+        produce(self._producer, topic, value, key, list(headers.items()) if headers else None,
+                on_delivery, UNASSIGNED if partition is None else partition)
 
     def _delivered(self, err: Any, msg: Any) -> None:
         if err is not None and self._producer_errors is not None:
