@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Dict, List, Optional, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException
@@ -51,38 +54,66 @@ def broker_unreachable(error: KafkaError) -> bool:
     return error.code() in UNREACHABLE_CODES or bool(error.retriable())
 
 
-#: seconds one blocking call to the broker waits before the child heartbeats and calls
-#: again: well inside the supervisor's ``--child-timeout`` (a child that sends nothing for
-#: that long is taken for hung and killed, a counted crash)
+#: seconds between two heartbeats of a child waiting on a call to the broker: well inside
+#: the supervisor's ``--child-timeout`` (a child that sends nothing for that long is taken
+#: for hung and killed, a counted crash)
 BROKER_SLICE = 1.0
+#: the timeout given to each of those calls; librdkafka may block past it (a request in
+#: flight waits for ``socket.timeout.ms``), so the call runs in a thread of its own and
+#: the child heartbeats while it waits
+BROKER_CALL_TIMEOUT = 5.0
 #: seconds a child waits out an unreachable broker in one call before it gives up with
 #: :class:`BrokerUnavailable` (exit 75, restarted without counting a crash)
 BROKER_WAIT = 60.0
 
 
+def _start(call: Callable[[float], T], timeout: float) -> "Future[T]":
+    """``call(timeout)`` in a daemon thread of its own; its outcome in the future."""
+    future: "Future[T]" = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(call(timeout))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="broker-call", daemon=True).start()
+    return future
+
+
 def call_while_unreachable(call: Callable[[float], T], heartbeat: Callable[[], None],
                            what: str, limit: Optional[float] = None) -> T:
-    """``call(timeout)`` made in slices of :data:`BROKER_SLICE` seconds, with
-    ``heartbeat()`` between them, for as long as it fails because the broker cannot be
-    reached (:func:`broker_unreachable`), at most ``limit`` seconds; then
-    :class:`BrokerUnavailable`.  Any other error (a refusal, a fatal error, a transaction
-    that must be aborted) is raised at once.  For librdkafka's blocking calls that may be
-    called again after a timeout (``init_transactions``, ``send_offsets_to_transaction``,
-    ``commit_transaction``, ``abort_transaction``, ``Consumer.committed``): waiting in
-    slices keeps the child's heartbeat going through an outage (DESIGN.md, "Processes")."""
+    """``call(timeout)``, made again for as long as it fails because the broker cannot be
+    reached (:func:`broker_unreachable`), at most ``limit`` seconds (default
+    :data:`BROKER_WAIT`); then :class:`BrokerUnavailable`.  Each call runs in a thread
+    and ``heartbeat()`` is called every :data:`BROKER_SLICE` seconds while it runs, so
+    the child's heartbeat goes on however long librdkafka blocks.  Any other error (a
+    refusal, a fatal error, a transaction that must be aborted) is raised at once.  For
+    librdkafka's blocking calls that may be called again after a timeout
+    (``init_transactions``, ``send_offsets_to_transaction``, ``commit_transaction``,
+    ``abort_transaction``, ``Consumer.committed``; DESIGN.md, "Processes").  A call still
+    running at the bound is left to its thread (the child is about to exit)."""
     limit = BROKER_WAIT if limit is None else limit
     deadline = time.monotonic() + limit
     while True:
-        try:
-            return call(BROKER_SLICE)
-        except KafkaException as exc:
-            error = exc.args[0] if exc.args else None
-            if (not isinstance(error, KafkaError) or error.fatal() or error.txn_requires_abort()
-                    or not broker_unreachable(error)):
-                raise
+        future = _start(call, min(BROKER_CALL_TIMEOUT, max(limit, BROKER_SLICE)))
+        while True:
+            try:
+                return future.result(timeout=BROKER_SLICE)
+            except FutureTimeout:
+                pass
+            except KafkaException as exc:
+                error = exc.args[0] if exc.args else None
+                if (not isinstance(error, KafkaError) or error.fatal()
+                        or error.txn_requires_abort() or not broker_unreachable(error)):
+                    raise
+                break  # timed out in librdkafka: heartbeat, and call again
             if time.monotonic() >= deadline:
-                raise BrokerUnavailable(f"{what}: no answer from the broker in {limit:.0f}s "
-                                        f"({error.str()})") from None
+                raise BrokerUnavailable(f"{what}: no answer from the broker in {limit:.0f}s")
+            heartbeat()
+        if time.monotonic() >= deadline:
+            raise BrokerUnavailable(f"{what}: no answer from the broker in {limit:.0f}s "
+                                    f"({error.str()})")
         heartbeat()
 
 

@@ -41,6 +41,11 @@ TRANSACTION_TIMEOUT_MS = 10_000
 #: timeout, so a slow batch or a slow broker still commits well before the broker aborts
 #: the transaction (and fences the task's producer)
 COMMIT_BEFORE = TRANSACTION_TIMEOUT_MS / 1000 / 2
+#: seconds a failed transaction's abort waits for the broker before the child gives up
+#: (BrokerUnavailable: exit 75, restarted uncounted, and the new producer's
+#: ``init_transactions`` aborts it).  An abort after a long outage needs an epoch bump
+#: (KIP-360), which some brokers (tansu) never grant: a restart is the way out there
+ABORT_WAIT = TRANSACTION_TIMEOUT_MS / 1000
 #: seconds a closing task waits for the broker to abort its open transaction: what is not
 #: committed never counts anyway (the broker aborts it after ``transaction.timeout.ms``,
 #: the task's next owner's ``init_transactions`` at once)
@@ -144,7 +149,7 @@ class TaskTransaction:
             error: KafkaError = exc.args[0]
             if not error.txn_requires_abort():
                 raise
-            self.abort()
+            self.abort(limit=ABORT_WAIT)
             raise TransactionAborted(f"task {self.task}: transaction aborted: {error.str()}") from None
         self.open = False
 

@@ -175,6 +175,7 @@ def test_init_waits_out_the_broker_and_the_opener_heartbeats(monkeypatch):
 
     monkeypatch.setattr(txn_module, "BROKER_SLICE", 0.02)
     monkeypatch.setattr(protocol, "BROKER_SLICE", 0.02)
+    monkeypatch.setattr(protocol, "BROKER_CALL_TIMEOUT", 0.02)
     producers = {"0_0": SlowInit({"init": [timed_out()] * 3}), "0_1": SlowInit()}
     monkeypatch.setattr(txn_module, "transactional_producer",
                         lambda app, bootstrap, task, client_id, on_delivery: producers[task])
@@ -191,3 +192,22 @@ def test_init_waits_out_the_broker_and_the_opener_heartbeats(monkeypatch):
     assert producers["0_0"].calls == ["init"] * 4 and producers["0_1"].calls == ["init"]
     assert beats and set(beats) == {threading.main_thread().name}
     assert set(transactions.by_task) == {"0_0", "0_1"}
+
+
+def test_a_call_that_blocks_past_its_timeout_still_heartbeats(monkeypatch):
+    """librdkafka may block past a call's timeout (a request in flight waits for
+    socket.timeout.ms): the call runs in a thread and the child heartbeats meanwhile."""
+    from shardworker import protocol
+
+    monkeypatch.setattr(protocol, "BROKER_SLICE", 0.02)
+
+    class Stuck(RecordingProducer):
+        def send_offsets_to_transaction(self, offsets: Any, metadata: Any, timeout: float) -> None:
+            time.sleep(0.3)  # whatever the timeout says
+            super().send_offsets_to_transaction(offsets, metadata, timeout)
+
+    beats: List[int] = []
+    producer = Stuck()
+    txn = TaskTransaction("0_1", producer, heartbeat=lambda: beats.append(1))  # type: ignore[arg-type]
+    txn.commit({("in", 1): 42}, b"metadata")
+    assert len(beats) >= 5 and producer.calls[-2:] == ["send_offsets", "commit"]
