@@ -13,7 +13,7 @@ from collections import Counter
 from typing import Dict, Optional, Tuple
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from shardworker.tablecli import window_label
 from tests.conftest import ROOT, read_to_end, read_topic
@@ -90,19 +90,55 @@ def wait_for_total(datadirs, prefix: str, total: int, timeout: float) -> Dict[st
     raise AssertionError(f"counted {sum(merged.values())} of {total} within {timeout}s")
 
 
+class OutputWatch:
+    """Follows ``<prefix>-out`` of tests.apps.counter (each output is its input's number)
+    from the beginning, reading uncommitted outputs too, so a test reacts to the first
+    output of a stage at once rather than after a guessed sleep."""
+
+    def __init__(self, broker: str, topic: str) -> None:
+        self.consumer = Consumer({"bootstrap.servers": broker, "group.id": f"watch-{topic}",
+                                  "enable.auto.commit": False,
+                                  "isolation.level": "read_uncommitted"})
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(4)])
+        self.highest = -1
+
+    def __enter__(self) -> "OutputWatch":
+        return self
+
+    def __exit__(self, *exc) -> None:  # type: ignore[no-untyped-def]
+        self.consumer.close()
+
+    def wait_for_at_least(self, number: int, timeout: float, sup) -> None:  # type: ignore[no-untyped-def]
+        """Returns once an output of ``number`` or above was seen."""
+        def seen() -> bool:
+            for msg in self.consumer.consume(1000, 0.1):
+                if msg.error() is None and msg.value() is not None:
+                    self.highest = max(self.highest, json.loads(msg.value()))
+            return self.highest >= number
+
+        sup.wait_for(seen, timeout, f"an output of {number} or above")
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_counts_are_exact_through_five_kill_9s(broker, prefix, start_supervisor, guarantee):
     sup = start_supervisor("tests.apps.counter", "-c", "2",
                            env={"SHARDSUP_TEST_WORK_US": "60", "SHARDSUP_TEST_GUARANTEE": guarantee})
     sup.wait_for(lambda: len(sup.child_tasks()) == 2, 30, "two children")
-    produce_orders(broker, f"{prefix}-in", 0, N)
+    # six stages of input, a kill between each two: each kill follows the first outputs of
+    # the stage before it, and the next stage is produced after it, so records flow at
+    # every kill however fast the machine (no "stream over before the kills")
+    bounds = [N * stage // 6 for stage in range(7)]
     rng = random.Random(7)
-    for _ in range(5):
-        time.sleep(1.0)
-        sup.wait_for(lambda: len(sup.child_tasks()) == 2, 30, "two children")
-        victim = rng.choice(sorted(sup.child_tasks()))
-        os.kill(victim, signal.SIGKILL)
+    with OutputWatch(broker, f"{prefix}-out") as watch:
+        for low, high in zip(bounds, bounds[1:]):
+            produce_orders(broker, f"{prefix}-in", low, high)
+            if high == N:
+                break
+            watch.wait_for_at_least(low, 60, sup)
+            sup.wait_for(lambda: len(sup.child_tasks()) == 2, 30, "two children")
+            victim = rng.choice(sorted(sup.child_tasks()))
+            os.kill(victim, signal.SIGKILL)
     counts, sums = truth(N)
     got = wait_for_total([sup.datadir], prefix, N, timeout=150)
     assert got == dict(counts)
