@@ -1,7 +1,11 @@
 """A broker outage is not a crash (issue 11, point 7): with the broker process stopped
 (SIGSTOP) while a batch is half produced, children wait and heartbeat, no task ends
 FAILED, the supervisor keeps answering and never exits, and within 60 s of the broker's
-return every task runs again with exact counts."""
+return every task runs again with exact counts: under both guarantees.  Exactly-once, every call
+of a task's transaction waits in slices with heartbeats, and a transaction that outlived
+the outage is aborted and its records read again.  Tansu shows aborted records to
+``read_committed`` readers, so exactness is checked on the table (``shardsup table``) and
+the group's committed offsets, not on output counts (DESIGN.md, "Tests and the broker")."""
 from __future__ import annotations
 
 import json
@@ -15,11 +19,12 @@ from typing import Dict, List
 import pytest
 
 from supervisor.broker import EmbeddedBroker
-from tests.conftest import ROOT, Supervisor, produce, read_topic
+from tests.conftest import ROOT, Supervisor, committed_offsets, produce, read_topic
 from tests.test_operations import status
 
 BACK_WITHIN = 60.0     # seconds after its return by which every task must run again
 KEYS, PER_KEY = 50, 40
+GUARANTEES = ["at_least_once", "exactly_once"]
 
 
 def task_states(datadir: str) -> Dict[str, str]:
@@ -45,7 +50,13 @@ def outage(broker: EmbeddedBroker, prefix: str, tmp_path, seconds: float, args: 
         batch = [(f"u{n % KEYS}".encode(), json.dumps({"n": n}).encode(), None) for n in range(total)]
         half = total // 2
         batch[half] = (f"u{half % KEYS}".encode(), json.dumps({"n": half, "pause": pause}).encode(), None)
-        produce(bootstrap, f"{prefix}-in", batch)
+        # one record per key first, committed on every partition before the outage: a task
+        # that never committed would, on tansu, restore its aborted changelog records (which
+        # tansu shows to read_committed readers) as if its offsets had been lost
+        produce(bootstrap, f"{prefix}-in", batch[:KEYS])
+        sup.wait_for(lambda: sum(max(0, o) for o in committed_offsets(
+            bootstrap, prefix, f"{prefix}-in", 4).values()) == KEYS, 60, "the first records committed")
+        produce(bootstrap, f"{prefix}-in", batch[KEYS:])
         sup.wait_for(lambda: os.path.exists(pause + ".paused"), 60, "the agent to reach the marker")
 
         os.kill(broker.proc.pid, signal.SIGSTOP)  # the outage begins with a batch half produced
@@ -68,6 +79,9 @@ def outage(broker: EmbeddedBroker, prefix: str, tmp_path, seconds: float, args: 
         out = read_topic(bootstrap, f"{prefix}-out", 0, timeout=90,
                          until=lambda msgs: wanted <= {json.loads(m.value())["n"] for m in msgs})
         assert {json.loads(m.value())["n"] for m in out} == wanted
+        # every input is committed, none past the end (exactly-once: in the transactions)
+        sup.wait_for(lambda: sum(committed_offsets(bootstrap, prefix, f"{prefix}-in", 4).values())
+                     == total, 30, "every input committed")
         log = sup.output()
         assert "FAILED" not in log and "sent no heartbeat" not in log, log[-3000:]
         assert "supervisor failed" not in log and "died with code" not in log, log[-3000:]
@@ -83,20 +97,33 @@ def outage(broker: EmbeddedBroker, prefix: str, tmp_path, seconds: float, args: 
 
 
 @pytest.mark.timeout(300)
-def test_a_90_second_broker_outage_is_waited_out_with_exact_counts(own_broker, prefix, tmp_path):
-    """Longer than the group session (6 s): the partitions are lost and taken back."""
-    log = outage(own_broker, prefix, tmp_path, 90.0, ["--child-timeout", "20", "--max-restarts", "2"], {})
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+def test_a_long_broker_outage_is_waited_out_with_exact_counts(own_broker, prefix, tmp_path,
+                                                              guarantee):
+    """Longer than the group session (6 s): the partitions are lost and taken back.  The
+    issue's 90 s at least once; exactly-once 30 s, also longer than its transactions'
+    timeout (10 s), so the broker aborts the open ones (and the suite stays short)."""
+    seconds = 90.0 if guarantee == "at_least_once" else 30.0
+    log = outage(own_broker, prefix, tmp_path, seconds, ["--child-timeout", "20", "--max-restarts", "2"],
+                 {"SHARDSUP_TEST_GUARANTEE": guarantee})
     assert "lost partitions" in log
 
 
 @pytest.mark.timeout(200)
+@pytest.mark.parametrize("guarantee", GUARANTEES)
 def test_outputs_timing_out_in_an_outage_restart_children_without_counting_crashes(
-        own_broker, prefix, tmp_path):
-    """Within the session (30 s): the group keeps its partitions, the children's outputs
-    time out (message.timeout.ms 3 s) and they exit to be restarted, again and again:
-    never counted as crashes, so --max-restarts 2 never marks a task FAILED."""
+        own_broker, prefix, tmp_path, guarantee):
+    """Within the session (30 s): the group keeps its partitions and the children's
+    outputs time out (message.timeout.ms 3 s).  At least once, the children exit to be
+    restarted, again and again: never counted as crashes, so --max-restarts 2 never marks
+    a task FAILED.  Exactly-once, the timed-out outputs fail their transactions; the
+    children wait for the broker to abort them with heartbeats (before, each call blocked
+    up to 30 s and the supervisor killed the children as hung: counted crashes), give up
+    after ABORT_WAIT with exit 75 (uncounted), and the restarted children's
+    init_transactions aborts them."""
     log = outage(own_broker, prefix, tmp_path, 25.0, ["--child-timeout", "20", "--max-restarts", "2"],
-                 {"SHARDSUP_TEST_SESSION_MS": "30000", "SHARDSUP_TEST_MESSAGE_TIMEOUT_MS": "3000"})
+                 {"SHARDSUP_TEST_SESSION_MS": "30000", "SHARDSUP_TEST_MESSAGE_TIMEOUT_MS": "3000",
+                  "SHARDSUP_TEST_GUARANTEE": guarantee})
     assert "the broker is unreachable" in log and "not counted as a crash" in log
     assert "lost partitions" not in log
 
