@@ -211,3 +211,43 @@ def test_no_transaction_is_open_while_a_new_task_restores(clock, monkeypatch):
     assert worker.state.open_during_restore == [False]  # type: ignore[attr-defined]
     assert held.producer.calls[-1] == "commit" and held.producer.offsets == [("in", 0, 5)]  # type: ignore[attr-defined]
     assert worker.positions[("in", 1)] == 7  # the group's committed offset, not the given 0
+
+
+class AwayConsumer:
+    """A consumer whose committed() times out ``failures`` times (the broker stopped),
+    then answers offset 7 for every partition."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    def committed(self, tps: List[Any], timeout: float) -> List[Any]:
+        from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+        self.calls += 1
+        if self.calls <= self.failures:
+            time.sleep(timeout)
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "planted", retriable=True))
+        return [TopicPartition(tp.topic, tp.partition, 7) for tp in tps]
+
+
+def test_the_committed_offsets_are_read_through_an_outage_with_heartbeats(monkeypatch):
+    """Issue 11, point 7: the start offsets of newly assigned tasks are read again while
+    the broker is away, with heartbeats (before: one 30 s call, no heartbeat, so the
+    supervisor killed the child as hung); past BROKER_WAIT: BrokerUnavailable (exit 75)."""
+    from shardworker import protocol
+    from shardworker.protocol import BrokerUnavailable
+
+    monkeypatch.setattr(protocol, "BROKER_SLICE", 0.01)
+    monkeypatch.setattr(protocol, "BROKER_CALL_TIMEOUT", 0.01)
+    worker = eos_worker(commit_interval=3600.0)
+    beats: List[int] = []
+    monkeypatch.setattr(worker, "heartbeat", lambda: beats.append(1))
+    worker.consumer = AwayConsumer(failures=3)  # type: ignore[assignment]
+    assert worker.committed_starts([["in", 0, 2]]) == [["in", 0, 7]]
+    assert worker.consumer.calls == 4 and len(beats) >= 3  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(protocol, "BROKER_WAIT", 0.1)
+    worker.consumer = AwayConsumer(failures=10_000)  # type: ignore[assignment]
+    with pytest.raises(BrokerUnavailable, match="committed offsets"):
+        worker.committed_starts([["in", 0, 2]])
