@@ -20,7 +20,8 @@ from .app import App
 from .partitioner import key_partitioner
 from .produce import message_max_bytes, produce
 from .store import TaskStore
-from .tables import CONTEXT, DrainedBatch, TaskTables, apply_changelog, source_of
+from .tables import (CONTEXT, DrainedBatch, TaskTables, apply_changelog, confirmed_of,
+                     source_of)
 from .topology import TopicPartitionKey
 
 log = logging.getLogger("shardworker.state")
@@ -145,22 +146,45 @@ class TaskStates:
                 store.set_identity(self._cluster_id or "", self.source)
                 stored = None
         if start_offset < 0:
-            # no committed offset (a new group, a reset, retention): the changelog is the
-            # only record of what was processed; restore it all and read on from there
-            reached = self.restore(task, store, partition, None, should_stop)
-            resume = max(reached.get(tp, -1), stored if stored is not None else -1)
-            if resume < 0:
-                return start_offset  # nothing processed anywhere: the group's reset policy
-            store.commit({}, {tp: resume}, {})
+            # no committed offset (a new group, a reset, retention) and no local state to
+            # keep: the changelog is the only record of what was processed.  Rebuild from
+            # it up to the newest position its records say was durable everywhere (a
+            # batch past it may have reached only some changelogs) and read on from there.
+            if stored is not None or store.changelog_offsets():
+                store.wipe()  # partial or overwritten: the changelog is the whole truth
+                store.set_identity(self._cluster_id or "", self.source)
+            confirmed = self._confirmed_position(partition)
+            if confirmed <= 0:
+                return start_offset  # nothing durable anywhere: the group's reset policy
+            self.restore(task, store, partition, {tp: confirmed}, should_stop)
             log.info("task %s: the group has no offset for %s[%d]; tables restored from the "
-                     "changelog, reading from offset %d", task, self.source, partition, resume)
-            return resume
+                     "changelog, reading from offset %d", task, self.source, partition,
+                     confirmed)
+            return confirmed
         if stored is None or stored < start_offset:
             self.restore(task, store, partition, {tp: start_offset}, should_stop)
         else:
             log.info("task %s: local state is at the group's offset %d: no restore needed",
                      task, stored)
         return start_offset
+
+    def _confirmed_position(self, partition: int) -> int:
+        """The newest source offset that the task's changelog records say was durable
+        everywhere (:data:`~shardworker.tables.HDR_SRC_CONFIRMED`), over every table's
+        changelog partition; 0 when none says so."""
+        consumer = self._restorer()
+        confirmed = 0
+        try:
+            for table in self.app.tables:
+                consumer.assign([TopicPartition(table.changelog_topic, partition,
+                                                OFFSET_BEGINNING)])
+                for _key, _value, headers in self._changelog(consumer, []):
+                    found = confirmed_of(headers)
+                    if found is not None and found[:2] == (self.source, partition):
+                        confirmed = max(confirmed, found[2])
+        finally:
+            consumer.unassign()
+        return confirmed
 
     def _changelog_moved(self, store: TaskStore, partition: int, stored: int) -> bool:
         """True when someone else wrote the task's changelogs after this state: a record
@@ -215,20 +239,17 @@ class TaskStates:
 
     # -- restore --------------------------------------------------------------------
     def restore(self, task: str, store: TaskStore, partition: int,
-                committed: Optional[Dict[TopicPartitionKey, int]],
-                should_stop: Optional[Callable[[], bool]] = None) -> Dict[TopicPartitionKey, int]:
+                committed: Dict[TopicPartitionKey, int],
+                should_stop: Optional[Callable[[], bool]] = None) -> None:
         """Applies the changelog records written since the store's last changelog offsets
         whose source offset is below the group's committed offset (DESIGN.md: restore
-        reflects exactly the committed position); ``committed=None`` (the group has no
-        offset): every record.  Each write transaction also stores the changelog offset
-        reached, so an interrupted restore (``should_stop()`` turned True, a crash) goes
-        on from there.  Returns the newest source offset + 1 per partition that the
-        applied records reflect (filled only when ``committed`` is None)."""
+        reflects exactly the committed position).  Each write transaction also stores the
+        changelog offset reached, so an interrupted restore (``should_stop()`` turned
+        True, a crash) goes on from there."""
         self.restoring = True
         began = time.monotonic()
         consumer = self._restorer()
         total_applied = total_skipped = 0
-        reached: Dict[TopicPartitionKey, int] = {}
         try:
             for table in self.app.tables:
                 last = store.changelog_offset(table.name)
@@ -237,12 +258,11 @@ class TaskStates:
                 tail: List[int] = []
                 applied, skipped = apply_changelog(
                     store, table.name, self._changelog(consumer, tail, should_stop), committed,
-                    batch_size=RESTORE_COMMIT_EVERY, set_offsets=False, position=lambda: tail[0] if tail else None,
-                    reached=reached)
+                    batch_size=RESTORE_COMMIT_EVERY, set_offsets=False,
+                    position=lambda: tail[0] if tail else None)
                 total_applied += applied
                 total_skipped += skipped
-            if committed is not None:  # the state is complete: it reflects that position
-                store.commit({}, committed, {})
+            store.commit({}, committed, {})  # the state is complete: it is at that position
         except RestoreInterrupted:
             log.info("task %s: restore interrupted after %d changelog records (%.2fs); it goes "
                      "on from there next time", task, total_applied, time.monotonic() - began)
@@ -253,7 +273,6 @@ class TaskStates:
         elapsed = time.monotonic() - began
         log.info("task %s: restored %d changelog records (%d skipped: after the committed "
                  "offset) in %.2fs", task, total_applied, total_skipped, elapsed)
-        return reached
 
     def _restorer(self) -> Consumer:
         """The child's restore consumer, made once: a new consumer (or a topic it has not

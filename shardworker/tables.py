@@ -76,6 +76,11 @@ HDR_SRC_OFFSET = "shardsup.src.offset"
 #: the task's stream time after the batch (epoch ms, ASCII decimal): restored with the
 #: state, so windows expired before a failover stay expired (DESIGN.md, "State (LMDB)")
 HDR_STREAM_TIME = "shardsup.stream.time"
+#: the source partition's next offset whose effects were durable everywhere (LMDB, and so
+#: every changelog record and output acknowledged, or under exactly-once committed) when
+#: the batch was drained: with the group's offsets gone, restore stops there, never past a
+#: batch that reached only some changelogs (DESIGN.md, "State (LMDB)", "Offsets gone")
+HDR_SRC_CONFIRMED = "shardsup.src.confirmed"
 
 #: metadata key under which a task keeps the latest record timestamp it saw (">q" ms)
 META_LATEST_TIMESTAMP = "latest_timestamp_ms"
@@ -398,7 +403,8 @@ class TaskTables:
                 last = offsets.get(tp, self.stored.get(tp, 0)) - 1
                 h = headers[tp] = [(HDR_SRC_TOPIC, tp[0].encode()),
                                    (HDR_SRC_PARTITION, b"%d" % tp[1]),
-                                   (HDR_SRC_OFFSET, b"%d" % last)]
+                                   (HDR_SRC_OFFSET, b"%d" % last),
+                                   (HDR_SRC_CONFIRMED, b"%d" % self.stored.get(tp, 0))]
                 if self.latest_ms is not None:
                     h.append((HDR_STREAM_TIME, b"%d" % self.latest_ms))
             return h
@@ -923,6 +929,19 @@ class WindowSet:
 ChangelogInput = Tuple[Optional[bytes], Optional[bytes], Any]
 
 
+def confirmed_of(headers: Any) -> Optional[Tuple[str, int, int]]:
+    """``(source topic, partition, confirmed offset)`` of a changelog record's headers
+    (:data:`HDR_SRC_CONFIRMED`), or None when it has none."""
+    source = source_of(headers)
+    if source is None:
+        return None
+    found = dict(headers.items() if isinstance(headers, dict) else headers)
+    try:
+        return source[0], source[1], int(found[HDR_SRC_CONFIRMED])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def source_of(headers: Any) -> Optional[Tuple[str, int, int]]:
     """``(source topic, partition, batch's last offset)`` of a changelog record's
     headers, or None when it has none."""
@@ -938,10 +957,9 @@ def source_of(headers: Any) -> Optional[Tuple[str, int, int]]:
 
 
 def apply_changelog(store: TaskStore, table: str, records: Iterable[ChangelogInput],
-                    committed: Optional[Mapping[TP, int]], batch_size: int = 50_000,
+                    committed: Mapping[TP, int], batch_size: int = 50_000,
                     last_offset: Optional[int] = None, set_offsets: bool = True,
-                    position: Optional[Callable[[], Optional[int]]] = None,
-                    reached: Optional[Dict[TP, int]] = None) -> Tuple[int, int]:
+                    position: Optional[Callable[[], Optional[int]]] = None) -> Tuple[int, int]:
     """Restores ``table`` from its changelog: ``records`` are ``(key, value or None,
     headers)`` in changelog order (headers as confluent_kafka gives them: a list of
     ``(name, bytes)``, or a dict).  Returns ``(applied, skipped)``.
@@ -949,10 +967,9 @@ def apply_changelog(store: TaskStore, table: str, records: Iterable[ChangelogInp
     A record is applied only if its :data:`HDR_SRC_OFFSET` is BELOW ``committed[(source
     topic, source partition)]`` (the group's committed offset): later ones belong to
     batches that will be processed again.  A record without the source headers, or from
-    a partition without a committed offset, is skipped.  ``committed=None`` means the
-    group's offsets are gone (DESIGN.md, "State (LMDB)"): every record with source
-    headers is applied, and ``reached`` (when given) collects the newest source offset
-    + 1 per partition, the position the restored state reflects.  Values are whole
+    a partition without a committed offset, is skipped.  (With the group's offsets gone,
+    ``committed`` is the newest :data:`HDR_SRC_CONFIRMED` position instead: DESIGN.md,
+    "State (LMDB)".)  Values are whole
     values, so applying a changelog twice gives the same state.  Writes go in
     transactions of ``batch_size`` records (50,000: measured here, 10,000 per
     transaction restores about 155,000 records/s, 50,000 about 280,000, 100,000+ slower
@@ -976,7 +993,6 @@ def apply_changelog(store: TaskStore, table: str, records: Iterable[ChangelogInp
     in_chunk = 0
     commit = store.commit
     o_name, p_name, t_name, s_name = HDR_SRC_OFFSET, HDR_SRC_PARTITION, HDR_SRC_TOPIC, HDR_STREAM_TIME
-    take_all = committed is None
     # the records of one batch share their headers' values: decide once per run of them
     last_t: Any = None
     last_p: Any = None
@@ -1010,16 +1026,10 @@ def apply_changelog(store: TaskStore, table: str, records: Iterable[ChangelogInp
         else:
             lk = (src_t, src_p)
             limit = limits.get(lk, _MISSING)
-            if limit is _MISSING or take_all:
+            if limit is _MISSING:
                 topic = src_t.decode() if isinstance(src_t, (bytes, bytearray)) else str(src_t)
-                if take_all:
-                    tp = (topic, int(src_p))
-                    if reached is not None and reached.get(tp, -1) <= int(src_o):
-                        reached[tp] = int(src_o) + 1
-                    limit = limits[lk] = None
-                else:
-                    limit = limits[lk] = committed.get((topic, int(src_p)))  # type: ignore[union-attr]
-            ok = take_all or (limit is not None and int(src_o) < limit)  # type: ignore[operator]
+                limit = limits[lk] = committed.get((topic, int(src_p)))
+            ok = limit is not None and int(src_o) < limit  # type: ignore[operator]
             last_t, last_p, last_o, last_ok = src_t, src_p, src_o, ok
         if not ok or key is None:
             skipped += 1

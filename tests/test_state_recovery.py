@@ -2,18 +2,22 @@
 real LMDB): DESIGN.md, "State (LMDB)", "A kill does not cost a replay"."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+from collections import Counter
 from typing import Dict, Optional, Tuple
 
 import pytest
-from confluent_kafka import OFFSET_INVALID
+from confluent_kafka import OFFSET_INVALID, Producer
 
 from shardworker.app import App
 from shardworker.state import TaskStates, task_dir
 from shardworker.store import open_readonly
-from tests.conftest import read_to_end
+from shardworker.tables import (HDR_SRC_CONFIRMED, HDR_SRC_OFFSET, HDR_SRC_PARTITION,
+                                HDR_SRC_TOPIC)
+from tests.conftest import create_topic, read_to_end
 from tests.test_tables import produce_orders, table, truth, wait_for_total
 
 N = 40_000
@@ -81,12 +85,17 @@ def stored_counts(datadir: str, prefix: str, task: str) -> Tuple[Dict[bytes, byt
 def test_lost_group_offsets_restore_the_tables_instead_of_wiping_them(broker, prefix,
                                                                       start_supervisor):
     """The group's offsets are gone (a reset, retention): a task with local state keeps
-    it and reads on from it; a task without restores every changelog record and reads
-    on from the newest source offset they reflect."""
+    it and reads on from it; a task without restores the changelog up to the newest
+    position its records say was durable everywhere, and reads on from there: its
+    tables are then exactly those of the input below that offset."""
     sup = start_supervisor("tests.apps.counter", "-c", "1")
     sup.wait_for(lambda: len(sup.child_tasks()) == 1, 30, "one child")
+    # two rounds: the second round's changelog records say the first is durable (a
+    # batch's records name the position LMDB had when it was drained)
     produce_orders(broker, f"{prefix}-in", 0, 8_000)
     wait_for_total([sup.datadir], prefix, 8_000, timeout=60)
+    produce_orders(broker, f"{prefix}-in", 8_000, 16_000)
+    wait_for_total([sup.datadir], prefix, 16_000, timeout=60)
     assert sup.stop() == 0
     before, offset = stored_counts(sup.datadir, prefix, "0_1")
     assert before and offset and offset > 0
@@ -100,10 +109,52 @@ def test_lost_group_offsets_restore_the_tables_instead_of_wiping_them(broker, pr
     shutil.rmtree(task_dir(sup.datadir, prefix, "0_1"))  # and now without local state
     states = task_states(prefix, broker, sup.datadir)
     try:
-        assert states.open("0_1", 1, no_offset) == offset
+        resumed = states.open("0_1", 1, no_offset)
     finally:
         states.close_all()
-    assert stored_counts(sup.datadir, prefix, "0_1") == (before, offset)
+    # the last batches' records name an earlier durable position than the stop's
+    assert 0 < resumed <= offset
+    expected = Counter(m.key() for m in read_to_end(broker, f"{prefix}-in")
+                       if m.partition() == 1 and m.offset() < resumed)
+    counts, at = stored_counts(sup.datadir, prefix, "0_1")
+    assert at == resumed
+    assert {json.loads(k): int(v) for k, v in counts.items()} == \
+        {k.decode(): n for k, n in expected.items()}
+
+
+@pytest.mark.timeout(60)
+def test_lost_offsets_never_resume_past_a_batch_that_reached_only_some_changelogs(
+        broker, prefix, tmp_path):
+    """A child killed before any offset was committed left batch B1 in one changelog
+    (sums) but not the other (counts).  Restoring with no group offset must stop at the
+    position before B1 (B1 is read again), not resume past it with B1 missing from
+    counts (which lost one batch of counts for good)."""
+    for name in ("counts", "sums", "per_minute", "hopping"):
+        create_topic(broker, f"{prefix}-{name}-changelog", 4)
+    create_topic(broker, f"{prefix}-in", 4)
+    producer = Producer({"bootstrap.servers": broker})
+
+    def record(table: str, value: int, last: int, confirmed: int) -> None:
+        producer.produce(f"{prefix}-{table}-changelog", str(value).encode(), b'"u1"',
+                         partition=1, headers=[(HDR_SRC_TOPIC, f"{prefix}-in".encode()),
+                                               (HDR_SRC_PARTITION, b"1"),
+                                               (HDR_SRC_OFFSET, str(last).encode()),
+                                               (HDR_SRC_CONFIRMED, str(confirmed).encode())])
+
+    record("counts", 4, 999, 0)      # B0 (offsets 0-999), both tables
+    record("sums", 12, 999, 0)
+    record("counts", 9, 1999, 1000)  # B1 (offsets 1000-1999): its LMDB commit confirmed B0
+    record("sums", 30, 1999, 1000)
+    record("sums", 41, 2999, 1000)   # B2 reached sums only: the child died here
+    assert producer.flush(10) == 0
+    datadir = str(tmp_path / "d")
+    states = task_states(prefix, broker, datadir)
+    try:
+        assert states.open("0_1", 1, OFFSET_INVALID) == 1000
+        assert states.tasks["0_1"].store.get("counts", b'"u1"') == b"4"
+        assert states.tasks["0_1"].store.get("sums", b'"u1"') == b"12"
+    finally:
+        states.close_all()
 
 
 @pytest.mark.timeout(240)

@@ -22,7 +22,7 @@ from confluent_kafka import Producer
 from shardworker.codecs import get_codec
 from shardworker.partitioner import key_partitioner, murmur2, partition_for
 from shardworker.store import StoreBusyError, TaskStore
-from shardworker.tables import (HDR_SRC_OFFSET, HDR_SRC_PARTITION, HDR_SRC_TOPIC, HDR_STREAM_TIME,
+from shardworker.tables import (HDR_SRC_CONFIRMED, HDR_SRC_OFFSET, HDR_SRC_PARTITION, HDR_SRC_TOPIC, HDR_STREAM_TIME,
                                 NoCurrentRecordError, Table, TableContext,
                                 TableError, TaskTables, apply_changelog, split_window_key,
                                 window_key)
@@ -264,7 +264,8 @@ def test_a_hot_key_costs_one_put_and_one_changelog_record(tmp_path):
     assert len(hot) == 1 and hot[0].value == b"1000"
     assert hot[0].topic == "app-counts-changelog" and hot[0].partition == 0
     assert dict(hot[0].headers) == {HDR_SRC_TOPIC: SRC.encode(), HDR_SRC_PARTITION: b"0",
-                                    HDR_SRC_OFFSET: b"999", HDR_STREAM_TIME: b"1000999"}
+                                    HDR_SRC_OFFSET: b"999", HDR_STREAM_TIME: b"1000999",
+                                    HDR_SRC_CONFIRMED: b"0"}  # nothing in LMDB yet
     assert counts["hot"] == 1000  # drained, not committed: still visible
     batch.commit({"counts": 123})
     store = task.store
