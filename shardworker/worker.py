@@ -27,7 +27,8 @@ import select
 import signal
 import time
 import traceback
-from typing import Any, Dict, List, Optional, Set, Tuple
+from collections import deque
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
@@ -90,6 +91,8 @@ class Worker:
         self.max_message_bytes = DEFAULT_MESSAGE_MAX_BYTES
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.runners: List[AgentRunner] = []
+        #: the supervisor's messages received and not acted on yet (see handle_control)
+        self.control: Deque[Dict[str, Any]] = deque()
         self.routes: Dict[str, List[AgentRunner]] = {}
         self._timer_due: Dict[str, float] = {}
         #: batches processed whose outputs are not known to be acknowledged yet, in order
@@ -472,10 +475,14 @@ class Worker:
 
     # -- talking to the supervisor --------------------------------------------------
     def handle_control(self, timeout: float) -> None:
-        """Acts on the supervisor's messages; called only between batches."""
-        if timeout and not select.select([self.channel], [], [], timeout)[0]:
+        """Acts on the supervisor's messages, in the order they came; called only between
+        batches.  Those that arrive while an ``assign`` restores a task wait in
+        :attr:`control`, where the restore looks for a ``stop`` or ``revoke``."""
+        if timeout and not self.control and not select.select([self.channel], [], [], timeout)[0]:
             return
-        for message in self.channel.receive():
+        self.control.extend(self.channel.receive())
+        while self.control:
+            message = self.control.popleft()
             op = message["op"]
             if op == "assign":
                 self.assign(message["partitions"])
@@ -526,37 +533,18 @@ class Worker:
                 if task_id(self.source_topics, t, p) not in dropped]
 
     def _told_to_let_go(self, topic: str, part: int) -> bool:
-        """During a restore: True when the child is stopping, or when the supervisor's
-        channel holds a ``stop`` or a ``revoke`` of ``topic[part]``.  It only peeks: the
-        messages stay for :meth:`handle_control`, which acts on them next."""
-        import json
-        import socket
-        import struct
-
+        """During a restore: True when the child is stopping, the supervisor has gone, or
+        its messages (received so far, in :attr:`control`) hold a ``stop`` or a
+        ``revoke`` of ``topic[part]``.  The messages stay queued for
+        :meth:`handle_control`, which acts on them, in order, once the restore is over."""
         if self.stopping:
             return True
-        data = bytes(self.channel._inbox)
         try:
-            peeked = self.channel.sock.recv(1 << 16, socket.MSG_PEEK)
-            if not peeked:
-                return True  # the supervisor has gone
-            data += peeked
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError:
-            return True
-        header = struct.Struct(">I")
-        while len(data) >= header.size:
-            (size,) = header.unpack_from(data)
-            if len(data) < header.size + size:
-                break
-            message = json.loads(data[header.size:header.size + size])
-            data = data[header.size + size:]
-            if message.get("op") == "stop":
-                return True
-            if message.get("op") == "revoke" and [topic, part] in message.get("partitions", []):
-                return True
-        return False
+            self.control.extend(self.channel.receive())
+        except ChannelClosed:
+            return True  # handle_control sees it next and the child exits
+        return any(m["op"] == "stop" or (m["op"] == "revoke" and [topic, part] in m["partitions"])
+                   for m in self.control)
 
     def committed_starts(self, partitions: List[List[Any]]) -> List[List[Any]]:
         """Exactly-once: where each assigned partition really starts, the group's committed
