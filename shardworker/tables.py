@@ -1005,6 +1005,16 @@ def apply_changelog(store: TaskStore, table: str, records: Iterable[ChangelogInp
         at = position() if position is not None else None
         return {} if at is None else {table: at}
 
+    def stream_time() -> Optional[Dict[str, bytes]]:
+        """The newest stream time applied, when later than the stored one: it commits
+        with every chunk, so an interrupted restore keeps it with what it applied."""
+        if newest_time is None:
+            return None
+        raw = store.get_meta(META_LATEST_TIMESTAMP)
+        if raw is not None and _TS.unpack(raw)[0] >= newest_time:
+            return None
+        return {META_LATEST_TIMESTAMP: _TS.pack(newest_time)}
+
     for key, value, headers in records:
         src_t = src_p = src_o = src_s = None
         if headers:
@@ -1043,17 +1053,12 @@ def apply_changelog(store: TaskStore, table: str, records: Iterable[ChangelogInp
         applied += 1
         in_chunk += 1
         if in_chunk >= batch_size:
-            commit({table: chunk}, {}, progress())
+            commit({table: chunk}, {}, progress(), stream_time())
             chunk = {}
             in_chunk = 0
     changelog = progress()
     if set_offsets and last_offset is not None:
         changelog = {table: last_offset}
-    meta = None
-    if newest_time is not None:
-        raw = store.get_meta(META_LATEST_TIMESTAMP)
-        if raw is None or _TS.unpack(raw)[0] < newest_time:
-            meta = {META_LATEST_TIMESTAMP: _TS.pack(newest_time)}
-    offsets = dict(committed) if (set_offsets and committed is not None) else {}
-    commit({table: chunk}, offsets, changelog, meta)
+    offsets = dict(committed) if set_offsets else {}
+    commit({table: chunk}, offsets, changelog, stream_time())
     return applied, skipped

@@ -662,3 +662,31 @@ def test_restore_speed_on_a_million_records(tmp_path, capsys):
         print(f"\napply_changelog: {n:,} records in {elapsed:.2f}s = {n / elapsed:,.0f} records/s "
               f"(map grew to {store.map_size >> 20} MiB)")
     store.close()
+
+
+@pytest.mark.timeout(10)
+def test_an_interrupted_restore_keeps_the_stream_time_of_what_it_applied(tmp_path):
+    """A restore stopped after its first write transaction (revoke, kill) keeps the stream
+    time of the records it applied with them, not only at its end: a restore finished
+    later with older records must not leave the task with an older stream time."""
+    ctx = TableContext()
+    base = table("hits", ctx, default=int)
+    task = open_task(tmp_path / "first", [base])
+    records = []
+    for offset, ts in enumerate([T0 + 1_000, T0 + 45_000, T0 + 46_000]):
+        ctx.set_record(task, SRC, 0, offset, ts)
+        base[f"k{offset}"] = 1
+        drained = task.drain()
+        records.extend((r.key, r.value, r.headers) for r in drained.records)
+        drained.commit()
+    task.close()
+
+    def interrupted():
+        yield from records[:2]
+        raise RuntimeError("revoked")
+
+    store = TaskStore(str(tmp_path / "second"), ["hits"])
+    with pytest.raises(RuntimeError):
+        apply_changelog(store, "hits", interrupted(), {(SRC, 0): 3}, batch_size=2)
+    assert store.get_meta("latest_timestamp_ms") == struct.pack(">q", T0 + 45_000)
+    store.close()
