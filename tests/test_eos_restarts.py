@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 from collections import Counter
 from typing import Dict, List
 
 import pytest
 
 from tests.conftest import committed_offsets, produce, read_to_end, read_topic
+from tests.test_supervision import wait_until
 
 #: tansu keeps the records of aborted transactions visible to read_committed consumers
 #: (DESIGN.md, "Tests and the broker"): exact output counts are checked on a real Kafka only
@@ -40,13 +40,6 @@ def start_offsets_after(output: str, position: int) -> Dict[int, int]:
         for part, offset in re.findall(r"\[(\d+)\]@(-?\d+)", match.group(1)):
             starts[int(part)] = int(offset)
     return starts
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 @pytest.mark.timeout(180)
