@@ -16,7 +16,7 @@ from typing import Dict, List
 import pytest
 
 from tests.conftest import committed_offsets, produce, read_to_end, read_topic
-from tests.test_supervision import wait_until
+from tests.integration.test_supervision import wait_until
 
 #: tansu keeps the records of aborted transactions visible to read_committed consumers
 #: (DESIGN.md, "Tests and the broker"): exact output counts are checked on a real Kafka only

@@ -1,6 +1,6 @@
-"""Operating shardsup as a service: the control socket, the web endpoint, sd_notify and
-the systemd unit, each exercised for real (Unix sockets, HTTP on loopback, datagrams,
-``systemd-analyze verify``), without a broker."""
+"""Operating shardsup as a service: the control socket, the web endpoint and sd_notify,
+each exercised for real (Unix sockets, HTTP on loopback, datagrams), without a broker.
+The systemd unit (``systemd-analyze verify``) is tests/integration/test_systemd_unit.py."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +10,6 @@ import os
 import shutil
 import socket
 import stat
-import subprocess
 import tempfile
 import threading
 import time
@@ -26,8 +25,6 @@ from supervisor.errors import UsageError
 from supervisor.status import MAX_REQUEST, StatusServer, format_status, query
 from supervisor.web import WebServer, health, render_metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-UNIT = os.path.join(ROOT, "systemd", "shardsup@.service")
 NOBODY = 65534
 
 SAMPLE: Dict[str, Any] = {
@@ -565,62 +562,6 @@ def test_watchdog_interval(monkeypatch: pytest.MonkeyPatch) -> None:
     for bad in ("", "0", "-5", "soon"):
         monkeypatch.setenv("WATCHDOG_USEC", bad)
         assert sdnotify.watchdog_interval() is None
-
-
-# -- systemd unit ------------------------------------------------------------------------
-
-UNIT_BINARY = "/opt/shardsup/venv/bin/shardsup"
-
-
-def _systemd_analyze() -> str:
-    found = shutil.which("systemd-analyze")
-    if found is None:
-        reason = ("systemd-analyze not found (Debian/Ubuntu: apt-get install systemd); "
-                  "cannot verify systemd/shardsup@.service")
-        print(reason)
-        pytest.skip(reason)
-    return found
-
-
-def _verify(analyze: str, unit: str) -> subprocess.CompletedProcess:
-    return subprocess.run([analyze, "verify", "--man=no", unit], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "SYSTEMD_LOG_COLOR": "0"})
-
-
-@pytest.mark.timeout(90)
-def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Any) -> None:
-    """``verify`` needs an instance of the template, and checks that ExecStart's binary
-    exists.  On a machine without /opt/shardsup the one complaint must be exactly that;
-    with the path pointed at a stand-in executable (the only change) it must pass."""
-    analyze = _systemd_analyze()
-    text = open(UNIT).read()
-    assert f"ExecStart={UNIT_BINARY} start -A %i --datadir ${{STATE_DIRECTORY}} $SHARDSUP_OPTS" in text
-    for line in ("Type=notify", "NotifyAccess=main", "KillMode=mixed", "KillSignal=SIGTERM",
-                 "TimeoutStopSec=45", "Restart=on-failure", "WatchdogSec=30", "User=shardsup",
-                 "StateDirectory=shardsup/%i", "EnvironmentFile=-/etc/shardsup/%i.env",
-                 "ExecReload=/bin/kill -HUP $MAINPID", "NoNewPrivileges=yes",
-                 "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes"):
-        assert f"\n{line}\n" in text, line
-
-    as_is = tmp_path / "as-is" / "shardsup@proj.service"
-    as_is.parent.mkdir()
-    as_is.write_text(text)
-    result = _verify(analyze, str(as_is))
-    if not os.path.exists(UNIT_BINARY):
-        complaints = [l for l in (result.stdout + result.stderr).splitlines() if l.strip()]
-        assert complaints == [f"shardsup@proj.service: Command {UNIT_BINARY} is not executable: "
-                              "No such file or directory"], complaints
-
-    stand_in = tmp_path / "bin" / "shardsup"
-    stand_in.parent.mkdir()
-    stand_in.write_text("#!/bin/sh\nexit 0\n")
-    stand_in.chmod(0o755)
-    instance = tmp_path / "unit" / "shardsup@proj.service"
-    instance.parent.mkdir()
-    instance.write_text(text.replace(UNIT_BINARY, str(stand_in)))
-    result = _verify(analyze, str(instance))
-    output = (result.stdout + result.stderr).strip()
-    assert result.returncode == 0 and output == "", output
 
 
 # -- failed tasks and the timer owner (issue 11, point 12) --------------------------------

@@ -10,9 +10,9 @@ import pytest
 
 from supervisor.broker import free_port
 from tests.conftest import produce, read_topic
-from tests.test_operations import get as http_get
-from tests.test_operations import status
-from tests.test_supervision import wait_until
+from tests.integration.test_operations import get as http_get
+from tests.integration.test_operations import status
+from tests.integration.test_supervision import wait_until
 
 
 def get(url: str):

@@ -18,7 +18,7 @@ from shardworker.store import open_readonly
 from shardworker.tables import (HDR_SRC_CONFIRMED, HDR_SRC_OFFSET, HDR_SRC_PARTITION,
                                 HDR_SRC_TOPIC)
 from tests.conftest import create_topic, read_to_end
-from tests.test_tables import produce_orders, table, truth, wait_for_total
+from tests.integration.test_tables import produce_orders, table, truth, wait_for_total
 
 N = 40_000
 

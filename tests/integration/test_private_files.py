@@ -1,12 +1,11 @@
 """Private files (issue 11, point 11): whatever the umask of the shell, the datadir and
 everything in it is the user's alone; the pid file, dumps and traces never write through
-a symbolic link planted in their place; text inside a log record cannot forge a line."""
+a symbolic link planted in their place (that text inside a log record cannot forge a
+line is tests/unit/test_log_lines.py)."""
 from __future__ import annotations
 
 import json
-import logging
 import os
-import re
 import stat
 import subprocess
 import sys
@@ -14,10 +13,7 @@ from typing import Dict, List
 
 import pytest
 
-from shardworker.logs import CONTINUATION, TextFormatter
 from tests.conftest import ROOT, produce, read_topic
-
-REAL_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
 
 
 def modes_under(folder: str) -> Dict[str, int]:
@@ -112,24 +108,3 @@ def test_dump_and_trace_files_replace_a_planted_symlink_instead_of_following_it(
         assert not os.path.islink(path) and stat.S_IMODE(os.stat(path).st_mode) == 0o600, name
     assert "Thread" in (datadir / "dump-latest.txt").read_text()
     assert sup.stop() == 0
-
-
-def test_text_in_a_log_record_cannot_forge_a_log_line() -> None:
-    forged = "boom\n2026-12-01 11:00:00,000 INFO    [supervisor] all is fine\rERROR x\x1b[2J\u2028y"
-    record = logging.LogRecord("shardworker.worker", logging.ERROR, __file__, 1,
-                               "agent failed: %s", (forged,), None)
-    record.role = "child 0_0"
-    try:
-        raise ValueError(forged)
-    except ValueError:
-        record.exc_info = sys.exc_info()
-    text = TextFormatter().format(record)
-    lines = text.split("\n")
-    assert REAL_LINE.match(lines[0]) and lines[0].endswith("agent failed: boom")
-    assert len(lines) > 3
-    for line in lines[1:]:
-        assert line.startswith(CONTINUATION) and not REAL_LINE.match(line), line
-    assert "Traceback (most recent call last):" in text
-    assert "\r" not in text and "\x1b" not in text and "\u2028" not in text
-    assert "\\x0dERROR x\\x1b[2J\\u2028y" in text
-    assert text.splitlines() == lines  # no other character splits a line for any reader

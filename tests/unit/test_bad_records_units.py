@@ -11,6 +11,7 @@ from confluent_kafka import KafkaError, Producer
 from shardworker import App
 from shardworker.produce import RecordTooLarge, fit_dead_letter, is_too_large, produce
 from shardworker.worker import Worker
+from tests.unit.fakes import Message
 
 LIMIT = 10_000
 
@@ -75,30 +76,6 @@ def test_the_broker_refusing_an_output_as_too_large_is_recognised():
     assert not is_too_large(None)
 
 
-class FakeMessage:
-    def __init__(self, topic: str, partition: int, offset: int, value: bytes) -> None:
-        self._where = (topic, partition, offset)
-        self._value = value
-
-    def topic(self) -> str:
-        return self._where[0]
-
-    def partition(self) -> int:
-        return self._where[1]
-
-    def offset(self) -> int:
-        return self._where[2]
-
-    def key(self) -> bytes:
-        return b"k"
-
-    def value(self) -> bytes:
-        return self._value
-
-    def headers(self) -> None:
-        return None
-
-
 def test_an_output_refused_as_too_large_dead_letters_its_input_instead_of_failing_the_batch():
     app = App("u")
     source = app.topic("in")
@@ -110,9 +87,9 @@ def test_an_output_refused_as_too_large_dead_letters_its_input_instead_of_failin
     worker = Worker(app, channel=None, bootstrap="127.0.0.1:9", index=0)  # type: ignore[arg-type]
     worker.transactions = None
     worker.producer = FullQueue(full=1)  # type: ignore[assignment]
-    record = FakeMessage("in", 1, 7, b"input")
+    record = Message("in", 1, 7, b"input")
     worker._on_output_delivery(agent, record, KafkaError(KafkaError.MSG_SIZE_TOO_LARGE),
-                               FakeMessage("out", 1, -1, b"big"))
+                               Message("out", 1, -1, b"big"))
     assert worker._delivery_errors == []
     [(topic, value, key, headers)] = worker.producer.records  # type: ignore[attr-defined]
     assert (topic, value, key) == ("u-agent-dlq", b"input", b"k")
@@ -120,7 +97,7 @@ def test_an_output_refused_as_too_large_dead_letters_its_input_instead_of_failin
     assert dict(headers)["shardsup.error"].startswith(b"RecordTooLarge: out")
     # any other delivery failure still fails the batch (it is read again)
     worker._on_output_delivery(agent, record, KafkaError(KafkaError._MSG_TIMED_OUT),
-                               FakeMessage("out", 1, -1, b"v"))
+                               Message("out", 1, -1, b"v"))
     assert len(worker._delivery_errors) == 1
 
 

@@ -3,50 +3,14 @@ transaction reacts to each kind of broker error (a stand-in producer records the
 from __future__ import annotations
 
 import time
-from typing import Any, List, Optional
+from typing import Any, List
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from shardworker import App
 from shardworker.transactions import TaskTransaction, TransactionAborted, transactional_id
-
-
-class RecordingProducer:
-    """Stands in for a transactional confluent_kafka.Producer: records each call and
-    raises what the test planted for a given call."""
-
-    def __init__(self, fail: Optional[dict] = None) -> None:
-        self.calls: List[str] = []
-        self.fail = {name: list(errors) for name, errors in (fail or {}).items()}
-        self.offsets: Any = None
-
-    def _call(self, name: str) -> None:
-        self.calls.append(name)
-        planted = self.fail.get(name)
-        if planted:
-            raise KafkaException(planted.pop(0))
-
-    def begin_transaction(self) -> None:
-        self._call("begin")
-
-    def flush(self, timeout: float) -> int:
-        self._call("flush")
-        return 0
-
-    def send_offsets_to_transaction(self, offsets: Any, metadata: Any, timeout: float) -> None:
-        self.offsets = [(tp.topic, tp.partition, tp.offset) for tp in offsets]
-        self._call("send_offsets")
-
-    def commit_transaction(self, timeout: float) -> None:
-        self._call("commit")
-
-    def abort_transaction(self, timeout: float) -> None:
-        self._call("abort")
-
-
-def error(**kind: bool) -> KafkaError:
-    return KafkaError(KafkaError._STATE, "planted", **kind)
+from tests.unit.fakes import RecordingProducer, error
 
 
 def test_guarantee_setting_and_its_commit_interval():

@@ -11,7 +11,7 @@ from shardworker import App
 from shardworker.transactions import (COMMIT_BEFORE, TRANSACTION_TIMEOUT_MS, TaskTransaction,
                                       Transactions)
 from shardworker.worker import Worker
-from tests.test_transactions_units import RecordingProducer
+from tests.unit.fakes import Message, RecordingProducer
 
 
 class Clock:
@@ -20,25 +20,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class Record:
-    """The parts of a consumed message the worker's batch loop reads."""
-
-    def __init__(self, partition: int, offset: int) -> None:
-        self._where = ("in", partition, offset)
-
-    def topic(self) -> str:
-        return self._where[0]
-
-    def partition(self) -> int:
-        return self._where[1]
-
-    def offset(self) -> int:
-        return self._where[2]
-
-    def error(self) -> None:
-        return None
 
 
 @pytest.fixture
@@ -93,7 +74,7 @@ def test_a_batch_of_slow_records_commits_in_chunks_inside_the_timeout(clock, mon
     monkeypatch.setattr(TaskTransaction, "commit", timed_commit)
     done: List[int] = []
 
-    def slow_chunk(records: List[Record]) -> None:  # one second per record
+    def slow_chunk(records: List[Message]) -> None:  # one second per record
         positions = {}
         for msg in records:
             worker.transactions.for_partition(msg.topic(), msg.partition())  # type: ignore[union-attr]
@@ -103,7 +84,7 @@ def test_a_batch_of_slow_records_commits_in_chunks_inside_the_timeout(clock, mon
         worker.unsettled.append((clock.now, positions, []))
 
     monkeypatch.setattr(worker, "process_chunk", slow_chunk)
-    worker.process([Record(0, n) for n in range(30)])
+    worker.process([Message("in", 0, n) for n in range(30)])
     assert done == list(range(30))
     assert len(ages) >= 4 and max(ages) <= COMMIT_BEFORE + 1.0, ages
     worker.settle_transactions(block=True)
@@ -132,7 +113,7 @@ class Stub:
 
 def test_records_of_a_task_whose_transaction_aborted_mid_batch_are_left_for_the_reread(
         clock, monkeypatch):
-    from tests.test_transactions_units import error
+    from tests.unit.fakes import error
 
     worker = eos_worker(commit_interval=3600.0)
     txn = worker.transactions.by_task["0_0"]  # type: ignore[union-attr]
@@ -141,7 +122,7 @@ def test_records_of_a_task_whose_transaction_aborted_mid_batch_are_left_for_the_
     worker.positions[("in", 0)] = 0
     done: List[int] = []
 
-    def slow_chunk(records: List[Record]) -> None:
+    def slow_chunk(records: List[Message]) -> None:
         positions = {}
         for msg in records:
             worker.transactions.for_partition(msg.topic(), msg.partition())  # type: ignore[union-attr]
@@ -151,7 +132,7 @@ def test_records_of_a_task_whose_transaction_aborted_mid_batch_are_left_for_the_
         worker.unsettled.append((clock.now, positions, []))
 
     monkeypatch.setattr(worker, "process_chunk", slow_chunk)
-    worker.process([Record(0, n) for n in range(30)])
+    worker.process([Message("in", 0, n) for n in range(30)])
     # the first commit (at about COMMIT_BEFORE) was aborted: the rest of the batch waits
     # for the re-read from offset 0 instead of being processed (and committed) now
     assert done == list(range(len(done))) and len(done) < 30

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor.broker import free_port
 from tests.conftest import ROOT, produce
-from tests.test_supervision import records, wait_until
+from tests.integration.test_supervision import records, wait_until
 
 
 def status(datadir: str, *args: str) -> subprocess.CompletedProcess:
