@@ -1,4 +1,4 @@
-"""The stateful app ``scripts/bench.py`` measures (``--workload stateful``): count and sum per
+"""The stateful app the benchmark (``scripts/bench/``) measures (``--workload stateful``): count and sum per
 key in two tables, nothing else (no sink, no extra work per record).
 
 Run by the benchmark as ``shardsup start -A bench_state_app`` with ``scripts/`` as the
@@ -14,13 +14,13 @@ input topic, fresh changelog topics and a fresh consumer group:
     BENCH_STATS_DIR    where each child process writes its own CPU time at exit
                        (stats-<pid>.json); the supervisor, which imports this module too,
                        writes nothing
-    BENCH_PROFILE      when set (bench.py --profile), each child runs under cProfile and
+    BENCH_PROFILE      when set (``--profile``), each child runs under cProfile and
                        writes profile-<pid>.prof to BENCH_STATS_DIR at exit
 
 The input records are keyed ``u<n % 1000>`` (key serializer ``str``) with JSON values
 ``{"n": n, "amount": n % 7}``, produced with Java Kafka's partitioner (librdkafka's
 ``murmur2_random``, no explicit partition): a table key must belong to the partition of the
-task that writes it.  The raw-loop baseline in bench.py does the same work with two dicts.
+task that writes it.  The raw-loop baseline (bench/systems/raw.py) does the same work with two dicts.
 """
 import atexit
 import json
