@@ -1,19 +1,34 @@
-"""A child slot: one child process, the tasks it hosts, and its restart history."""
+"""A child slot: one child process, the tasks it hosts, and its restart history.
+
+Every change of a slot's state happens in a method of :class:`ChildSlot`; the arbiter
+calls them and never writes a slot's fields itself.  The states:
+
+``down``      no process; ``respawn_at`` says when one is started (None: not planned)
+``starting``  spawned, has not said ``ready`` yet (it may be restoring its tables)
+``running``   said ``ready``
+``stopping``  asked to stop (TERM, or a KILL we chose): its exit is not a crash
+``failed``    crashed too often; no process until ``retry_at`` (or a HUP)
+
+Beside the state: ``revoking`` (asked to give back tasks, no ``revoked`` answer yet),
+``retiring`` (stops for good: no tasks left, or the shutdown), ``restoring`` (the child
+says it is restoring state; shown as the state ``restoring`` in status).
+"""
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from signal import SIGKILL, SIGTERM
+from typing import Any, Container, Deque, Dict, List, Optional, Sequence, Tuple
 
 import psutil
 
-from shardworker.protocol import Channel
+from shardworker.protocol import EXIT_BROKER_UNAVAILABLE, Channel
 
 log = logging.getLogger("supervisor.children")
 
@@ -23,6 +38,18 @@ STABLE_AFTER = 30.0     # a child that lived this long starts its backoff afresh
 FAILED_RETRY = 300.0    # seconds before a failed slot's tasks are tried again
 CHILD_TOKEN_ENV = "SHARDSUP_CHILD_TOKEN"
 RATE_WINDOW = 10.0      # seconds over which records/s is computed
+
+#: what :meth:`ChildSlot.after_exit` decided (the arbiter logs each differently)
+RESTART, OUTAGE, CRASHED, FAILED = "restart", "outage", "crashed", "failed"
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When a crashing slot is given up (failed) and when a failed one is tried again."""
+
+    max_crashes: int = 5        # crashes (or hangs without progress) before it fails...
+    crash_window: float = 60.0  # ...within this many seconds
+    failed_retry: float = FAILED_RETRY  # seconds a failed slot waits before a new try
 
 
 class ChildSlot:
@@ -131,12 +158,37 @@ class ChildSlot:
         except psutil.Error:
             return None, None
 
+    # -- talking to the process ---------------------------------------------------------
     def send(self, op: str, **fields: Any) -> None:
         if self.channel is not None:
             try:
                 self.channel.send(op, **fields)
             except EOFError:
                 pass  # it is exiting; the exit is handled when it is reaped
+
+    def read(self) -> List[List[List[Any]]]:
+        """Takes what the child sent: heartbeats, ``ready``, stats and errors change the
+        slot; the offset reports (``offsets``, ``revoked``, ``bye``) are returned in the
+        order they came, for the caller to record.  Raises ChannelClosed when it exits."""
+        reports: List[List[List[Any]]] = []
+        if self.channel is None:
+            return reports
+        for message in self.channel.receive():
+            self.last_heard = time.monotonic()
+            op = message["op"]
+            if op in ("offsets", "revoked", "bye"):
+                reports.append(message["offsets"])
+                if op == "revoked":
+                    self.revoking = False
+            elif op == "ready":
+                if self.state == "starting":
+                    self.state = "running"
+            elif op == "stats":
+                self.record_stats(message)
+            elif op == "failed":
+                self.last_error = message.get("error")
+                self.error_reported = True
+        return reports
 
     def signal(self, signum: int) -> None:
         if self.proc is not None and self.alive:
@@ -145,13 +197,129 @@ class ChildSlot:
             except ProcessLookupError:
                 pass
 
-    def exited(self) -> None:
-        """The process is gone (reaped): close its channel."""
+    # -- tasks ------------------------------------------------------------------------
+    def add_tasks(self, tasks: Sequence[str]) -> None:
+        self.tasks.extend(tasks)
+
+    def drop_tasks(self, gone: Container[str]) -> None:
+        """Forgets tasks the group took away (the process gave them back or is gone)."""
+        self.tasks = [t for t in self.tasks if t not in gone]
+
+    def revoke(self, partitions: List[List[Any]]) -> None:
+        """Asks the process to give back ``partitions``; ``revoking`` until it answers."""
+        self.revoking = True
+        self.send("revoke", partitions=partitions)
+
+    def run_timers(self, wanted: bool) -> bool:
+        """Tells the process to run the app's timers or not; False when it knew already."""
+        if self.runs_timers == wanted:
+            return False
+        self.send("timers", run=wanted)
+        self.runs_timers = wanted
+        return True
+
+    # -- stopping and killing ---------------------------------------------------------
+    def stop(self, now: float, signum: Optional[int] = SIGTERM) -> None:
+        """A planned stop: its exit is not counted as a crash.  Sends ``signum`` (None:
+        the caller signals it later)."""
+        if not self.alive:
+            return
+        self.state = "stopping"
+        self.stop_requested = now
+        if signum is not None:
+            self.signal(signum)
+
+    def retire(self, now: float, signum: Optional[int] = SIGTERM) -> bool:
+        """Stops the slot for good (no tasks left, or the shutdown); True while a process
+        is still there to be reaped (False: the slot can be dropped now)."""
+        self.retiring = True
+        self.stop(now, signum)
+        return self.alive
+
+    def restart(self, now: float) -> None:
+        """HUP: the process stops (TERM) and is started again once reaped; a failed slot
+        is started again at once.  The crash history starts afresh."""
+        self.crashes.clear()
+        if self.alive:
+            self.stop(now)
+        elif self.state == "failed":
+            self.state = "down"
+            self.respawn_at = now
+
+    def kill(self, planned: bool = False) -> None:
+        """KILL now.  ``planned``: a stop we chose (lost tasks not given back in time),
+        so the exit restarts it at once instead of counting as a crash."""
+        if planned and self.alive:
+            self.state = "stopping"
+        self.signal(SIGKILL)
+
+    def stop_overdue(self, now: float, timeout: float) -> bool:
+        """A stop asked more than ``timeout`` seconds ago and not done: KILL it (once per
+        ``timeout``).  True when it was killed now."""
+        if self.state != "stopping" or now - self.stop_requested <= timeout:
+            return False
+        self.signal(SIGKILL)
+        self.stop_requested = now
+        return True
+
+    def silent_for(self, now: float) -> float:
+        """Seconds since the process was last heard from (0 unless starting or running)."""
+        return now - self.last_heard if self.state in ("starting", "running") else 0.0
+
+    def hung(self, now: float) -> None:
+        """No heartbeat for too long: KILL it, and count the hang.  Hangs with no
+        progress in between count toward failure however long each incarnation lived
+        (the crash window alone would never see them)."""
+        self.last_error = f"no heartbeat for {now - self.last_heard:.0f}s"
+        self.error_reported = True
+        self.hangs = self.hangs + 1 if self.records_total == self.records_at_hang else 1
+        self.records_at_hang = self.records_total
+        self.signal(SIGKILL)
+        self.last_heard = now  # one kill; the exit is handled when it is reaped
+
+    # -- exits and restarts -----------------------------------------------------------
+    def exited(self) -> bool:
+        """The process is gone (reaped): closes its channel.  Returns whether the exit was
+        planned (it had been asked to stop)."""
+        planned = self.state == "stopping"
         if self.channel is not None:
             self.channel.close()
             self.channel = None
         if self.state != "failed":
             self.state = "down"
+        return planned
+
+    def after_exit(self, code: int, now: float, planned: bool,
+                   policy: RestartPolicy) -> Tuple[str, Optional[float]]:
+        """Decides what follows the exit of a slot that keeps its tasks; returns what
+        (RESTART, OUTAGE, CRASHED or FAILED) and the delay before the next start.
+
+        A planned stop (a HUP, lost tasks) that ended cleanly, or one of a child giving
+        back tasks, restarts at once; a child that stopped because the broker was
+        unreachable restarts with a backoff and no crash counted; anything else is a
+        crash, restarted with a backoff until ``policy`` says the slot failed (which
+        hangs without progress also bring about)."""
+        if planned and (code == 0 or self.revoking):
+            self.respawn_at = now
+            return RESTART, 0.0
+        self.note_exit(code)
+        if code == EXIT_BROKER_UNAVAILABLE:
+            return OUTAGE, self.schedule_outage_restart(now)
+        delay = self.schedule_restart(now, policy.max_crashes, policy.crash_window)
+        if delay is not None and self.hangs >= policy.max_crashes and self.last_error \
+                and self.last_error.startswith("no heartbeat"):
+            delay = None
+        if delay is None:
+            self.fail(now, policy.failed_retry)
+            return FAILED, None
+        return CRASHED, delay
+
+    def respawn_due(self, now: float) -> bool:
+        """A down slot whose restart time has come: counts the restart, True."""
+        if self.state != "down" or self.respawn_at is None or now < self.respawn_at:
+            return False
+        self.restarts += 1
+        return True
 
     def note_exit(self, code: int) -> None:
         """Keeps why the process ended as ``last_error`` when it did not say so itself (an
@@ -169,13 +337,14 @@ class ChildSlot:
 
     def retry_due(self, now: float) -> bool:
         """A failed slot whose long backoff is over: start it again, with a clean crash
-        history (it gets ``max_crashes`` more tries before it fails again)."""
+        history (it gets ``max_crashes`` more tries before it fails again), due now."""
         if self.state != "failed" or self.retry_at is None or now < self.retry_at:
             return False
         self.state = "down"
         self.crashes.clear()
         self.hangs = 0
         self.retry_at = None
+        self.respawn_at = now
         return True
 
     def schedule_outage_restart(self, now: float) -> float:
