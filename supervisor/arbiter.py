@@ -1,12 +1,14 @@
 """The supervisor's main loop, in the manner of gunicorn's arbiter.
 
 Signals are queued by tiny handlers and the loop is woken through a self-pipe; each
-signal has its own ``handle_<name>`` method.  ``spawn``, ``reap`` and ``murder`` are the
-only places where children are started, collected and killed.
+signal has its own ``handle_<name>`` method.  ``spawn`` starts children, ``reap``
+collects them, ``signal_all_children`` signals them all at once; what a slot goes
+through is in :class:`~supervisor.children.ChildSlot`, what a rebalance does with the
+tasks in :class:`~supervisor.rebalance.Assignment`, what status shows in
+:mod:`supervisor.snapshot`.
 """
 from __future__ import annotations
 
-import base64
 import ctypes
 import errno
 import fcntl
@@ -17,21 +19,20 @@ import signal
 import time
 from typing import Dict, List, Optional, Sequence
 
-from confluent_kafka import KafkaException
-
 from shardworker.app import EMBEDDED, App, bootstrap_servers
-from shardworker.protocol import EXIT_BROKER_UNAVAILABLE, ChannelClosed
-from shardworker.topology import TopicPartitionKey, group_by_task, task_partitions
+from shardworker.protocol import ChannelClosed
 
+from . import sdnotify
 from .broker import EmbeddedBroker, check_reachable, ensure_topics
-from .children import FAILED_RETRY, ChildSlot
+from .children import CRASHED, FAILED, FAILED_RETRY, OUTAGE, RESTART, ChildSlot, RestartPolicy
 from .descendants import end_orphans
 from .dump import collect_trace, dump_report, latest_dump_path, trace_path
-from .membership import GroupMember
-from . import sdnotify
 from .guard import start_guard
+from .membership import GroupMember
 from .pidfile import PidFile
-from .placement import choose_timer_owner, place_tasks
+from .placement import choose_timer_owner
+from .rebalance import Assignment
+from .snapshot import snapshot, status_line
 from .status import StatusServer
 from .web import WebServer
 
@@ -39,10 +40,6 @@ log = logging.getLogger("supervisor")
 
 PR_SET_CHILD_SUBREAPER = 36
 SNAPSHOT_EVERY = 1.0  # seconds between refreshes of the snapshot the web thread serves
-PLACE_RETRY = 2.0     # seconds between tries to learn the start offsets of new partitions
-COMMIT_RESEND = 10.0  # seconds before unconfirmed asynchronous commits are sent again
-LOST_GRACE = 5.0      # seconds a child may take to give back partitions the group lost
-FINAL_COMMIT_WAIT = 10.0  # seconds a shutdown waits for the broker to confirm its commit
 
 
 def make_private() -> None:
@@ -78,17 +75,14 @@ class Arbiter:
         self.loglevel = loglevel
         self.shutdown_timeout = shutdown_timeout
         self.child_timeout = child_timeout
-        self.max_crashes = max_crashes
-        self.crash_window = crash_window
+        self.restart_policy = RestartPolicy(max_crashes, crash_window, failed_retry)
         self.exit_on_task_failure = exit_on_task_failure
-        self.failed_retry = failed_retry
         self.exit_code = 0
         self.web_host = web_host
         self.web_port = web_port
         self.log_args = list(log_args)
         self.started_at = time.monotonic()
         self.state = "starting"          # starting, running, stopping (for status)
-        self.joined = False
         self.status_server: Optional[StatusServer] = None
         self.web: Optional[WebServer] = None
         self.latest_snapshot: Dict[str, object] = {}
@@ -101,17 +95,8 @@ class Arbiter:
         self.SIG_QUEUE: List[int] = []
         self.PIPE: List[int] = []
         self.slots: Dict[int, ChildSlot] = {}
-        #: per partition: next offset to read, as reported by the children (acknowledged work)
-        self.offsets: Dict[TopicPartitionKey, int] = {}
-        self.committed: Dict[TopicPartitionKey, int] = {}
-        #: assigned partitions whose start offsets the broker has not answered yet
-        self.unplaced: List[TopicPartitionKey] = []
-        self._next_placement = 0.0
-        self._last_commit = 0.0
-        self._commit_sent: Dict[TopicPartitionKey, int] = {}  # asynchronous, unconfirmed
-        self._commit_sent_at = 0.0
-        #: exactly-once: the group metadata the children have (their transactions need it)
-        self._shared_metadata: Optional[bytes] = None
+        #: the partitions the group gave us, their offsets, and the rebalances' moves
+        self.assignment = Assignment(app, self)
         self.stopping: Optional[str] = None   # None, "warm" or "cold"
         self.closing = False
         self.embedded: Optional[EmbeddedBroker] = None
@@ -142,8 +127,8 @@ class Arbiter:
                      self.app.id, self.bootstrap, cluster or "?",
                      ", ".join(f"{t}[{partitions[t]}]" for t in self.source_topics),
                      self.max_children, self.app.settings["processing_guarantee"])
-            self.member = GroupMember(self.app, self.bootstrap, self.on_assign,
-                                      self.on_revoke, self.on_lost)
+            a = self.assignment
+            self.member = GroupMember(self.app, self.bootstrap, a.on_assign, a.on_revoke, a.on_lost)
             self.member.subscribe(self.source_topics)
             self.set_title("supervisor")
             while self.stopping is None:
@@ -169,12 +154,12 @@ class Arbiter:
         self.read_children()
         assert self.member is not None
         self.member.poll()
-        self.place_unplaced()
-        self.share_group_metadata()
+        self.assignment.place_unplaced()
+        self.assignment.share_group_metadata()
         self.spawn_due()
         self.assign_timers()
         self.check_heartbeats()
-        self.commit(force=False)
+        self.assignment.commit(force=False)
 
     def start_broker(self) -> None:
         if self.broker_url.startswith(EMBEDDED):
@@ -251,7 +236,7 @@ class Arbiter:
         if now - self._last_snapshot >= SNAPSHOT_EVERY:
             self.latest_snapshot = self.snapshot()
             self._last_snapshot = now
-            line = self.status_line()
+            line = status_line(self.slots.values())
             if line != self._last_status_line:
                 sdnotify.status(line)
                 self._last_status_line = line
@@ -282,19 +267,13 @@ class Arbiter:
         sdnotify.reloading("restarting children")
         self._notified_ready = False  # READY=1 again once the new children run
         for slot in self.slots.values():
-            slot.crashes.clear()
-            if slot.alive:
-                slot.state = "stopping"
-                slot.stop_requested = time.monotonic()
-                slot.signal(signal.SIGTERM)  # reaped, then spawned again at once
-            elif slot.state == "failed":
-                slot.state = "down"
-                slot.respawn_at = time.monotonic()
+            slot.restart(time.monotonic())  # TERM: reaped, then spawned again at once
 
     def handle_usr1(self) -> None:
         """Tracebacks of every thread of the supervisor and of every child, with each
         child's tasks and offsets, in one report: logged and written under the datadir."""
-        report = dump_report(self)
+        report = dump_report(self.app.id, self.datadir, self.slots.values(),
+                             self.assignment.offsets, self.source_topics)
         log.warning("traceback report (also in %s):\n%s", latest_dump_path(self.datadir), report)
 
     # -- children -------------------------------------------------------------------
@@ -303,24 +282,16 @@ class Arbiter:
         slot.spawn(self.app_spec, self.bootstrap, self.loglevel, trace_path(self.datadir, slot.index),
                    self.log_args, self.datadir)
         log.info("started child %d (pid %d) for tasks %s", slot.index, slot.pid, ",".join(slot.tasks))
-        if self.app.exactly_once:
-            self.send_group_metadata([slot])
-        self.send_assign(slot, slot.tasks)
-
-    def send_assign(self, slot: ChildSlot, tasks: List[str]) -> None:
-        parts = [(t, p, self.offsets[(t, p)]) for task in tasks
-                 for t, p in task_partitions(self.source_topics, task)]
-        slot.send("assign", partitions=parts)
+        self.assignment.brief(slot)
 
     def spawn_due(self) -> None:
+        """Starts the slots whose restart is due (a failed one whose retry came, too)."""
         now = time.monotonic()
         for slot in list(self.slots.values()):
             if slot.retry_due(now):
                 log.warning("tasks %s: trying them again %.0fs after they failed (last error: %s)",
-                            ",".join(slot.tasks), self.failed_retry, slot.last_error)
-                slot.respawn_at = now
-            if slot.state == "down" and slot.respawn_at is not None and now >= slot.respawn_at:
-                slot.restarts += 1
+                            ",".join(slot.tasks), self.restart_policy.failed_retry, slot.last_error)
+            if slot.respawn_due(now):
                 self.spawn(slot)
 
     def reap(self) -> None:
@@ -347,12 +318,11 @@ class Arbiter:
             self.child_exited(slot, code)
 
     def child_exited(self, slot: ChildSlot, code: int) -> None:
-        planned = slot.state == "stopping"
         try:
             self.read_child(slot)  # its last offsets may still be in the socket
         except ChannelClosed:
             pass
-        slot.exited()
+        planned = slot.exited()
         # what the child started goes with it (double-forked helpers were adopted by us)
         end_orphans(self.known_pids(), token=slot.token)
         if slot.retiring or not slot.tasks:
@@ -361,34 +331,26 @@ class Arbiter:
             return
         if self.stopping is not None:
             return
-        if planned and (code == 0 or slot.revoking):
-            log.info("child %d restarted (tasks %s)", slot.index, ",".join(slot.tasks))
-            slot.respawn_at = time.monotonic()
-            return
-        slot.note_exit(code)
-        now = time.monotonic()
-        if code == EXIT_BROKER_UNAVAILABLE:
-            delay = slot.schedule_outage_restart(now)
+        policy = self.restart_policy
+        outcome, delay = slot.after_exit(code, time.monotonic(), planned, policy)
+        tasks = ",".join(slot.tasks)
+        if outcome == RESTART:
+            log.info("child %d restarted (tasks %s)", slot.index, tasks)
+        elif outcome == OUTAGE:
             log.warning("child %d (tasks %s) stopped: the broker is unreachable (%s); "
                         "restarting in %.1fs (an outage is not counted as a crash)",
-                        slot.index, ",".join(slot.tasks), slot.last_error, delay)
-            return
-        delay = slot.schedule_restart(now, self.max_crashes, self.crash_window)
-        if delay is not None and slot.hangs >= self.max_crashes and slot.last_error \
-                and slot.last_error.startswith("no heartbeat"):
-            delay = None
-        if delay is None:
-            slot.fail(now, self.failed_retry)
+                        slot.index, tasks, slot.last_error, delay)
+        elif outcome == FAILED:
             log.error("tasks %s FAILED: their child crashed %d times within %.0fs (last exit "
                       "code %s, last error: %s); trying them again in %.0fs (or at HUP)",
-                      ",".join(slot.tasks), self.max_crashes, self.crash_window, code,
-                      slot.last_error or "see the log above", self.failed_retry)
+                      tasks, policy.max_crashes, policy.crash_window, code,
+                      slot.last_error or "see the log above", policy.failed_retry)
             if self.exit_on_task_failure:
                 self.exit_code = 3
                 self.stopping = "warm"
-            return
-        log.error("child %d (tasks %s) died with code %s; restarting in %.1fs from the last "
-                  "processed offsets", slot.index, ",".join(slot.tasks), code, delay)
+        elif outcome == CRASHED:
+            log.error("child %d (tasks %s) died with code %s; restarting in %.1fs from the last "
+                      "processed offsets", slot.index, tasks, code, delay)
 
     def known_pids(self) -> List[int]:
         """Processes we started on purpose: children and the embedded broker."""
@@ -414,27 +376,20 @@ class Arbiter:
         """A child silent for ``child_timeout`` is stuck: dump its traceback, kill it."""
         now = time.monotonic()
         for slot in self.slots.values():
-            if slot.state == "stopping" and now - slot.stop_requested > self.shutdown_timeout:
+            if slot.stop_overdue(now, self.shutdown_timeout):
                 log.error("child %d (pid %s) did not stop within %.0fs; killing it",
                           slot.index, slot.pid, self.shutdown_timeout)
-                slot.signal(signal.SIGKILL)
-                slot.stop_requested = now
-            if slot.state in ("starting", "running") and now - slot.last_heard > self.child_timeout:
+            silent = slot.silent_for(now)
+            if silent > self.child_timeout:
                 trace = collect_trace(slot)
                 log.error("child %d (pid %s, tasks %s) sent no heartbeat for %.0fs; its "
                           "traceback:\n%s\nkilling it", slot.index, slot.pid,
-                          ",".join(slot.tasks), now - slot.last_heard, trace)
-                slot.last_error = f"no heartbeat for {now - slot.last_heard:.0f}s"
-                slot.error_reported = True
-                # hangs with no progress in between count toward failure, however long
-                # each incarnation lived (the crash window alone would never see them)
-                slot.hangs = slot.hangs + 1 if slot.records_total == slot.records_at_hang else 1
-                slot.records_at_hang = slot.records_total
-                slot.signal(signal.SIGKILL)
-                slot.last_heard = now  # one kill; reap() handles the exit
+                          ",".join(slot.tasks), silent, trace)
+                slot.hung(now)
 
-    def murder(self, sig: int = signal.SIGKILL) -> None:
-        """Kills every child now (cold shutdown, or a warm one that ran out of time)."""
+    def signal_all_children(self, sig: int) -> None:
+        """Sends ``sig`` to every child now (TERM: a warm shutdown; KILL: a cold one, or a
+        warm one that ran out of time)."""
         for slot in self.slots.values():
             slot.signal(sig)
 
@@ -446,23 +401,8 @@ class Arbiter:
                 pass  # exiting; reap() handles it
 
     def read_child(self, slot: ChildSlot) -> None:
-        if slot.channel is None:
-            return
-        for message in slot.channel.receive():
-            slot.last_heard = time.monotonic()
-            op = message["op"]
-            if op in ("offsets", "revoked", "bye"):
-                self.record_offsets(slot, message["offsets"])
-                if op == "revoked":
-                    slot.revoking = False
-            elif op == "ready":
-                if slot.state == "starting":
-                    slot.state = "running"
-            elif op == "stats":
-                slot.record_stats(message)
-            elif op == "failed":
-                slot.last_error = message.get("error")
-                slot.error_reported = True
+        for offsets in slot.read():
+            self.assignment.record_offsets(slot, offsets)
 
     def assign_timers(self) -> None:
         """Tells exactly one child to run the app's timers: the one hosting the lowest
@@ -476,224 +416,19 @@ class Arbiter:
         owner = choose_timer_owner(running, held)
         alive = [s for s in self.slots.values() if s.alive and s.channel is not None]
         for slot in sorted(alive, key=lambda s: s.index == owner):  # stops first
-            wanted = slot.index == owner
-            if slot.runs_timers != wanted:
-                slot.send("timers", run=wanted)
-                slot.runs_timers = wanted
-                if wanted:
-                    log.info("child %d (tasks %s) runs the timers", slot.index, ",".join(slot.tasks))
-
-    def record_offsets(self, slot: ChildSlot, offsets: List[List[object]]) -> None:
-        owned = set(slot.tasks)
-        for topic, part, offset in offsets:
-            key = (str(topic), int(part))  # type: ignore[call-overload]
-            tasks = group_by_task(self.source_topics, [key])
-            if key in self.offsets and owned.intersection(tasks) and int(offset) >= self.offsets[key]:  # type: ignore[call-overload]
-                self.offsets[key] = int(offset)  # type: ignore[call-overload]
-
-    # -- offsets --------------------------------------------------------------------
-    def commit(self, force: bool) -> None:
-        """Commits the children's processed offsets as the group member (throttled).
-        Exactly-once: the children's transactions committed them before reporting them;
-        a commit from here could land after a newer transactional one and undo it.
-
-        The periodic commit does not wait for the broker (an outage must not stop this
-        loop: issue 11, point 7); what it confirms is taken on later turns, and what it
-        does not confirm is sent again after COMMIT_RESEND.  ``force`` (a revoke, the
-        shutdown) waits for the broker's answer."""
-        now = time.monotonic()
-        if self.member is not None:
-            confirmed = self.member.take_acknowledged()
-            self.committed.update({k: o for k, o in confirmed.items() if k in self.offsets})
-        if not force and now - self._last_commit < self.app.settings["commit_interval"]:
-            return
-        self._last_commit = now
-        pending = {k: o for k, o in self.offsets.items() if o >= 0 and self.committed.get(k) != o}
-        if not pending or self.member is None:
-            return
-        if self.app.exactly_once:
-            self.committed.update(pending)
-        elif force:
-            if self.member.commit(pending):
-                self.committed.update(pending)
-        elif pending != self._commit_sent or now - self._commit_sent_at >= COMMIT_RESEND:
-            self.member.commit_soon(pending)
-            self._commit_sent, self._commit_sent_at = pending, now
-
-    def commit_final(self) -> None:
-        """The shutdown's commit: waits for the broker's confirmation, but at most
-        FINAL_COMMIT_WAIT seconds, so a shutdown during an outage still ends (what is
-        not confirmed is read again by the next owner: at least once)."""
-        if self.member is None or self.app.exactly_once:
-            self.commit(force=True)
-            return
-        self.committed.update(self.member.take_acknowledged())
-        pending = {k: o for k, o in self.offsets.items() if o >= 0 and self.committed.get(k) != o}
-        if not pending:
-            return
-        if self.member.commit_within(pending, FINAL_COMMIT_WAIT):
-            self.committed.update(pending)
-        else:
-            log.warning("the broker did not confirm the final commit within %.0fs; records "
-                        "after the group's last committed offsets will be read again",
-                        FINAL_COMMIT_WAIT)
-
-    def share_group_metadata(self) -> None:
-        """Exactly-once: sends every child the member's group metadata when it changes
-        (each rebalance starts a generation; a stale one gets their commits refused)."""
-        if not self.app.exactly_once or self.member is None or not self.joined:
-            return
-        metadata = self.member.group_metadata()
-        if metadata != self._shared_metadata:
-            self._shared_metadata = metadata
-            self.send_group_metadata([slot for slot in self.slots.values() if slot.alive])
-
-    def send_group_metadata(self, slots: List[ChildSlot]) -> None:
-        assert self.member is not None
-        encoded = base64.b64encode(self.member.group_metadata()).decode()
-        for slot in slots:
-            slot.send("group", metadata=encoded)
-
-    # -- rebalances (called by librdkafka from inside member.poll) -----------------
-    def on_assign(self, partitions: List[TopicPartitionKey]) -> None:
-        self.joined = True
-        if not partitions or self.stopping:
-            return  # shutting down: member.close() gives them back
-        self.unplaced.extend(p for p in partitions if p not in self.unplaced)
-        self._next_placement = 0.0
-        self.place_unplaced()
-
-    def place_unplaced(self) -> None:
-        """Starts the tasks of newly assigned partitions once the group's start offsets
-        are known.  The broker may not answer (an outage, a transaction still open): that
-        is logged and tried again on a later loop turn, never raised, because this runs
-        inside librdkafka's rebalance callback and an exception there would end the
-        supervisor (issue 11, point 7)."""
-        if not self.unplaced or self.stopping or self.member is None:
-            return
-        now = time.monotonic()
-        if now < self._next_placement:
-            return
-        try:
-            offsets = self.member.start_offsets(self.unplaced)
-        except KafkaException as exc:
-            self._next_placement = time.monotonic() + PLACE_RETRY
-            log.warning("start offsets of tasks %s not available (%s); trying again in %.0fs",
-                        ",".join(group_by_task(self.source_topics, self.unplaced)), exc, PLACE_RETRY)
-            return
-        partitions, self.unplaced = self.unplaced, []
-        self.offsets.update(offsets)
-        self.place(partitions)
-
-    def place(self, partitions: List[TopicPartitionKey]) -> None:
-        """Hands the tasks of ``partitions`` (start offsets known) to children."""
-        tasks = list(group_by_task(self.source_topics, partitions))
-        log.info("assigned tasks %s", ",".join(tasks))
-        # a failed slot takes no new work: its tasks wait for their retry (or a HUP)
-        # (nor does one that is retiring: it is on its way out with whatever it holds)
-        hosted = {i: s.tasks for i, s in self.slots.items()
-                  if s.state != "failed" and not s.retiring}
-        for_existing, for_new = place_tasks(tasks, hosted, self.max_children)
-        for index, new in for_existing.items():
-            slot = self.slots[index]
-            slot.tasks.extend(new)
-            if slot.alive:
-                self.send_assign(slot, new)
-        for new in for_new:
-            index = next(i for i in range(len(self.slots) + 1) if i not in self.slots)
-            slot = self.slots[index] = ChildSlot(index, new)
-            self.spawn(slot)
-
-    def on_revoke(self, partitions: List[TopicPartitionKey]) -> None:
-        """Stops the revoked tasks (warm) and commits them before the group moves them."""
-        self.take_back(partitions, commit=True)
-
-    def on_lost(self, partitions: List[TopicPartitionKey]) -> None:
-        """The group gave these away already (we were too slow): stop them, commit nothing."""
-        log.warning("lost partitions %s", partitions)
-        self.take_back(partitions, commit=False)
-
-    def take_back(self, partitions: List[TopicPartitionKey], commit: bool) -> None:
-        gone = set(partitions)
-        self.unplaced = [p for p in self.unplaced if p not in gone]
-        partitions = [p for p in partitions if p in self.offsets]  # only those placed
-        if self.closing or not partitions:
-            return
-        if self.stopping:  # children are stopping anyway: keep what they reported, let go
-            if commit:
-                self.commit(force=True)
-            for key in partitions:
-                self.offsets.pop(key, None)
-                self.committed.pop(key, None)
-            return
-        revoked = group_by_task(self.source_topics, partitions)
-        log.info("revoking tasks %s", ",".join(revoked))
-        waiting = []
-        for slot in self.slots.values():
-            mine = [t for t in slot.tasks if t in revoked]
-            if not mine:
-                continue
-            if slot.alive:
-                slot.revoking = True
-                slot.send("revoke", partitions=[list(tp) for t in mine for tp in revoked[t]])
-                waiting.append(slot)
-        # lost partitions belong to someone else already, and a child that cannot give
-        # them back is most likely waiting on the unreachable broker that lost them
-        grace = self.shutdown_timeout if commit else min(self.shutdown_timeout, LOST_GRACE)
-        deadline = time.monotonic() + grace
-        while any(s.revoking and s.alive for s in waiting) and time.monotonic() < deadline:
-            self.sleep(0.05)
-            self.read_children()
-            self.reap()
-        for slot in waiting:
-            if slot.revoking and slot.alive:
-                # it must not go on with a task the group gives to someone else
-                if commit:
-                    log.error("child %d did not give back tasks within %.0fs; killing it",
-                              slot.index, grace)
-                else:  # not its fault: a planned stop, not a crash
-                    log.warning("child %d did not give back lost tasks within %.0fs; killing "
-                                "it (its uncommitted work is read again)", slot.index, grace)
-                    slot.state = "stopping"
-                slot.signal(signal.SIGKILL)
-                while slot.alive:
-                    self.sleep(0.05)
-                    self.reap()
-        if commit:
-            self.commit(force=True)
-        for slot in list(self.slots.values()):
-            slot.tasks = [t for t in slot.tasks if t not in revoked]
-            if not slot.tasks:
-                slot.retiring = True
-                if slot.alive:
-                    slot.state = "stopping"
-                    slot.stop_requested = time.monotonic()
-                    slot.signal(signal.SIGTERM)
-                else:
-                    del self.slots[slot.index]
-        for key in partitions:
-            self.offsets.pop(key, None)
-            self.committed.pop(key, None)
+            if slot.run_timers(slot.index == owner) and slot.index == owner:
+                log.info("child %d (tasks %s) runs the timers", slot.index, ",".join(slot.tasks))
 
     # -- status ---------------------------------------------------------------------
     def notify_ready(self) -> None:
         """READY=1 for systemd once the group is joined and every child runs."""
-        if self._notified_ready or not self.joined:
+        if self._notified_ready or not self.assignment.joined:
             return
         if all(s.state == "running" for s in self.slots.values()):
             self.state = "running"
             self._notified_ready = True
-            sdnotify.ready(self.status_line())
-            log.info("ready: %s", self.status_line())
-
-    def status_line(self) -> str:
-        """One line for systemd's STATUS= and the log."""
-        running = sum(1 for s in self.slots.values() if s.state == "running")
-        tasks = sum(len(s.tasks) for s in self.slots.values())
-        failed = [t for s in self.slots.values() if s.state == "failed" for t in s.tasks]
-        rate = sum(s.records_per_s for s in self.slots.values())
-        line = f"{running}/{len(self.slots)} children running, {tasks} tasks, {rate:.0f} records/s"
-        return line + (f", FAILED tasks {','.join(failed)}" if failed else "")
+            sdnotify.ready(status_line(self.slots.values()))
+            log.info("ready: %s", status_line(self.slots.values()))
 
     def handle_request(self, command: str) -> Dict[str, object]:
         """A request on the status socket (``shardsup status``)."""
@@ -704,35 +439,9 @@ class Arbiter:
 
     def snapshot(self) -> Dict[str, object]:
         """Everything ``shardsup status``, ``/status``, ``/metrics`` and ``/health`` show."""
-        now = time.monotonic()
-        children = []
-        tasks: Dict[str, object] = {}
-        for slot in sorted(self.slots.values(), key=lambda s: s.index):
-            usage = slot.usage()
-            lag = slot.stats.get("lag", {}) if slot.alive else {}
-            state = "restoring" if slot.alive and slot.restoring else slot.state
-            children.append({
-                "index": slot.index, "pid": slot.pid, "tasks": list(slot.tasks), "state": state,
-                "uptime_s": round(now - slot.started_at, 3) if slot.alive else 0.0,
-                "restarts": slot.restarts, "records_per_s": round(slot.records_per_s, 1),
-                "records_total": slot.records_total, "errors_total": slot.errors_total,
-                "lag": {t: lag.get(t) for t in slot.tasks},
-                "rss_bytes": usage[0], "cpu_percent": usage[1], "last_error": slot.last_error})
-            retry_in = (round(max(0.0, slot.retry_at - now), 1)
-                        if slot.state == "failed" and slot.retry_at is not None else None)
-            children[-1]["retry_in_s"] = retry_in
-            for task in slot.tasks:
-                tasks[task] = {"child": slot.index, "state": state, "lag": lag.get(task)}
-                if slot.state == "failed":
-                    tasks[task].update(last_error=slot.last_error, retry_in_s=retry_in)
-        group = self.member.group_state() if self.member is not None else {
-            "state": "not joined", "generation": None, "member_id": None, "rebalances": 0}
-        return {
-            "supervisor": {"pid": os.getpid(), "app": self.app.id, "broker": self.bootstrap,
-                           "datadir": os.path.abspath(self.datadir),
-                           "uptime_s": round(now - self.started_at, 3), "state": self.state,
-                           "group": group},
-            "children": children, "tasks": tasks}
+        return snapshot(self.slots.values(), app_id=self.app.id, broker=self.bootstrap,
+                        datadir=self.datadir, started_at=self.started_at, state=self.state,
+                        group=self.member.group_state() if self.member is not None else None)
 
     # -- shutdown -------------------------------------------------------------------
     def shutdown(self) -> int:
@@ -743,19 +452,14 @@ class Arbiter:
         sdnotify.stopping(f"{mode} shutdown")
         log.info("%s shutdown: stopping %d children", mode, sum(s.alive for s in self.slots.values()))
         for slot in self.slots.values():
-            slot.retiring = True
-            if slot.alive:
-                slot.state = "stopping"
-                slot.stop_requested = time.monotonic()
-        if mode == "warm":
-            self.murder(signal.SIGTERM)
+            slot.retire(time.monotonic(), signal.SIGTERM if mode == "warm" else None)
         deadline = time.monotonic() + self.shutdown_timeout
         while any(s.alive for s in self.slots.values()):
             if self.stopping == "cold" or time.monotonic() >= deadline:
                 if mode == "warm" and self.stopping != "cold":
                     log.error("children still running after %.0fs; killing them", self.shutdown_timeout)
                 self.stopping = mode = "cold"
-                self.murder(signal.SIGKILL)
+                self.signal_all_children(signal.SIGKILL)
             self.sleep(0.05)
             while self.SIG_QUEUE:
                 sig = self.SIG_QUEUE.pop(0)
@@ -767,12 +471,12 @@ class Arbiter:
             self.reap()
             if self.member is not None:
                 self.member.poll()
-        self.commit_final()
+        self.assignment.commit_final()
         self.closing = True
         if self.member is not None:
             self.member.close()
         end_orphans(self.known_pids())
         self.reap()
         log.info("%s shutdown complete; committed %s", mode,
-                 ", ".join(f"{t}[{p}]={o}" for (t, p), o in sorted(self.committed.items())) or "nothing")
+                 ", ".join(f"{t}[{p}]={o}" for (t, p), o in sorted(self.assignment.committed.items())) or "nothing")
         return self.exit_code if mode == "warm" else 1

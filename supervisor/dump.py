@@ -17,15 +17,12 @@ import sys
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING, Dict, List
+from typing import Dict, Iterable, Mapping, Sequence
 
 from shardworker.logs import open_private
+from shardworker.topology import TopicPartitionKey, task_partitions
 
-from shardworker.topology import task_partitions
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .arbiter import Arbiter
-    from .children import ChildSlot
+from .children import ChildSlot
 
 TRACE_WAIT = 1.0  # seconds to wait for a child's handler to write
 
@@ -84,7 +81,7 @@ def _read_growth(starts: Dict[str, int]) -> Dict[str, str]:
     return texts
 
 
-def collect_trace(slot: "ChildSlot") -> str:
+def collect_trace(slot: ChildSlot) -> str:
     """Signals one child and returns the tracebacks it wrote."""
     if not slot.trace_path or slot.pid is None:
         return "(no process)"
@@ -102,32 +99,34 @@ def own_threads() -> str:
     return "\n".join(parts)
 
 
-def dump_report(arbiter: "Arbiter") -> str:
-    """Gathers the report, writes it under the datadir (one file per dump plus
-    ``dump-latest.txt``) and returns it."""
-    slots: List["ChildSlot"] = [s for s in arbiter.slots.values()]
+def dump_report(app_id: str, datadir: str, slots: Iterable[ChildSlot],
+                offsets: Mapping[TopicPartitionKey, int], source_topics: Sequence[str]) -> str:
+    """Gathers the report (the supervisor's threads; per child its state, tasks, the
+    ``offsets`` it reported and its threads), writes it under ``datadir`` (one file per
+    dump plus ``dump-latest.txt``) and returns it."""
+    slots = list(slots)
     starts = {s.trace_path: _size(s.trace_path) for s in slots if s.pid is not None and s.trace_path}
     for slot in slots:
         if slot.pid is not None:
             slot.signal(signal.SIGUSR1)
     supervisor_threads = own_threads()
     traces = _read_growth(starts) if starts else {}
-    lines = [f"shardsup traceback report — app {arbiter.app.id}, supervisor pid {os.getpid()}, "
+    lines = [f"shardsup traceback report — app {app_id}, supervisor pid {os.getpid()}, "
              f"{time.strftime('%Y-%m-%d %H:%M:%S')}", "",
              f"== supervisor (pid {os.getpid()}) ==", supervisor_threads]
     for slot in sorted(slots, key=lambda s: s.index):
         offsets = ", ".join(
-            f"{t}[{p}]={arbiter.offsets.get((t, p), '?')}"
-            for task in slot.tasks for t, p in task_partitions(arbiter.source_topics, task))
+            f"{t}[{p}]={offsets.get((t, p), '?')}"
+            for task in slot.tasks for t, p in task_partitions(source_topics, task))
         lines += ["", f"== child {slot.index} (pid {slot.pid}, state {slot.state}) ==",
                   f"tasks: {','.join(slot.tasks) or '-'}", f"offsets: {offsets or '-'}",
                   traces.get(slot.trace_path, "(not running)") if slot.pid else "(not running)"]
     report = "\n".join(lines) + "\n"
-    folder = os.path.join(arbiter.datadir, "dumps")
+    folder = os.path.join(datadir, "dumps")
     os.makedirs(folder, mode=0o700, exist_ok=True)
     name = os.path.join(folder, f"dump-{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns() % 10**6}.txt")
     write_new(name, report)
-    tmp = latest_dump_path(arbiter.datadir) + ".tmp"
+    tmp = latest_dump_path(datadir) + ".tmp"
     write_new(tmp, report)
-    os.replace(tmp, latest_dump_path(arbiter.datadir))  # replaces a link, never follows it
+    os.replace(tmp, latest_dump_path(datadir))  # replaces a link, never follows it
     return report
