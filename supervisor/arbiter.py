@@ -282,7 +282,7 @@ class Arbiter:
         slot.spawn(self.app_spec, self.bootstrap, self.loglevel, trace_path(self.datadir, slot.index),
                    self.log_args, self.datadir)
         log.info("started child %d (pid %d) for tasks %s", slot.index, slot.pid, ",".join(slot.tasks))
-        self.assignment.brief(slot)
+        self.assignment.assign_new_child(slot)
 
     def spawn_due(self) -> None:
         """Starts the slots whose restart is due (a failed one whose retry came, too)."""

@@ -140,7 +140,7 @@ class Assignment:
             slot = slots[index] = ChildSlot(index, new)
             self.host.spawn(slot)
 
-    def brief(self, slot: ChildSlot) -> None:
+    def assign_new_child(self, slot: ChildSlot) -> None:
         """Tells a newly started process what it works on: the group metadata
         (exactly-once) and its tasks with their start offsets."""
         if self.app.exactly_once:

@@ -275,7 +275,7 @@ class FakeHost:
         slot.signal = lambda signum: slot.signals.append(signum) if slot.alive else None  # type: ignore[method-assign]
         self.spawned.append(slot.index)
         assert self.assignment is not None
-        self.assignment.brief(slot)
+        self.assignment.assign_new_child(slot)
 
     def sleep(self, timeout: float) -> None:
         time.sleep(min(timeout, 0.005))
