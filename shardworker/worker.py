@@ -1,20 +1,18 @@
 """The child process's runtime: the whole data path of a record, top to bottom.
 
-    consume → decode → agent → sinks, dead letters, changelog → acknowledged
-            → LMDB commit (state + offsets) → report offsets
+    1 consume → 2 decode → 3 agents (outputs, dead letters, table writes)
+      → the tables' changelog records → 4 the broker holds it all (the committer)
+      → 5 LMDB commit (state + offsets) → 6 report offsets to the supervisor
 
-A child reads its partitions with ``assign()`` (it is not a group member), runs the
-records of a batch through the agents, and (:meth:`Worker.settle`) once the broker has
-acknowledged every record the batch produced, commits its table state and reports
-"processed up to" offsets to the supervisor, which commits them as the group member.
-Up to :data:`MAX_UNSETTLED` batches are processed while earlier ones wait for their
-acknowledgements; they settle in order.  A crash anywhere before the report means the
-batch is read again: at-least-once, nothing lost, no state applied twice.
-
-Exactly-once (:meth:`Worker.settle_transactions`) replaces step 4: each task's outputs,
-changelog records and input offsets commit as one Kafka transaction every
-``commit_interval``; the LMDB commit follows it, and a transaction the broker refuses is
-aborted and its records read again (:meth:`Worker.rewind`).
+A child reads its partitions with ``assign()`` (it is not a group member).
+:meth:`Worker.run` is the loop; :meth:`Worker.process` and :meth:`Worker.process_chunk`
+are steps 1-3 of a batch, :meth:`Worker.settle` steps 4-6.  Step 4 is the processing
+guarantee, a strategy object (:mod:`.committers`): at least once, every record the batch
+produced is acknowledged; exactly-once, each task's outputs, changelog records and input
+offsets commit as one Kafka transaction.  Batches overlap: the next is processed while
+the broker acknowledges the last; they settle in order.  A crash anywhere before step 6
+means the batch is read again, and no state is applied twice (docs/architecture.md,
+"A record's path").
 """
 from __future__ import annotations
 
@@ -28,36 +26,24 @@ import signal
 import time
 import traceback
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from .agents import AgentRunner, AsyncAgentRunner, SyncAgentRunner
 from .app import Agent, App
+from .committers import Committer, Processed, make_committer
 from .logs import set_role
 from .produce import (DEFAULT_MESSAGE_MAX_BYTES, RecordTooLarge, fit_dead_letter, is_too_large,
                       message_max_bytes, produce)
-from .protocol import (BrokerUnavailable, Channel, ChannelClosed, call_while_unreachable,
-                       says_broker_unreachable)
+from .protocol import Channel, ChannelClosed
 from .state import TaskStates
-from .topology import TopicPartitionKey, group_by_task, task_id, task_partitions, task_sort_key
-from .transactions import COMMIT_BEFORE, TransactionAborted, Transactions
+from .topology import TopicPartitionKey, group_by_task, task_id, task_sort_key
 
 log = logging.getLogger("shardworker.worker")
 
 STATS_INTERVAL = 1.0       # seconds between heartbeats with stats to the supervisor
-MAX_UNSETTLED = 4          # batches processed ahead of their acknowledgements, at most
-SETTLE_WITHIN = 0.05       # seconds a batch may wait for its acknowledgements unforced
 REPORT_INTERVAL = 0.05     # offsets are reported at most this often (and at every stop)
-CHUNK_SECONDS = 0.5        # exactly-once: a batch is processed in chunks of about this long
-
-
-def _record_id(msg: Message) -> Tuple[str, int, int]:
-    return msg.topic(), msg.partition(), msg.offset()
-
-
-class DeliveryFailed(RuntimeError):
-    """The broker refused or lost an output record: its input must not be committed."""
 
 
 class Worker:
@@ -72,8 +58,6 @@ class Worker:
         self.index = index
         self.source_topics = app.source_topics
         self.batch_size = int(app.settings["batch_size"])
-        self.commit_interval = float(app.settings["commit_interval"])
-        self._last_commit = 0.0
         self.stopping = False
         self.tasks: List[str] = []
         #: next offset to read, per partition, for records whose effects are acknowledged
@@ -84,9 +68,6 @@ class Worker:
         self.processed = 0
         self.errors = 0
         self._delivery_errors: List[str] = []
-        #: exactly-once: input records whose output the broker refused as too large; the
-        #: aborted transaction reads them again, and then they are dead-lettered
-        self._refused_inputs: Set[Tuple[str, int, int]] = set()
         #: the producers' ``message.max.bytes``: a dead letter is truncated to fit it
         self.max_message_bytes = DEFAULT_MESSAGE_MAX_BYTES
         self.loop: Optional[asyncio.AbstractEventLoop] = None
@@ -95,12 +76,8 @@ class Worker:
         self.control: Deque[Dict[str, Any]] = deque()
         self.routes: Dict[str, List[AgentRunner]] = {}
         self._timer_due: Dict[str, float] = {}
-        #: batches processed whose outputs are not known to be acknowledged yet, in order
-        self.unsettled: List[Tuple[float, Dict[TopicPartitionKey, int], List[Any]]] = []
-        #: exactly-once: records per chunk of a batch (:meth:`process`), and the partitions
-        #: rewound by an aborted transaction while the batch was being processed
-        self._chunk = 1
-        self._rewound: Set[TopicPartitionKey] = set()
+        #: batches processed that the broker may not hold yet (step 4 pending), in order
+        self.unsettled: List[Processed] = []
 
     # -- set-up ---------------------------------------------------------------------
     def setup(self) -> None:
@@ -119,25 +96,13 @@ class Worker:
         }
         self.consumer = Consumer(consumer_config)
         self.max_message_bytes = message_max_bytes(app.producer_config(self.bootstrap))
-        client_id = f"{app.id}-child-{self.index}"
-        #: exactly-once: one transactional producer per task, else one for the child
-        self.transactions: Optional[Transactions] = None
-        self.producer: Optional[Producer] = None
-        if app.exactly_once:
-            self.transactions = Transactions(app, self.bootstrap, client_id, self._on_delivery,
-                                             heartbeat=self.heartbeat)
-        else:
-            self.producer = Producer({
-                **app.producer_config(self.bootstrap),
-                "client.id": client_id,
-                "on_delivery": self._on_delivery,
-                # changelog offsets come back in delivery reports, so tables need them all
-                "delivery.report.only.error": not app.tables,
-            })
-            app._producer = self.producer  # topic.send() inside agents and timers uses it
-        self.state = TaskStates(app, self.datadir, consumer_config, self.producer_for_task,
-                                heartbeat=lambda: self.report(force=False),
-                                delivery_errors=self._delivery_errors)
+        self.state = TaskStates(app, self.datadir, consumer_config,
+                                lambda task: self.committer.producer_for_task(task),
+                                heartbeat=self.heartbeat, delivery_errors=self._delivery_errors)
+        #: the processing guarantee: which producers, and when a batch is done (step 4)
+        self.committer: Committer = make_committer(
+            app, self.bootstrap, f"{app.id}-child-{self.index}", self._delivery_errors,
+            self.heartbeat, self.consumer, self.state, self.positions)
         if any(agent.is_async for agent in app.agents) or any(
                 asyncio.iscoroutinefunction(t.fn) for t in app.timers):
             self.loop = asyncio.new_event_loop()
@@ -149,34 +114,12 @@ class Worker:
                 runner = AsyncAgentRunner(agent, self.emit, self.on_agent_error, self.loop)
             else:
                 runner = SyncAgentRunner(agent, self.emit, self.on_agent_error)
-            if self.transactions is not None:
-                runner.stream.on_record = self.on_record_in_transaction
-            elif app.tables:
-                runner.stream.on_record = self.state.on_record
+            runner.stream.on_record = self.committer.on_record
             runner.stream.on_progress = lambda: self.report(force=False)
             runner.start()
             self.runners.append(runner)
             self.routes.setdefault(agent.topic.name, []).append(runner)
         signal.signal(signal.SIGTERM, self._on_term)
-
-    def producer_for(self, msg: Message) -> Producer:
-        """Where the outputs of ``msg`` go: the child's producer, or (exactly-once) its
-        task's producer with a transaction open."""
-        if self.transactions is None:
-            return self.producer  # type: ignore[return-value]
-        return self.transactions.for_partition(msg.topic(), msg.partition())
-
-    def producer_for_task(self, task: str) -> Producer:
-        if self.transactions is None:
-            return self.producer  # type: ignore[return-value]
-        return self.transactions.for_task(task)
-
-    def on_record_in_transaction(self, msg: Message) -> None:
-        """Exactly-once: the record's task's transaction also takes what the agent sends
-        with ``topic.send()``; the record becomes the tables' too."""
-        self.app._producer = self.producer_for(msg)
-        if self.state.enabled:
-            self.state.on_record(msg)
 
     def heartbeat(self) -> None:
         """Tells the supervisor this child is alive while it waits for the broker (the
@@ -185,10 +128,6 @@ class Worker:
 
     def _on_term(self, signum: int, frame: Any) -> None:
         self.stopping = True
-
-    def _on_delivery(self, err: Optional[KafkaError], msg: Message) -> None:
-        if err is not None:  # only errors are reported (delivery.report.only.error)
-            self._delivery_errors.append(f"{msg.topic()}: {err.str()}")
 
     # -- the loop -------------------------------------------------------------------
     def run(self) -> int:
@@ -217,38 +156,11 @@ class Worker:
             self.close()
 
     def process(self, records: List[Message]) -> None:
-        """One batch: decode, run the agents, produce; :meth:`settle` advances its offsets
-        once the broker has acknowledged everything it produced.  Batches overlap: the
-        next one is processed while the broker acknowledges this one.
-
-        Exactly-once, a batch goes through in chunks sized to take about
-        :data:`CHUNK_SECONDS` each (from the time records took so far), with a chance to
-        commit after each: a batch of slow records never holds a transaction open past
-        ``transaction.timeout.ms``, after which the broker would abort it and fence the
-        task's producer.  Records of a task whose transaction aborted meanwhile are
-        dropped from the rest of the batch: they are read again from the last commit."""
-        if self.transactions is None:
-            self.process_chunk(records)
-            return
-        self._rewound.clear()
-        done = 0
-        while done < len(records):
-            chunk = records[done:done + self._chunk]
-            done += len(chunk)
-            if self._rewound:
-                chunk = [m for m in chunk if (m.topic(), m.partition()) not in self._rewound]
-            began = time.monotonic()
+        """Steps 1-3 of a batch, in the chunks the committer asks for (exactly-once: sized
+        so no transaction outlives its timeout), with a chance to settle after each."""
+        for chunk in self.committer.chunks(records):
             self.process_chunk(chunk)
-            self._size_chunks(len(chunk), time.monotonic() - began)
-            self.settle_transactions(block=False)  # commits when the interval or age is due
-
-    def _size_chunks(self, count: int, elapsed: float) -> None:
-        """The next chunk's size: what takes :data:`CHUNK_SECONDS` at the speed just seen,
-        at most four times the last (a slowdown shows within a few records), at least 1."""
-        if count <= 0:
-            return
-        fits = int(CHUNK_SECONDS * count / elapsed) if elapsed > 0 else self.batch_size
-        self._chunk = max(1, min(fits, self._chunk * 4, self.batch_size))
+            self.settle(block=False)
 
     def process_chunk(self, records: List[Message]) -> None:
         """Steps 1-3 for ``records``: decode, run the agents, drain the tables' changes."""
@@ -283,86 +195,23 @@ class Worker:
         self.unsettled.append((time.monotonic(), positions, changes))
 
     def settle(self, block: bool) -> None:
-        """Steps 4-6 of every batch whose outputs are acknowledged, in batch order."""
-        if self.transactions is not None:
-            self.settle_transactions(block)
-            return
-        if not self.unsettled:
-            return
-        overdue = time.monotonic() - self.unsettled[0][0] >= SETTLE_WITHIN
-        if block or overdue or len(self.unsettled) >= MAX_UNSETTLED:
-            self.flush()
-        else:
-            self.producer.poll(0)  # type: ignore[union-attr]
-            if len(self.producer):  # type: ignore[arg-type]
-                return  # something produced is still unacknowledged
-            self.flush()  # nothing outstanding: returns at once, checks delivery errors
-        for _began, positions, changes in self.unsettled:
-            # 4. every output, dead letter and changelog record is acknowledged, so:
-            # 5. the state commits: state + input offsets + changelog offsets, then
+        """Steps 4-6 for every processed batch the broker now holds, in batch order."""
+        # 4. the committer: acknowledged (at least once) or committed (exactly-once)
+        for positions, changes in self.committer.settle(self.unsettled, block):
+            # 5. the tables' state and offsets commit to LMDB, per task in one transaction
             self.state.commit(changes)
-            # 6. the batch's offsets count as processed (reported to the supervisor)
+            # 6. the offsets count as processed (reported to the supervisor)
             self.positions.update(positions)
-        self.unsettled.clear()
-
-    def settle_transactions(self, block: bool) -> None:
-        """Exactly-once steps 4-6, every ``commit_interval`` (at once when ``block``): per
-        task, outputs + changelog records + input offsets in one Kafka transaction, then
-        the LMDB commit, then the offsets count as processed."""
-        transactions = self.transactions
-        assert transactions is not None
-        now = time.monotonic()
-        if (not block and now - self._last_commit < self.commit_interval
-                and transactions.oldest_age(now) < COMMIT_BEFORE):
-            return
-        self._last_commit = now
-        positions: Dict[TopicPartitionKey, int] = {}
-        drained: Dict[str, List[Any]] = {}
-        for _began, batch_positions, changes in self.unsettled:
-            positions.update(batch_positions)
-            for batch in changes:
-                drained.setdefault(batch.task.task_id, []).append(batch)
-        self.unsettled.clear()
-        self._delivery_errors.clear()  # a failed delivery fails its transaction's commit
-        tasks = set(group_by_task(self.source_topics, positions))
-        tasks.update(task for task, txn in transactions.by_task.items() if txn.open)
-        for task in sorted(tasks, key=task_sort_key):
-            offsets = {tp: positions.get(tp, self.positions.get(tp, -1))
-                       for tp in task_partitions(self.source_topics, task)}
-            offsets = {tp: offset for tp, offset in offsets.items() if offset >= 0}
-            try:
-                # 4. outputs, changelog records and input offsets: one Kafka transaction
-                transactions.by_task[task].commit(offsets, transactions.group_metadata)
-            except TransactionAborted as exc:
-                log.warning("%s; reading its records again from the last commit", exc)
-                self.rewind(task)
-                continue
-            # 5. the state commits after Kafka (a crash in between restores the changelog)
-            for batch in drained.get(task, ()):
-                batch.commit()
-            # 6. the offsets count as processed (already committed: reported for handover)
-            self.positions.update(offsets)
-
-    def rewind(self, task: str) -> None:
-        """After an aborted transaction: drops the task's uncommitted table changes and
-        reads its partitions again from the last committed offsets."""
-        self.state.abort(task)
-        self._rewound.update(task_partitions(self.source_topics, task))
-        tps = [TopicPartition(t, p, self.positions[(t, p)])
-               for t, p in task_partitions(self.source_topics, task) if (t, p) in self.positions]
-        self.consumer.incremental_unassign(tps)
-        self.consumer.incremental_assign(tps)
 
     def emit(self, agent: Agent, msg: Message, value: Any) -> None:
         """Sends a value the agent yielded to each of its sinks, keyed like its input.  An
         output too large to produce raises :class:`RecordTooLarge` here, in the agent's
         record: its policy applies to ``msg`` (dead-lettered by default)."""
-        if self._refused_inputs and _record_id(msg) in self._refused_inputs:
-            self._refused_inputs.discard(_record_id(msg))
+        if self.committer.refused_before(msg):
             raise RecordTooLarge("the broker refused an output of this record as too large "
                                  "(its transaction was aborted and the record read again)")
         key = msg.key()
-        producer = self.producer_for(msg)
+        producer = self.committer.producer_for(msg)
         on_delivery = functools.partial(self._on_output_delivery, agent, msg)
         for sink in agent.sinks:
             produce(producer, sink.name, sink.encode_value(value), key, on_delivery=on_delivery)
@@ -377,42 +226,13 @@ class Worker:
         if err is None:
             return
         if is_too_large(err) and agent.on_error != "crash":
-            if self.transactions is not None:
-                self._refused_inputs.add(_record_id(source))
-            else:
+            if not self.committer.will_read_again(source):
                 self.errors += 1
                 self.log_agent_error(agent, source, RecordTooLarge(f"{msg.topic()}: {err.str()}"))
                 if agent.on_error == "dlq":
                     self.dead_letter(agent, source, RecordTooLarge(f"{msg.topic()}: {err.str()}"))
                 return
         self._delivery_errors.append(f"{msg.topic()}: {err.str()}")
-
-    #: seconds of one wait for acknowledgements: shorter than the heartbeat interval
-    FLUSH_SLICE = 0.5
-
-    def flush(self) -> None:
-        """Waits for the broker to acknowledge everything produced so far, however long it
-        is away: in slices, with a heartbeat to the supervisor after each, so a child
-        waiting on an unreachable broker is never taken for a hung one.  librdkafka
-        retries every record until its ``message.timeout.ms``; only a failed delivery
-        ends the wait (:meth:`raise_delivery_errors`)."""
-        while True:
-            left = self.producer.flush(self.FLUSH_SLICE)  # type: ignore[union-attr]
-            if not left or self._delivery_errors:
-                break
-            self.report(force=False)
-        if self._delivery_errors:
-            self.raise_delivery_errors()
-
-    def raise_delivery_errors(self) -> None:
-        """A batch whose outputs failed is read again after a restart.  When every error
-        says the broker could not be reached, that is :class:`BrokerUnavailable` (the
-        supervisor restarts the child without counting a crash); any other is a refusal
-        of what was sent: :class:`DeliveryFailed`."""
-        errors = "; ".join(self._delivery_errors[:3])
-        if all(says_broker_unreachable(error) for error in self._delivery_errors):
-            raise BrokerUnavailable(f"the broker did not acknowledge outputs in time: {errors}")
-        raise DeliveryFailed(f"outputs not acknowledged, batch will be redelivered: {errors}")
 
     # -- errors -----------------------------------------------------------------------
     def on_agent_error(self, agent: Agent, msg: Optional[Message], exc: BaseException) -> None:
@@ -453,7 +273,7 @@ class Worker:
             ("shardsup.partition", str(msg.partition()).encode()),
             ("shardsup.offset", str(msg.offset()).encode()),
         ]
-        producer = self.producer_for(msg)
+        producer = self.committer.producer_for(msg)
         try:
             produce(producer, agent.dlq_topic, msg.value(), msg.key(), headers)
             return
@@ -490,15 +310,16 @@ class Worker:
                 self.revoke(message["partitions"])
             elif op == "stop":
                 self.stopping = True
-            elif op == "group" and self.transactions is not None:
-                self.transactions.group_metadata = base64.b64decode(message["metadata"])
+            elif op == "group":
+                self.committer.set_group_metadata(base64.b64decode(message["metadata"]))
             elif op == "timers":
                 self.runs_timers = bool(message["run"])
 
     def assign(self, partitions: List[List[Any]]) -> None:
-        if self.transactions is not None:  # fences the tasks' previous owners first
-            self.transactions.open(group_by_task(self.source_topics, [(t, p) for t, p, _o in partitions]))
-        partitions = self.committed_starts(partitions)
+        """Starts reading ``[topic, partition, offset]``: from where the committer says
+        (exactly-once: the group's committed offsets, once the tasks' previous owners are
+        fenced), or further on, where a task's local state is ahead (:meth:`_open_tasks`)."""
+        partitions = self.committer.starts(partitions, lambda: self.settle(block=True))
         if self.state.enabled:
             partitions = self._open_tasks(partitions)
         tps = [TopicPartition(topic, part, offset) for topic, part, offset in partitions]
@@ -546,41 +367,6 @@ class Worker:
         return any(m["op"] == "stop" or (m["op"] == "revoke" and [topic, part] in m["partitions"])
                    for m in self.control)
 
-    def committed_starts(self, partitions: List[List[Any]]) -> List[List[Any]]:
-        """Exactly-once: where each assigned partition really starts, the group's committed
-        offset, read after the tasks' producers are initialised.
-
-        The supervisor hands over the offsets it last heard reported, but a killed child
-        may have committed transactions it never reported: starting there would commit
-        those outputs a second time.  ``init_transactions`` (in :meth:`Transactions.open`)
-        has fenced the previous owner and aborted what it left open, so the committed
-        offsets (``read_committed``: OffsetFetch waits for pending transactional offsets,
-        and needs no group membership) are final.  A partition with no committed offset
-        starts where the supervisor said.  An unreachable broker is waited out with
-        heartbeats (BrokerUnavailable after a bound).  At-least-once: unchanged (the supervisor
-        commits what children report, so its offsets are the group's).
-
-        First, the open transactions of the tasks this child holds already are committed:
-        the restore of the new tasks' tables that follows may outlast
-        ``transaction.timeout.ms``."""
-        if self.transactions is None or not partitions:
-            return partitions
-        self.settle(block=True)  # no transaction of a task held already stays open through
-        #                          the restore that may follow (transaction.timeout.ms)
-        asked = [TopicPartition(topic, part) for topic, part, _o in partitions]
-        found = call_while_unreachable(
-            lambda timeout: self.consumer.committed(asked, timeout=timeout), self.heartbeat,
-            "reading the group's committed offsets")
-        committed = {(tp.topic, tp.partition): tp.offset for tp in found}
-        starts = []
-        for topic, part, given in partitions:
-            offset = committed.get((topic, part), -1)
-            starts.append([topic, part, offset if offset >= 0 else given])
-        log.info("start offsets (the group's committed offsets, the supervisor's in "
-                 "brackets): %s", ", ".join(f"{t}[{p}]@{o} ({g})" for (t, p, o), (_t, _p, g)
-                                            in zip(starts, partitions)))
-        return starts
-
     def revoke(self, partitions: List[List[Any]]) -> None:
         self.settle(block=True)
         keys = [(topic, part) for topic, part in partitions]
@@ -593,9 +379,7 @@ class Worker:
             if topic == self.state.source:
                 # marked released: `shardsup table` no longer shows this copy as current
                 self.state.close(task_id(self.source_topics, topic, part), released=True)
-        if self.transactions is not None:
-            for task in group_by_task(self.source_topics, keys):
-                self.transactions.close(task)
+        self.committer.released(list(group_by_task(self.source_topics, keys)))
         for key in keys:
             self._reported.pop(key, None)
         self.channel.send("revoked", offsets=self._offsets_list(final))
@@ -669,8 +453,7 @@ class Worker:
             if now < due:
                 continue
             self._timer_due[timer.name] = now + timer.interval
-            if self.transactions is not None:  # what timers send commits with our first task
-                self.app._producer = self.transactions.for_task(self.tasks[0])
+            self.committer.before_timers(self.tasks)
             try:
                 result = timer.fn()
                 if asyncio.iscoroutine(result):
@@ -678,17 +461,13 @@ class Worker:
                     self.loop.run_until_complete(result)
             except Exception:  # noqa: BLE001 - a timer's failure is logged, not fatal
                 log.exception("timer %s failed", timer.name)
-        if self.producer is not None:
-            self.producer.poll(0)
+        self.committer.poll()
 
     def close(self) -> None:
         for runner in self.runners:
             runner.stop()
         try:
-            if self.producer is not None:
-                self.producer.flush(5)
-            if self.transactions is not None:  # what is not committed is read again
-                self.transactions.close_all()
+            self.committer.close()
         finally:
             self.state.close_all()
             self.consumer.close()

@@ -8,6 +8,7 @@ from typing import Any, Dict, List
 import pytest
 
 from shardworker import App
+from shardworker.committers import ExactlyOnce
 from shardworker.transactions import (COMMIT_BEFORE, TRANSACTION_TIMEOUT_MS, TaskTransaction,
                                       Transactions)
 from shardworker.worker import Worker
@@ -29,8 +30,9 @@ def clock(monkeypatch) -> Clock:
     return fake
 
 
-def eos_worker(commit_interval: float) -> Worker:
-    """A worker with one task (0_0 of topic ``in``) whose producer records its calls."""
+def eos_worker(commit_interval: float, consumer: Any = None, state: Any = None) -> Worker:
+    """A worker with one task (0_0 of topic ``in``) whose producer records its calls, its
+    committer exactly-once (the real one), its consumer and state stubs."""
     app = App("u", processing_guarantee="exactly_once", commit_interval=commit_interval)
     source = app.topic("in")
 
@@ -39,11 +41,16 @@ def eos_worker(commit_interval: float) -> Worker:
         yield from stream
 
     worker = Worker(app, channel=None, bootstrap="127.0.0.1:9", index=0)  # type: ignore[arg-type]
-    worker.transactions = Transactions(app, "127.0.0.1:9", "c", lambda err, msg: None)
+    worker.consumer = consumer if consumer is not None else Stub()  # type: ignore[assignment]
+    worker.state = state if state is not None else Stub()  # type: ignore[assignment]
+    committer = ExactlyOnce(app, "127.0.0.1:9", "c", worker._delivery_errors, worker.heartbeat,
+                            worker.consumer, worker.state, worker.positions)
     txn = TaskTransaction("0_0", RecordingProducer())  # type: ignore[arg-type]
-    worker.transactions.by_task["0_0"] = txn
-    worker.transactions.by_partition[("in", 0)] = txn
-    worker._last_commit = time.monotonic()
+    committer.transactions.by_task["0_0"] = txn
+    committer.transactions.by_partition[("in", 0)] = txn
+    committer._last_commit = time.monotonic()
+    worker.committer = committer
+    worker.transactions = committer.transactions  # type: ignore[attr-defined]  # short for the tests
     return worker
 
 
@@ -53,10 +60,10 @@ def test_an_open_transaction_commits_at_half_the_timeout_whatever_the_interval(c
     txn.begin()
     worker.unsettled.append((clock.now, {("in", 0): 5}, []))
     clock.now += COMMIT_BEFORE - 0.5
-    worker.settle_transactions(block=False)
+    worker.settle(block=False)
     assert txn.open and "commit" not in txn.producer.calls  # type: ignore[attr-defined]
     clock.now += 0.5
-    worker.settle_transactions(block=False)
+    worker.settle(block=False)
     assert not txn.open and txn.producer.calls.count("commit") == 1  # type: ignore[attr-defined]
     assert txn.producer.offsets == [("in", 0, 5)]  # type: ignore[attr-defined]
     assert COMMIT_BEFORE < TRANSACTION_TIMEOUT_MS / 1000
@@ -87,18 +94,19 @@ def test_a_batch_of_slow_records_commits_in_chunks_inside_the_timeout(clock, mon
     worker.process([Message("in", 0, n) for n in range(30)])
     assert done == list(range(30))
     assert len(ages) >= 4 and max(ages) <= COMMIT_BEFORE + 1.0, ages
-    worker.settle_transactions(block=True)
+    worker.settle(block=True)
     producer = worker.transactions.by_task["0_0"].producer  # type: ignore[union-attr]
     assert producer.offsets == [("in", 0, 30)]
 
 
 def test_chunks_grow_back_to_the_batch_for_fast_records(clock):
     worker = eos_worker(commit_interval=0.1)
+    committer = worker.committer
     for _ in range(8):
-        worker._size_chunks(worker._chunk, elapsed=worker._chunk * 1e-5)
-    assert worker._chunk == worker.batch_size
-    worker._size_chunks(worker._chunk, elapsed=worker._chunk * 1.0)  # records slowed down
-    assert worker._chunk == 1
+        committer._size_chunks(committer._chunk, elapsed=committer._chunk * 1e-5)
+    assert committer._chunk == worker.batch_size
+    committer._size_chunks(committer._chunk, elapsed=committer._chunk * 1.0)  # records slowed down
+    assert committer._chunk == 1
 
 
 class Stub:
@@ -118,7 +126,6 @@ def test_records_of_a_task_whose_transaction_aborted_mid_batch_are_left_for_the_
     worker = eos_worker(commit_interval=3600.0)
     txn = worker.transactions.by_task["0_0"]  # type: ignore[union-attr]
     txn.producer = RecordingProducer({"commit": [error(txn_requires_abort=True)]})
-    worker.state, worker.consumer = Stub(), Stub()  # type: ignore[assignment]
     worker.positions[("in", 0)] = 0
     done: List[int] = []
 
@@ -158,6 +165,9 @@ class RestoringState:
     def drain(self, positions: Any) -> List[Any]:
         return []
 
+    def commit(self, batches: List[Any]) -> None:
+        pass
+
 
 class CommittedConsumer(Stub):
     """A consumer stub whose group has committed offset 7 for every partition."""
@@ -171,9 +181,9 @@ class CommittedConsumer(Stub):
 def test_no_transaction_is_open_while_a_new_task_restores(clock, monkeypatch):
     """A child holding task 0_0 with a transaction open is assigned 0_1, whose tables
     restore (maybe for longer than transaction.timeout.ms): 0_0 commits first."""
-    worker = eos_worker(commit_interval=3600.0)
+    worker = eos_worker(commit_interval=3600.0, consumer=CommittedConsumer())
     transactions = worker.transactions
-    assert transactions is not None
+    worker.state = worker.committer.state = RestoringState(transactions)  # type: ignore
     held = transactions.by_task["0_0"]
     held.begin()
     worker.positions[("in", 0)] = 3
@@ -185,8 +195,6 @@ def test_no_transaction_is_open_while_a_new_task_restores(clock, monkeypatch):
         transactions.by_partition[("in", 1)] = new
 
     monkeypatch.setattr(transactions, "open", open_tasks)
-    worker.state = RestoringState(transactions)  # type: ignore[assignment]
-    worker.consumer = CommittedConsumer()  # type: ignore[assignment]
     worker.channel = Stub()  # type: ignore[assignment]
     worker.assign([["in", 1, 0]])
     assert worker.state.open_during_restore == [False]  # type: ignore[attr-defined]
@@ -221,14 +229,15 @@ def test_the_committed_offsets_are_read_through_an_outage_with_heartbeats(monkey
 
     monkeypatch.setattr(protocol, "BROKER_SLICE", 0.01)
     monkeypatch.setattr(protocol, "BROKER_CALL_TIMEOUT", 0.01)
-    worker = eos_worker(commit_interval=3600.0)
+    committer = eos_worker(commit_interval=3600.0).committer
+    monkeypatch.setattr(committer.transactions, "open", lambda tasks: None)
     beats: List[int] = []
-    monkeypatch.setattr(worker, "heartbeat", lambda: beats.append(1))
-    worker.consumer = AwayConsumer(failures=3)  # type: ignore[assignment]
-    assert worker.committed_starts([["in", 0, 2]]) == [["in", 0, 7]]
-    assert worker.consumer.calls == 4 and len(beats) >= 3  # type: ignore[attr-defined]
+    committer.heartbeat = lambda: beats.append(1)
+    committer.consumer = AwayConsumer(failures=3)
+    assert committer.starts([["in", 0, 2]], lambda: None) == [["in", 0, 7]]
+    assert committer.consumer.calls == 4 and len(beats) >= 3
 
     monkeypatch.setattr(protocol, "BROKER_WAIT", 0.1)
-    worker.consumer = AwayConsumer(failures=10_000)  # type: ignore[assignment]
+    committer.consumer = AwayConsumer(failures=10_000)
     with pytest.raises(BrokerUnavailable, match="committed offsets"):
-        worker.committed_starts([["in", 0, 2]])
+        committer.starts([["in", 0, 2]], lambda: None)
