@@ -82,11 +82,13 @@ def produce(bootstrap: str, topic: str, records: List[Tuple[bytes, bytes, Option
 
 
 def read_topic(bootstrap: str, topic: str, expect: int, timeout: float,
-               until: Optional[Callable[[List], bool]] = None) -> List:
+               until: Optional[Callable[[List], bool]] = None,
+               isolation: str = "read_committed") -> List:
     """Reads ``topic`` from the beginning until ``expect`` distinct (key, value) records
     arrived (or ``until`` says so), or the timeout passes; returns every message read."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}",
-                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                         "isolation.level": isolation})
     metadata = consumer.list_topics(topic, timeout=10).topics[topic]
     consumer.assign([TopicPartition(topic, p, 0) for p in metadata.partitions])
     messages: List = []
