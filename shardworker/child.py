@@ -18,7 +18,8 @@ from typing import List, Optional, TextIO
 from confluent_kafka import KafkaError, KafkaException
 
 from .logs import open_private, setup_logging
-from .protocol import EXIT_BROKER_UNAVAILABLE, BrokerUnavailable, Channel, broker_unreachable
+from .broker_wait import BrokerUnavailable, broker_unreachable
+from .protocol import EXIT_BROKER_UNAVAILABLE, Channel
 
 PR_SET_PDEATHSIG = 1
 

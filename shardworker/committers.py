@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from .app import App
-from .protocol import BrokerUnavailable, call_while_unreachable, says_broker_unreachable
+from .broker_wait import BrokerUnavailable, call_while_unreachable, says_broker_unreachable
 from .topology import TopicPartitionKey, group_by_task, task_partitions, task_sort_key
 from .transactions import COMMIT_BEFORE, TransactionAborted, Transactions
 

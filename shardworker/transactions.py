@@ -11,10 +11,10 @@ owner of a task fences the previous one (a zombie child can no longer commit), a
 ``init_transactions()`` aborts whatever the previous owner left open.
 
 A broker outage is waited out, not taken for a crash (DESIGN.md, "Processes"): every call
-that needs the broker is made in slices of :data:`~.protocol.BROKER_SLICE` seconds with a
+that needs the broker is made in slices of :data:`~.broker_wait.BROKER_SLICE` seconds with a
 heartbeat to the supervisor in between, retried while the broker cannot be reached, and
-given up after :data:`~.protocol.BROKER_WAIT` seconds with
-:class:`~.protocol.BrokerUnavailable` (the child exits 75 and is restarted uncounted).  A
+given up after :data:`~.broker_wait.BROKER_WAIT` seconds with
+:class:`~.broker_wait.BrokerUnavailable` (the child exits 75 and is restarted uncounted).  A
 transaction that outlived the outage (its records timed out, or the broker aborted it)
 fails its commit, is aborted and its records read again.
 """
@@ -28,8 +28,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from .app import App
-from . import protocol
-from .protocol import BROKER_SLICE, BrokerUnavailable, call_while_unreachable
+from . import broker_wait
+from .broker_wait import BROKER_SLICE, BrokerUnavailable, call_while_unreachable
 from .topology import TopicPartitionKey, task_partitions
 
 log = logging.getLogger("shardworker.transactions")
@@ -101,24 +101,24 @@ class TaskTransaction:
     def init(self) -> None:
         """Registers the id with the broker: fences an older producer of the task and
         aborts what it left open.  Waits out an unreachable broker (at most
-        :data:`~.protocol.BROKER_WAIT` seconds)."""
+        :data:`~.broker_wait.BROKER_WAIT` seconds)."""
         self._call(self.producer.init_transactions, "initialising its transactions")
 
     def _call(self, call: Callable[[float], Any], what: str, limit: Optional[float] = None) -> Any:
         """``call(timeout)`` waiting out an unreachable broker with heartbeats (see
-        :func:`~.protocol.call_while_unreachable`)."""
+        :func:`~.broker_wait.call_while_unreachable`)."""
         return call_while_unreachable(call, self.heartbeat, f"task {self.task}: {what}", limit)
 
     def _flush(self, producer: Producer) -> None:
         """Waits for the delivery reports of everything produced in the transaction, in
         slices with heartbeats.  Records the broker does not acknowledge fail after
         ``message.timeout.ms`` (at most ``transaction.timeout.ms`` with transactions), and
-        the commit then fails too; past :data:`~.protocol.BROKER_WAIT`: BrokerUnavailable."""
-        deadline = time.monotonic() + protocol.BROKER_WAIT
+        the commit then fails too; past :data:`~.broker_wait.BROKER_WAIT`: BrokerUnavailable."""
+        deadline = time.monotonic() + broker_wait.BROKER_WAIT
         while producer.flush(BROKER_SLICE):
             if time.monotonic() >= deadline:
                 raise BrokerUnavailable(f"task {self.task}: outputs not acknowledged in "
-                                        f"{protocol.BROKER_WAIT:.0f}s")
+                                        f"{broker_wait.BROKER_WAIT:.0f}s")
             self.heartbeat()
 
     def begin(self) -> Producer:
@@ -134,7 +134,7 @@ class TaskTransaction:
         offsets to read).  Raises :class:`TransactionAborted` when the broker refused the
         transaction and it was aborted; a fatal error (fenced: the task has a new owner)
         propagates and ends the child.  An unreachable broker is waited out with
-        heartbeats; past :data:`~.protocol.BROKER_WAIT` it raises BrokerUnavailable."""
+        heartbeats; past :data:`~.broker_wait.BROKER_WAIT` it raises BrokerUnavailable."""
         producer = self.begin()  # offsets alone are worth a transaction too
         try:
             # delivery reports first: they carry the changelog offsets that LMDB stores
@@ -194,7 +194,7 @@ class Transactions:
         ``init_transactions`` is a round trip or more to the transaction coordinator).
         The inits run in threads; this thread heartbeats while it waits for them, so an
         outage during an assignment is waited out like any other (BrokerUnavailable
-        after :data:`~.protocol.BROKER_WAIT`)."""
+        after :data:`~.broker_wait.BROKER_WAIT`)."""
         new = [TaskTransaction(task, transactional_producer(self.app, self.bootstrap, task,
                                                             self.client_id, self.on_delivery),
                                self.heartbeat)

@@ -224,11 +224,11 @@ def test_the_committed_offsets_are_read_through_an_outage_with_heartbeats(monkey
     """Issue 11, point 7: the start offsets of newly assigned tasks are read again while
     the broker is away, with heartbeats (before: one 30 s call, no heartbeat, so the
     supervisor killed the child as hung); past BROKER_WAIT: BrokerUnavailable (exit 75)."""
-    from shardworker import protocol
-    from shardworker.protocol import BrokerUnavailable
+    from shardworker import broker_wait
+    from shardworker.broker_wait import BrokerUnavailable
 
-    monkeypatch.setattr(protocol, "BROKER_SLICE", 0.01)
-    monkeypatch.setattr(protocol, "BROKER_CALL_TIMEOUT", 0.01)
+    monkeypatch.setattr(broker_wait, "BROKER_SLICE", 0.01)
+    monkeypatch.setattr(broker_wait, "BROKER_CALL_TIMEOUT", 0.01)
     committer = eos_worker(commit_interval=3600.0).committer
     monkeypatch.setattr(committer.transactions, "open", lambda tasks: None)
     beats: List[int] = []
@@ -237,7 +237,7 @@ def test_the_committed_offsets_are_read_through_an_outage_with_heartbeats(monkey
     assert committer.starts([["in", 0, 2]], lambda: None) == [["in", 0, 7]]
     assert committer.consumer.calls == 4 and len(beats) >= 3
 
-    monkeypatch.setattr(protocol, "BROKER_WAIT", 0.1)
+    monkeypatch.setattr(broker_wait, "BROKER_WAIT", 0.1)
     committer.consumer = AwayConsumer(failures=10_000)
     with pytest.raises(BrokerUnavailable, match="committed offsets"):
         committer.starts([["in", 0, 2]], lambda: None)

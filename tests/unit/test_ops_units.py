@@ -625,7 +625,7 @@ def test_health_and_status_carry_a_failed_tasks_error() -> None:
 def test_errors_of_an_unreachable_broker_are_told_from_refusals() -> None:
     from confluent_kafka import KafkaError
 
-    from shardworker.protocol import broker_unreachable, says_broker_unreachable
+    from shardworker.broker_wait import broker_unreachable, says_broker_unreachable
 
     for code in (KafkaError._MSG_TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN,
                  KafkaError.REQUEST_TIMED_OUT, KafkaError.NOT_LEADER_FOR_PARTITION):
@@ -641,7 +641,8 @@ def test_a_child_stopped_by_the_broker_says_so_and_exits_75() -> None:
     from confluent_kafka import KafkaError, KafkaException
 
     from shardworker.child import report_failure
-    from shardworker.protocol import EXIT_BROKER_UNAVAILABLE, BrokerUnavailable, Channel
+    from shardworker.broker_wait import BrokerUnavailable
+    from shardworker.protocol import EXIT_BROKER_UNAVAILABLE, Channel
 
     ours, theirs = socket.socketpair()
     child, supervisor = Channel(theirs), Channel(ours)

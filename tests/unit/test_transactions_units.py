@@ -86,12 +86,13 @@ def test_an_unreachable_broker_is_waited_out_in_slices_with_heartbeats():
 def test_a_broker_away_past_the_bound_is_broker_unavailable_not_a_crash(monkeypatch):
     """Past BROKER_WAIT the child gives up with BrokerUnavailable (exit 75, uncounted);
     closing the task then waits only briefly for its abort."""
-    from shardworker import protocol
+    from shardworker import broker_wait
     from shardworker.child import report_failure
-    from shardworker.protocol import EXIT_BROKER_UNAVAILABLE, BrokerUnavailable
+    from shardworker.broker_wait import BrokerUnavailable
+    from shardworker.protocol import EXIT_BROKER_UNAVAILABLE
 
-    monkeypatch.setattr(protocol, "BROKER_SLICE", 0.01)
-    monkeypatch.setattr(protocol, "BROKER_WAIT", 0.05)
+    monkeypatch.setattr(broker_wait, "BROKER_SLICE", 0.01)
+    monkeypatch.setattr(broker_wait, "BROKER_WAIT", 0.05)
     monkeypatch.setattr("shardworker.transactions.CLOSE_WAIT", 0.05)
     class Away(RecordingProducer):
         """Every call waits its timeout and times out, as with the broker stopped."""
@@ -135,11 +136,11 @@ def test_init_waits_out_the_broker_and_the_opener_heartbeats(monkeypatch):
             time_module.sleep(timeout)
             self._call("init")
 
-    from shardworker import protocol
+    from shardworker import broker_wait
 
     monkeypatch.setattr(txn_module, "BROKER_SLICE", 0.02)
-    monkeypatch.setattr(protocol, "BROKER_SLICE", 0.02)
-    monkeypatch.setattr(protocol, "BROKER_CALL_TIMEOUT", 0.02)
+    monkeypatch.setattr(broker_wait, "BROKER_SLICE", 0.02)
+    monkeypatch.setattr(broker_wait, "BROKER_CALL_TIMEOUT", 0.02)
     producers = {"0_0": SlowInit({"init": [timed_out()] * 3}), "0_1": SlowInit()}
     monkeypatch.setattr(txn_module, "transactional_producer",
                         lambda app, bootstrap, task, client_id, on_delivery: producers[task])
@@ -161,9 +162,9 @@ def test_init_waits_out_the_broker_and_the_opener_heartbeats(monkeypatch):
 def test_a_call_that_blocks_past_its_timeout_still_heartbeats(monkeypatch):
     """librdkafka may block past a call's timeout (a request in flight waits for
     socket.timeout.ms): the call runs in a thread and the child heartbeats meanwhile."""
-    from shardworker import protocol
+    from shardworker import broker_wait
 
-    monkeypatch.setattr(protocol, "BROKER_SLICE", 0.02)
+    monkeypatch.setattr(broker_wait, "BROKER_SLICE", 0.02)
 
     class Stuck(RecordingProducer):
         def send_offsets_to_transaction(self, offsets: Any, metadata: Any, timeout: float) -> None:
