@@ -115,11 +115,11 @@ def dump_report(app_id: str, datadir: str, slots: Iterable[ChildSlot],
              f"{time.strftime('%Y-%m-%d %H:%M:%S')}", "",
              f"== supervisor (pid {os.getpid()}) ==", supervisor_threads]
     for slot in sorted(slots, key=lambda s: s.index):
-        offsets = ", ".join(
+        positions = ", ".join(
             f"{t}[{p}]={offsets.get((t, p), '?')}"
             for task in slot.tasks for t, p in task_partitions(source_topics, task))
         lines += ["", f"== child {slot.index} (pid {slot.pid}, state {slot.state}) ==",
-                  f"tasks: {','.join(slot.tasks) or '-'}", f"offsets: {offsets or '-'}",
+                  f"tasks: {','.join(slot.tasks) or '-'}", f"offsets: {positions or '-'}",
                   traces.get(slot.trace_path, "(not running)") if slot.pid else "(not running)"]
     report = "\n".join(lines) + "\n"
     folder = os.path.join(datadir, "dumps")

@@ -13,6 +13,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 import shardworker
 from shardworker.protocol import EXIT_BROKER_UNAVAILABLE
+from supervisor.dump import dump_report
 from supervisor.children import (BACKOFF_MAX, CRASHED, FAILED, OUTAGE, RESTART, ChildSlot,
                                  RestartPolicy)
 from supervisor.rebalance import PLACE_RETRY, Assignment
@@ -217,6 +218,19 @@ def test_the_snapshot_shows_restoring_and_failed_tasks() -> None:
     assert doc["supervisor"]["group"]["state"] == "not joined"  # type: ignore[index]
     assert doc["supervisor"]["uptime_s"] == 60.0  # type: ignore[index]
     assert status_line([failed, restoring]) == "1/2 children running, 3 tasks, 0 records/s, FAILED tasks 0_1,0_3"
+
+
+def test_the_dump_lists_each_childs_tasks_and_offsets(tmp_path) -> None:
+    slots = [ChildSlot(1, ["0_1", "0_3"]), ChildSlot(0, ["0_0"]), ChildSlot(2, [])]
+    report = dump_report("proj", str(tmp_path), slots, {("in", 0): 5, ("in", 1): 9}, ["in"])
+    assert report.startswith("shardsup traceback report — app proj, supervisor pid ")
+    children = report.split("== child ")[1:]
+    assert [c.splitlines()[:3] for c in children] == [
+        ["0 (pid None, state down) ==", "tasks: 0_0", "offsets: in[0]=5"],
+        ["1 (pid None, state down) ==", "tasks: 0_1,0_3", "offsets: in[1]=9, in[3]=?"],
+        ["2 (pid None, state down) ==", "tasks: -", "offsets: -"]]
+    assert (tmp_path / "dump-latest.txt").read_text() == report
+    assert len(list((tmp_path / "dumps").iterdir())) == 1
 
 
 # -- Assignment: a stand-in arbiter and group member -------------------------------------
