@@ -33,6 +33,8 @@ def result(value: dict, iters: int = WORK_ITERS) -> dict:
 
 #: [seconds spent in result(), records] in this process
 STATS = [0.0, 0]
+#: whether write_stats() was called (a peer writes its stats when done: not again at exit)
+WRITTEN = [False]
 
 
 def timed_result(value: dict, _clock=time.perf_counter, _stats=STATS) -> dict:
@@ -51,6 +53,7 @@ def write_stats(extra: Optional[Dict[str, Any]] = None, name: str = "stats") -> 
     where = os.environ.get("BENCH_STATS_DIR")
     if not where:
         return
+    WRITTEN[0] = True
     t = os.times()
     data = {"pid": os.getpid(), "work_s": STATS[0], "records": STATS[1],
             "cpu_s": t.user + t.system, **(extra or {})}
@@ -62,5 +65,5 @@ def write_stats(extra: Optional[Dict[str, Any]] = None, name: str = "stats") -> 
 
 @atexit.register
 def _write_stats_at_exit() -> None:
-    if STATS[1]:
+    if STATS[1] and not WRITTEN[0]:
         write_stats()

@@ -6,6 +6,7 @@ is done; the benchmark polls for that file."""
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -21,7 +22,9 @@ def parse_args(description: str) -> argparse.Namespace:
     parser.add_argument("--partitions", type=int, required=True)
     parser.add_argument("--keys", type=int, default=1000)
     parser.add_argument("--workdir", required=True, help="the peer's own files (its state)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    os.makedirs(args.workdir, exist_ok=True)
+    return args
 
 
 class Progress:

@@ -39,7 +39,14 @@ PACKAGES = {"quix": "quixstreams", "faust": "faust-streaming", "bytewax": "bytew
             "pathway": "pathway"}
 IMPORTS = {"quix": "quixstreams", "faust": "faust", "bytewax": "bytewax.connectors.kafka",
            "pathway": "pathway"}
-EXTRA = ["matplotlib"]  # for the plot (the project's .venv does not have it)
+#: Quix reads the input topic's retention settings to derive its changelog topics'; tansu
+#: reports only what was set at creation
+PEER_TOPIC_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1"}
+EXTRA = ["matplotlib"]
+#: peers that produce their outputs in large batches after processing them (Pathway: all
+#: records read so far in one batch, then written): the stateless rate is timed from their
+#: first record processed (their own clock) to the last output's CreateTime
+FIRST_BY_OWN_CLOCK = ("pathway",)  # for the plot (the project's .venv does not have it)
 VENV = os.path.join(ROOT, ".venv-peers")
 _versions: Dict[str, str] = {}
 
@@ -128,6 +135,7 @@ class PeerRun(Run):
     CreateTime; done when its process wrote its stats file (after the N-th record) or
     exited; then stopped with SIGTERM (killed 20 s later)."""
     check_rc = False
+    topic_config = PEER_TOPIC_CONFIG
 
     def __init__(self, kind: str, args: argparse.Namespace, bootstrap: str, broker_pid: int,
                  iters: int, workdir: str, peer_python: str) -> None:
@@ -150,14 +158,26 @@ class PeerRun(Run):
     def execute(self) -> Dict[str, Any]:
         res = super().execute()
         res["timing"] = "outputs"
+        files = stats_files(self.stats_dir)
+        if self.peer in FIRST_BY_OWN_CLOCK and files and res.get("t_last_out"):
+            with open(files[0]) as f:
+                first = json.load(f)["first"]
+            res["rate"] = self.args.records / (res["t_last_out"] - first)
+            res.pop("mid_rate", None)
+            res["timing"] = "own clock first → last output"
         if not res["ok"]:
             res["unavailable"] = failure_line(res["note"])
         return res
 
 
 def failure_line(note: str) -> str:
+    """One line for a peer that failed: the benchmark's note, and the last exception line of
+    the peer's log if it has one."""
     head, _sep, tail = note.partition("log tail")
-    return (one_line(tail) + " (" + head.strip().rstrip(";") + ")") if tail else one_line(note)
+    head = head.strip().rstrip(";")
+    errors = [line.strip() for line in tail.splitlines()
+              if re.match(r"^[\w.]*(Error|Exception)\b", line.strip())]
+    return (f"{errors[-1][:160]} ({head})" if errors else head)[:300]
 
 
 class PeerStateRun(StateRun):
@@ -176,7 +196,7 @@ class PeerStateRun(StateRun):
         args, res = self.args, self.result
         n = args.records
         res["timing"] = "own clock"
-        create_topics(self.bootstrap, [self.in_topic], args.partitions)
+        create_topics(self.bootstrap, [self.in_topic], args.partitions, PEER_TOPIC_CONFIG)
         res["produce_s"], _ends, note = preproduce_keyed(self.bootstrap, self.in_topic, n,
                                                          args.keys)
         res["note"] += note
@@ -208,6 +228,9 @@ class PeerStateRun(StateRun):
         res["child_cpu_s"] = inner["cpu_s"]
         points = [(inner["first"], 0)] + [tuple(p) for p in inner["points"]]
         res.update(curve_rates(points, n))  # type: ignore[arg-type]
+        if self.peer in FIRST_BY_OWN_CLOCK:  # its updates come in batches: no curve
+            res.pop("mid_rate", None)
+            res["rate"] = n / (inner["last"] - inner["first"])
         res["startup_s"] = inner["first"] - launch
         final = inner["final"]
         problems = [f"{t}: {diff}" for i, t in enumerate(("counts", "sums"))

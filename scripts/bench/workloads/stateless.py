@@ -33,6 +33,8 @@ class Run:
     exits_by_itself = False
     #: a run is complete only when its process also exited with code 0
     check_rc = True
+    #: topic settings (None: the broker's defaults; the peers ask for some explicitly)
+    topic_config: Optional[Dict[str, str]] = None
 
     def __init__(self, kind: str, args: argparse.Namespace, bootstrap: str, broker_pid: int,
                  iters: int, workdir: str) -> None:
@@ -80,7 +82,7 @@ class Run:
     def execute(self) -> Dict[str, Any]:
         args, res = self.args, self.result
         n, parts = args.records, args.partitions
-        create_topics(self.bootstrap, [self.in_topic, self.out_topic], parts)
+        create_topics(self.bootstrap, [self.in_topic, self.out_topic], parts, self.topic_config)
         res["produce_s"] = preproduce(self.bootstrap, self.in_topic, n, parts)
 
         log_path = os.path.join(self.workdir, f"{self.prefix}.log")
@@ -164,6 +166,8 @@ class Run:
         if first:
             t_first, t_last = min(first.values()) / 1000.0, max(first.values()) / 1000.0
             res["startup_s"] = t_first - launch
+            res["t_first_out"], res["t_last_out"] = t_first, t_last
+
             res["span_s"] = t_last - t_first
             res["rate"] = n / res["span_s"] if res["span_s"] > 0 else float("nan")
             stamps = sorted(first.values())
@@ -177,7 +181,13 @@ class Run:
         if res.get("rate") and res.get("work_us"):
             # wall time per record in one processing process that was not spent in result()
             res["other_us"] = res["procs"] * 1e6 / res["rate"] - res["work_us"]
-        if len(first) != n:
+        if first and min(first.values()) / 1000.0 < launch - 0.01:
+            # a system that copies the input's timestamp to its output: not its times
+            res["note"] += "output timestamps precede the launch (the inputs' copied?); "
+            for key in ("startup_s", "span_s", "rate", "mid_rate", "pause_s", "other_us"):
+                res.pop(key, None)
+            res["ok"] = False
+        elif len(first) != n:
             res["note"] += f"only {len(first)} of {n} distinct records arrived; "
         elif res["rc"] != 0 and self.check_rc:
             res["note"] += f"exit code {res['rc']}; "
