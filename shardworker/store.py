@@ -17,6 +17,8 @@ environment).  Databases:
                                             for the table (its partition = the task's)
   ``identity``                              JSON ``{"cluster_id": ..., "source": ...}``
   ``format``                                JSON int, the layout version (1)
+  ``latest_timestamp_ms``                   the task's stream time (epoch ms, ``">q"``):
+                                            :data:`META_LATEST_TIMESTAMP`
   anything else                             free for callers (:meth:`set_meta`)
   ========================================  =============================================
 
@@ -44,9 +46,13 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import lmdb
 
-__all__ = ["TaskStore", "StoreBusyError", "open_readonly", "META_DB", "DEFAULT_MAP_SIZE"]
+__all__ = ["TaskStore", "StoreBusyError", "open_readonly", "META_DB", "DEFAULT_MAP_SIZE",
+           "META_LATEST_TIMESTAMP", "stream_time_meta"]
 
 META_DB = "__meta__"
+#: metadata key under which a task keeps its stream time: the latest record timestamp it
+#: saw (">q" epoch ms; DESIGN.md, "State (LMDB)", "Stream time")
+META_LATEST_TIMESTAMP = "latest_timestamp_ms"
 DEFAULT_MAP_SIZE = 64 * 1024 * 1024
 FORMAT_VERSION = 1
 #: items() reads this many entries per read transaction
@@ -240,6 +246,11 @@ class TaskStore:
         """Writes (None: deletes) one metadata value in a transaction of its own."""
         self._write(lambda txn: _put_or_delete(txn, key.encode(), value, self._meta))
 
+    def stream_time(self) -> Optional[int]:
+        """The stored stream time (:data:`META_LATEST_TIMESTAMP`), or None."""
+        raw = self.get_meta(META_LATEST_TIMESTAMP)
+        return None if raw is None else _OFFSET.unpack(raw)[0]
+
     def input_offset(self, topic: str, partition: int) -> Optional[int]:
         """The next offset of ``topic[partition]`` whose effects are NOT in the state
         (offset of the last applied record + 1), or None if none was ever applied."""
@@ -358,6 +369,11 @@ class TaskStore:
             except lmdb.MapFullError:
                 # the with-block aborted the transaction; no transaction is open now
                 self.env.set_mapsize(self.map_size * 2)
+
+
+def stream_time_meta(stream_time_ms: int) -> Dict[str, bytes]:
+    """The ``meta`` argument of :meth:`TaskStore.commit` that stores a stream time."""
+    return {META_LATEST_TIMESTAMP: _OFFSET.pack(stream_time_ms)}
 
 
 def _put_or_delete(txn: "lmdb.Transaction", key: bytes, value: Optional[bytes], db: Any) -> None:

@@ -1,0 +1,446 @@
+"""The tables of one task, as the worker drives them: the record being processed
+(:class:`TableContext`), the per-batch write cache, the batches drained but not yet
+committed, and their commit to LMDB.  Nothing here talks to Kafka: the worker feeds
+records in and produces what :meth:`TaskTables.drain` returns.
+
+How the pieces fit (the worker's side, per task and batch)::
+
+    task = TaskTables(TaskStore(path, [t.name for t in tables]), tables, partition=p,
+                      source_topic="orders",
+                      key_partition=key_partitioner(orders.encode_key, 8))
+    for msg in batch:                                   # per record handed to an agent
+        CONTEXT.set_record(task, msg.topic(), msg.partition(), msg.offset(), ts_ms)
+        ... the agent reads and writes tables ...
+    CONTEXT.clear()
+    batch = task.drain()                                # (1) write cache → changelog records
+    for rec in batch.records:                           # (2) produce, wait for the acks
+        producer.produce(rec.topic, rec.value, rec.key, partition=rec.partition,
+                         headers=rec.headers)
+    producer.flush()
+    batch.commit(changelog_offsets)                     # (3) LMDB: state + offsets, one txn
+    ... (4) only now report batch.input_offsets as processed ...
+
+Rules implemented here (DESIGN.md, "State (LMDB)"):
+
+* **A record is never applied twice.**  When the current record's offset is below the
+  input offset stored in LMDB for its partition, its effects are already in the state:
+  its writes are silently ignored (reads still work and see the current state).
+* **Write cache.**  A batch's writes stay in memory; a key changed 1000 times in a batch
+  costs one LMDB put and one changelog record.  Values are serialized when they are
+  written (so a value that cannot be serialized fails the record that wrote it, under
+  the agent's error policy) and decoded again when read: mutating a value you read does
+  nothing until you assign it back, exactly as with a value that came from disk.
+* **Whole values.**  Changelog records carry the whole value (never a delta), with the
+  source partition and batch offset in headers (:mod:`shardworker.changelog`): the
+  offset is the LAST input offset of that partition in the batch, so restore applies a
+  record only when its whole batch is committed.
+* **Any upstream partitioner.**  A table write always goes to the task's changelog
+  partition, so restore stays right whatever partitioner put the records on the source
+  topic (the task cannot know which one the producer used).  A write under a key that is
+  not the record's own and whose partition by Java Kafka's partitioner is another task's
+  logs one warning per table (such a key is likely to be counted on two tasks: re-key
+  the stream through a topic first); nothing is refused.
+* **Window expiry.**  At the end of a batch, windows that expired (relative to the
+  task's stream time) become deletions: tombstones in the changelog, deletes in LMDB.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import (TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence,
+                    Tuple)
+
+from .changelog import ChangelogRecord, batch_headers
+from .partitioner import KeyPartitioner
+from .produce import DEFAULT_MESSAGE_MAX_BYTES, check_fits
+from .store import TaskStore, stream_time_meta
+
+if TYPE_CHECKING:
+    from .tables import Table
+
+__all__ = ["CONTEXT", "MISSING", "TableContext", "TaskTables", "DrainedBatch", "TableError",
+           "NoCurrentRecordError"]
+
+TP = Tuple[str, int]
+#: "no such key" (and, from :meth:`TaskTables.read_raw`, "no Python value cached")
+MISSING = object()
+
+# the warnings about foreign keys keep the logger name they were always logged under
+log = logging.getLogger("shardworker.tables")
+
+
+class TableError(RuntimeError):
+    """A table was used in a way that cannot work."""
+
+
+
+class NoCurrentRecordError(TableError):
+    """A table was used outside the processing of a record (no current task)."""
+
+
+
+# -- the current record ------------------------------------------------------------------
+class TableContext:
+    """What a table needs to know about the record being processed: its task's
+    :class:`TaskTables` and the record's topic, partition, offset and timestamp.
+
+    The worker sets it for every record it hands to an agent (:meth:`set_record`); one
+    agent runs at a time, so a single process-wide instance (:data:`CONTEXT`) serves
+    async agents (event loop thread) and plain ones (their own thread) alike.
+    """
+
+    __slots__ = ("task", "topic", "partition", "offset", "timestamp_ms", "writable", "key")
+
+    def __init__(self) -> None:
+        self.task: Optional["TaskTables"] = None
+        self.topic: Optional[str] = None
+        self.partition = -1
+        self.offset = -1
+        self.timestamp_ms: Optional[int] = None
+        #: the record's key as it came from Kafka (bytes), or None
+        self.key: Optional[bytes] = None
+        #: False when the record's effects are already in the stored state
+        self.writable = False
+
+    def set_record(self, task: "TaskTables", topic: str, partition: int, offset: int,
+                   timestamp_ms: Optional[int] = None, key: Optional[bytes] = None) -> None:
+        """Makes this record current.  ``timestamp_ms``: the record's timestamp (epoch
+        ms; None or negative = unknown, then the wall clock is used for windows)."""
+        if timestamp_ms is None or timestamp_ms < 0:
+            timestamp_ms = int(time.time() * 1000)
+        self.task = task
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.timestamp_ms = timestamp_ms
+        self.key = key
+        self.writable = task.observe(topic, partition, offset, timestamp_ms)
+        task.undo.clear()
+
+    def set_message(self, task: "TaskTables", msg: Any) -> None:
+        """:meth:`set_record` from a confluent_kafka ``Message``."""
+        kind, stamp = msg.timestamp()
+        self.set_record(task, msg.topic(), msg.partition(), msg.offset(), stamp if kind else None,
+                        msg.key())
+
+    def clear(self) -> None:
+        """No current record (between batches)."""
+        self.task = None
+        self.topic = None
+        self.writable = False
+
+    def current_task(self) -> "TaskTables":
+        task = self.task
+        if task is None:
+            raise NoCurrentRecordError(
+                "tables can only be used while an agent processes a record (the table "
+                "partition used is the one of that record's task)")
+        return task
+
+
+#: the process's context, set by the worker per record
+CONTEXT = TableContext()
+
+
+# -- one task's tables -------------------------------------------------------------------
+class DrainedBatch:
+    """What one batch changed in one task: the changelog records to produce, the LMDB
+    writes, and the input offsets they reflect.  Produce :attr:`records`, wait for the
+    broker's acknowledgements, then :meth:`commit`.  Every drained batch of a task, empty
+    ones included, is committed in drain order (or :meth:`TaskTables.abort` drops them):
+    a later batch's offsets must never reach LMDB before an earlier batch's state."""
+
+    def __init__(self, task: "TaskTables", records: List[ChangelogRecord],
+                 writes: Dict[str, Dict[bytes, Optional[bytes]]],
+                 input_offsets: Dict[TP, int], latest_ms: Optional[int]) -> None:
+        self.task = task
+        self.records = records
+        #: ``{table: {key: value or None}}`` for :meth:`TaskStore.commit`
+        self.writes = writes
+        #: ``{(topic, partition): next offset to read}`` for :meth:`TaskStore.commit`
+        self.input_offsets = input_offsets
+        self.latest_ms = latest_ms
+        #: offset of the last changelog record written per table, filled in by the
+        #: producer's delivery reports before the batch commits
+        self.changelog_offsets: Dict[str, int] = {}
+        self.committed = False
+
+    @property
+    def empty(self) -> bool:
+        """True when the batch changed no table (its offsets may still be worth storing)."""
+        return not self.records
+
+    def commit(self, changelog_offsets: Optional[Mapping[str, int]] = None) -> None:
+        """Commits the batch to LMDB (state + input offsets + the changelog offsets:
+        ``changelog_offsets`` if given, else :attr:`changelog_offsets`) in one
+        transaction.  Call it only after every record of :attr:`records` is acknowledged,
+        and commit batches of a task in the order they were drained."""
+        offsets = self.changelog_offsets if changelog_offsets is None else changelog_offsets
+        self.task._commit(self, dict(offsets))
+
+
+class TaskTables:
+    """The tables of ONE task: its :class:`TaskStore`, its write cache, the batches
+    drained but not yet committed, and the rules (skip below the stored offset, key
+    partition check, window expiry).
+
+    ``key_partition`` (a :class:`~shardworker.partitioner.KeyPartitioner` of
+    ``source_topic``) is used only to warn once per table about a write under a foreign
+    key (see :meth:`check_key`); None: no warning.
+    """
+
+    def __init__(self, store: TaskStore, tables: Sequence["Table"], partition: int,
+                 source_topic: str = "", key_partition: Optional[KeyPartitioner] = None,
+                 task_id: str = "", max_message_bytes: int = DEFAULT_MESSAGE_MAX_BYTES) -> None:
+        self.store = store
+        self.tables: Dict[str, Table] = {t.name: t for t in tables}
+        missing = [name for name in self.tables if name not in store.tables]
+        if missing:
+            raise TableError(f"the task store at {store.path} has no database for table(s) "
+                             f"{', '.join(missing)}")
+        self.partition = partition
+        self.source_topic = source_topic
+        self.key_partition = key_partition
+        #: tables whose foreign-key warning was logged (once per table)
+        self._warned: set = set()
+        self.task_id = task_id
+        self.max_key_size = int(store.env.max_key_size())
+        #: the producer's ``message.max.bytes``: a changelog record must fit in it
+        self.max_message_bytes = max_message_bytes
+        #: table → key bytes → (value, serialized value or None = deleted, source tp)
+        self._cache: Dict[str, Dict[bytes, Tuple[Any, Optional[bytes], TP]]] = {
+            name: {} for name in self.tables}
+        #: next input offsets whose effects are in LMDB (the skip rule's reference)
+        self.stored: Dict[TP, int] = store.input_offsets()
+        #: next input offsets of the records seen since the last drain
+        self.pending: Dict[TP, int] = {}
+        self.latest_ms: Optional[int] = store.stream_time()
+        self._latest_tp: Optional[TP] = None
+        #: stream time before the current record moved it (taken back if it fails)
+        self._time_before: Tuple[Optional[int], Optional[TP]] = (self.latest_ms, None)
+        self._expired_upto: Dict[str, int] = {}
+        self.inflight: List[DrainedBatch] = []
+        #: cache entries as they were before the current record wrote them (None: absent)
+        self.undo: Dict[Tuple[str, bytes], Optional[Tuple[Any, Optional[bytes], TP]]] = {}
+
+    def __repr__(self) -> str:
+        return f"<TaskTables {self.task_id or self.partition} {list(self.tables)}>"
+
+    # -- per record -----------------------------------------------------------------------
+    def observe(self, topic: str, partition: int, offset: int, timestamp_ms: int) -> bool:
+        """Notes a record of the current batch (its offset goes into the next commit,
+        its timestamp advances the task's stream time, which :meth:`rollback_record`
+        takes back if it fails); True when its writes count."""
+        tp = (topic, partition)
+        if self.pending.get(tp, -1) <= offset:
+            self.pending[tp] = offset + 1
+        latest = self.latest_ms
+        self._time_before = (latest, self._latest_tp)
+        if latest is None or timestamp_ms > latest:
+            self.latest_ms = timestamp_ms
+            self._latest_tp = tp
+        elif self._latest_tp is None:
+            self._latest_tp = tp
+        stored = self.stored.get(tp)
+        return stored is None or offset >= stored
+
+    def advance(self, topic: str, partition: int, offset: int) -> None:
+        """Includes a record no agent saw (a dead letter, a record of a topic without
+        tables) in the batch's input offsets."""
+        tp = (topic, partition)
+        if self.pending.get(tp, -1) <= offset:
+            self.pending[tp] = offset + 1
+
+    # -- reads and writes (called by Table) -----------------------------------------------
+    def read_raw(self, table: str, kb: bytes) -> Tuple[Any, Optional[bytes]]:
+        """``(value or MISSING, serialized)`` of a key: write cache, then batches in
+        flight (newest first), then LMDB.  ``value`` is the Python object when the cache
+        has one that decodes to itself, else MISSING and the caller decodes."""
+        entry = self._cache[table].get(kb)
+        if entry is not None:
+            return entry[0], entry[1]
+        for batch in reversed(self.inflight):
+            writes = batch.writes.get(table)
+            if writes is not None and kb in writes:
+                return MISSING, writes[kb]
+        return MISSING, self.store.get(table, kb)
+
+    def write(self, table: "Table", kb: bytes, key: Any, value: Any, ctx: TableContext) -> None:
+        """Stages ``value`` (None deletes) for ``kb`` in the write cache, unless the current
+        record's effects are already stored.  ``key`` is the user's key (partition check)."""
+        cache = self._cache[table.name]
+        if kb not in cache:  # first write of this key in the batch: check it once
+            self.check_key(table, key, kb, ctx.key)
+        if not ctx.writable:
+            return
+        raw = None if value is None else table._encode_value(value)
+        if raw is None:
+            value = None
+        else:  # too large for its changelog: the record that wrote it fails, not the batch
+            check_fits(table.changelog_topic, kb, raw, self.max_message_bytes)
+        undo_key = (table.name, kb)
+        if undo_key not in self.undo:
+            self.undo[undo_key] = cache.get(kb)
+        cache[kb] = (value, raw, (ctx.topic, ctx.partition))  # type: ignore[assignment]
+
+    def rollback_record(self) -> None:
+        """Takes back every write of the current record and the stream time it moved (it
+        failed and is dead-lettered or skipped: a failed record leaves the tables and the
+        window expiry as they were; DESIGN.md, "State (LMDB)")."""
+        self.latest_ms, self._latest_tp = self._time_before
+        for (table, kb), before in self.undo.items():
+            if before is None:
+                self._cache[table].pop(kb, None)
+            else:
+                self._cache[table][kb] = before
+        self.undo.clear()
+
+    def check_key(self, table: "Table", key: Any, kb: bytes,
+                  record_key: Optional[bytes] = None) -> None:
+        """Raises unless ``key`` fits LMDB; warns once per table about a key that is
+        likely another task's.  Nothing is refused for its partition: the upstream
+        producer's partitioner is unknown (librdkafka's default is consistent_random,
+        not murmur2), and the write goes to this task's changelog partition, so restore
+        is right either way (DESIGN.md, "State (LMDB)")."""
+        if not kb or len(kb) > self.max_key_size:
+            raise TableError(f"table {table.name}: key {key!r} is {len(kb)} bytes serialized; "
+                             f"LMDB keys are 1 to {self.max_key_size} bytes")
+        if self.key_partition is None or table.name in self._warned:
+            return
+        try:
+            if record_key is None or self.key_partition.of_bytes(record_key) != self.partition:
+                return  # the upstream is not murmur2-partitioned: nothing to compare with
+            part = self.key_partition(key)
+        except Exception:  # noqa: BLE001 - a key the source serializer cannot write
+            return
+        if part != self.partition:
+            self._warned.add(table.name)
+            log.warning("table %s: task %s writes key %r, which Java Kafka's partitioner puts "
+                        "on partition %d of %s, not %d: if other records carry that key, it is "
+                        "counted on more than one task (re-key the stream through a topic "
+                        "keyed by it first); warned once per table", table.name,
+                        self.task_id or self.partition, key, part,
+                        self.source_topic or "the source topic", self.partition)
+
+    def iter_raw(self, table: str) -> Iterator[Tuple[bytes, bytes]]:
+        """Every (key, serialized value) of ``table`` as this task sees it now: LMDB
+        overlaid with the batches in flight and the write cache."""
+        overlay: Dict[bytes, Optional[bytes]] = {}
+        for batch in self.inflight:
+            overlay.update(batch.writes.get(table, {}))
+        for kb, entry in self._cache[table].items():
+            overlay[kb] = entry[1]
+        for kb, raw in self.store.items(table):
+            if kb not in overlay:
+                yield kb, raw
+        for kb, raw in sorted(overlay.items()):
+            if raw is not None:
+                yield kb, raw
+
+    # -- batch end ----------------------------------------------------------------------
+    def drain(self, input_offsets: Optional[Mapping[TP, int]] = None) -> DrainedBatch:
+        """Ends the batch: empties the write cache into a :class:`DrainedBatch` (one
+        changelog record and one LMDB write per dirty key, plus tombstones for expired
+        windows).  ``input_offsets`` (next offset per partition) adds the worker's own
+        positions to those of the records seen.  Reads keep seeing the batch until it is
+        committed."""
+        offsets = dict(self.pending)
+        for tp, nxt in (input_offsets or {}).items():
+            if offsets.get(tp, -1) < nxt:
+                offsets[tp] = nxt
+        self._expire()
+        headers: Dict[TP, List[Tuple[str, bytes]]] = {}
+
+        def header_for(tp: TP) -> List[Tuple[str, bytes]]:
+            h = headers.get(tp)
+            if h is None:
+                last = offsets.get(tp, self.stored.get(tp, 0)) - 1
+                h = headers[tp] = batch_headers(tp, last, self.stored.get(tp, 0),
+                                                self.latest_ms)
+            return h
+
+        records: List[ChangelogRecord] = []
+        writes: Dict[str, Dict[bytes, Optional[bytes]]] = {}
+        for name, cache in self._cache.items():
+            if not cache:
+                continue
+            topic = self.tables[name].changelog_topic
+            part = self.partition
+            table_writes: Dict[bytes, Optional[bytes]] = {}
+            for kb, (_value, raw, tp) in cache.items():
+                table_writes[kb] = raw
+                records.append(ChangelogRecord(name, topic, part, kb, raw, header_for(tp)))
+            writes[name] = table_writes
+            self._cache[name] = {}
+        batch = DrainedBatch(self, records, writes, offsets, self.latest_ms)
+        self.pending = {}
+        self.inflight.append(batch)
+        return batch
+
+    def _expire(self) -> None:
+        """Turns every window that expired (its end + ``expires`` <= the latest timestamp
+        seen) into a deletion in the write cache: a tombstone in the changelog and a
+        delete in LMDB.  Expired windows that were only ever in the cache just vanish."""
+        latest = self.latest_ms
+        if latest is None:
+            return
+        for name, table in self.tables.items():
+            expiry = None if table.window is None else table.window.expiry_bound(latest)
+            if expiry is None:
+                continue
+            upto, bound = expiry
+            cache = self._cache[name]
+            tp = self._latest_tp or next(iter(self.pending), None) or next(iter(self.stored), ("", 0))
+            for kb in [kb for kb in cache if kb < bound]:
+                del cache[kb]
+            stored_before = self._expired_upto.get(name)
+            candidates: Dict[bytes, None] = {}
+            for batch in self.inflight:
+                for kb, raw in batch.writes.get(name, {}).items():
+                    if kb < bound and raw is not None:
+                        candidates[kb] = None
+            if stored_before is None or upto > stored_before:
+                for kb, _raw in self.store.first_items(name, bound):
+                    candidates[kb] = None
+                self._expired_upto[name] = upto
+            for kb in candidates:
+                if self._exists_outside_cache(name, kb):
+                    cache[kb] = (None, None, tp)
+
+    def _exists_outside_cache(self, table: str, kb: bytes) -> bool:
+        for batch in reversed(self.inflight):
+            writes = batch.writes.get(table)
+            if writes is not None and kb in writes:
+                return writes[kb] is not None
+        return self.store.get(table, kb) is not None
+
+    def _commit(self, batch: DrainedBatch, changelog_offsets: Dict[str, int]) -> None:
+        if batch.committed:
+            raise TableError("this batch is committed already")
+        if not self.inflight or self.inflight[0] is not batch:
+            raise TableError("batches of a task must be committed in the order they were "
+                             "drained")
+        stored = self.stored
+        offsets = {tp: nxt for tp, nxt in batch.input_offsets.items() if nxt > stored.get(tp, -1)}
+        meta = None
+        if batch.latest_ms is not None:
+            meta = stream_time_meta(batch.latest_ms)
+        self.store.commit(batch.writes, offsets, changelog_offsets, meta)
+        stored.update(offsets)
+        batch.committed = True
+        self.inflight.pop(0)
+
+    def abort(self) -> None:
+        """Forgets everything not committed (write cache, pending offsets, batches in
+        flight): after a failed batch, re-read from the stored offsets."""
+        for name in self._cache:
+            self._cache[name] = {}
+        self.pending = {}
+        self.inflight = []
+        self._expired_upto = {}
+        self.latest_ms = self.store.stream_time()
+
+    def close(self) -> None:
+        """Closes the store; uncommitted work is dropped."""
+        self.abort()
+        self.store.close()
