@@ -244,13 +244,6 @@ class TaskTables:
         stored = self.stored.get(tp)
         return stored is None or offset >= stored
 
-    def advance(self, topic: str, partition: int, offset: int) -> None:
-        """Includes a record no agent saw (a dead letter, a record of a topic without
-        tables) in the batch's input offsets."""
-        tp = (topic, partition)
-        if self.pending.get(tp, -1) <= offset:
-            self.pending[tp] = offset + 1
-
     # -- reads and writes (called by Table) -----------------------------------------------
     def read_raw(self, table: str, kb: bytes) -> Tuple[Any, Optional[bytes]]:
         """``(value or MISSING, serialized)`` of a key: write cache, then batches in
