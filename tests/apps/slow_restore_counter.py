@@ -5,13 +5,13 @@ at 2 ms per record, so the test can stop the child in the middle of a restore.""
 import os
 import time
 
-from shardworker import state
+from shardworker import restore
 from tests.apps.counter import app  # noqa: F401 - the app the loader looks for
 
 MARKER = os.environ["SHARDSUP_TEST_RESTORE_MARKER"]
-state.RESTORE_BATCH = 100         # asks should_stop() every 100 records
-state.RESTORE_COMMIT_EVERY = 500
-_apply = state.apply_changelog
+restore.RESTORE_BATCH = 100         # asks should_stop() every 100 records
+restore.RESTORE_COMMIT_EVERY = 500
+_apply = restore.apply_changelog
 
 
 def _slow_apply(store, table, records, *args, **kwargs):
@@ -26,4 +26,4 @@ def _slow_apply(store, table, records, *args, **kwargs):
     return _apply(store, table, slowly(), *args, **kwargs)
 
 
-state.apply_changelog = _slow_apply
+restore.apply_changelog = _slow_apply
