@@ -24,10 +24,6 @@ from .store import TaskStore
 from .tasktables import CONTEXT, DrainedBatch, TaskTables
 from .topology import TopicPartitionKey
 
-# re-exported for importers: worker.py imports RestoreInterrupted from here (it now lives
-# in shardworker.restore)
-from .restore import RestoreInterrupted  # noqa: F401
-
 #: metadata key set when the task was revoked from this datadir (its copy may go stale)
 META_RELEASED = "released"
 

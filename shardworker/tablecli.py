@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 from .app import App
 from .state import META_RELEASED, task_dir
 from .store import open_readonly
-from .tables import split_window_key
+from .windows import split_window_key
 
 
 class TableReadError(LookupError):

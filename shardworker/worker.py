@@ -336,7 +336,7 @@ class Worker:
         input offset when it is ahead of the group's and still exact: DESIGN.md, "State
         (LMDB)").  A task whose restore the supervisor interrupted (a revoke of it, a
         stop) is left out: its progress is kept for the next time."""
-        from .state import RestoreInterrupted
+        from .restore import RestoreInterrupted
 
         starts: Dict[TopicPartitionKey, int] = {}
         dropped = set()

@@ -6,11 +6,11 @@ state is then ahead of what the supervisor heard, as after a kill -9 of a busy c
 import os
 import signal
 
-from shardworker import tables
+from shardworker import tasktables
 from tests.apps.counter import app  # noqa: F401 - the app the loader looks for
 
 MARKER = os.environ.get("SHARDSUP_TEST_KILL_MARKER", "")
-_commit = tables.TaskTables._commit
+_commit = tasktables.TaskTables._commit
 
 
 def _commit_then_die(self, batch, changelog_offsets):
@@ -21,4 +21,4 @@ def _commit_then_die(self, batch, changelog_offsets):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-tables.TaskTables._commit = _commit_then_die
+tasktables.TaskTables._commit = _commit_then_die

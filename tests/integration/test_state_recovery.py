@@ -15,8 +15,8 @@ from confluent_kafka import OFFSET_INVALID, Producer
 from shardworker.app import App
 from shardworker.state import TaskStates, task_dir
 from shardworker.store import open_readonly
-from shardworker.tables import (HDR_SRC_CONFIRMED, HDR_SRC_OFFSET, HDR_SRC_PARTITION,
-                                HDR_SRC_TOPIC)
+from shardworker.changelog import (HDR_SRC_CONFIRMED, HDR_SRC_OFFSET, HDR_SRC_PARTITION,
+                                   HDR_SRC_TOPIC)
 from tests.conftest import create_topic, read_to_end
 from tests.integration.test_tables import produce_orders, table, truth, wait_for_total
 

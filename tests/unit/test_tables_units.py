@@ -16,10 +16,12 @@ import pytest
 from shardworker.codecs import get_codec
 from shardworker.partitioner import key_partitioner, murmur2, partition_for
 from shardworker.store import TaskStore
-from shardworker.tables import (HDR_SRC_CONFIRMED, HDR_SRC_OFFSET, HDR_SRC_PARTITION, HDR_SRC_TOPIC, HDR_STREAM_TIME,
-                                NoCurrentRecordError, Table, TableContext,
-                                TableError, TaskTables, apply_changelog, split_window_key,
-                                window_key)
+from shardworker.changelog import (HDR_SRC_CONFIRMED, HDR_SRC_OFFSET, HDR_SRC_PARTITION,
+                                   HDR_SRC_TOPIC, HDR_STREAM_TIME)
+from shardworker.restore import apply_changelog
+from shardworker.tables import Table
+from shardworker.tasktables import NoCurrentRecordError, TableContext, TableError, TaskTables
+from shardworker.windows import split_window_key, window_key
 
 SRC = "orders"
 
