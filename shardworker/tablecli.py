@@ -7,7 +7,7 @@ and its copy goes stale as the new owner processes on; it is skipped (DESIGN.md,
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from .app import App
 from .state import META_RELEASED, task_dir
