@@ -697,14 +697,15 @@ def test_an_assignment_whose_offsets_time_out_is_placed_on_a_later_turn(tmp_path
     app.agent(app.topics["proj-in"])(lambda stream: stream)
     arb = Arbiter(app, "proj", 2, "kafka://x:1", str(tmp_path))
     arb.member = _Member()  # type: ignore[assignment]
+    assignment = arb.assignment  # the rebalance moves live in supervisor/rebalance.py
     placed: List[Any] = []
-    monkeypatch.setattr(arb, "place", placed.append)
+    monkeypatch.setattr(assignment, "place", placed.append)
     keys = [("proj-in", 0), ("proj-in", 1)]
-    arb.on_assign(keys)  # inside librdkafka's callback: must not raise
-    assert arb.joined and arb.unplaced == keys and placed == []
-    assert arb._next_placement > 0  # a retry is due in PLACE_RETRY seconds; make it now
-    arb._next_placement = 0.0
+    assignment.on_assign(keys)  # inside librdkafka's callback: must not raise
+    assert assignment.joined and assignment.unplaced == keys and placed == []
+    assert assignment.next_placement > 0  # a retry is due in PLACE_RETRY seconds; make it now
+    assignment.next_placement = 0.0
     arb.member.down = False  # type: ignore[attr-defined]
-    arb.place_unplaced()
-    assert placed == [keys] and arb.unplaced == [] and arb.offsets == {k: 7 for k in keys}
-    arb.on_lost([("proj-in", 5)])  # never placed: nothing to take back, nothing raised
+    assignment.place_unplaced()
+    assert placed == [keys] and assignment.unplaced == [] and assignment.offsets == {k: 7 for k in keys}
+    assignment.on_lost([("proj-in", 5)])  # never placed: nothing to take back, nothing raised
