@@ -51,6 +51,9 @@ class Committer:
 
     #: called by each agent's stream with every record before the agent sees it
     on_record: Optional[Callable[[Message], None]] = None
+    #: True when the tables' changes must be drained after every chunk (a transaction
+    #: holds exactly the effects of the records whose offsets it commits)
+    drains_every_chunk = False
 
     def __init__(self, delivery_errors: List[str], heartbeat: Callable[[], None]) -> None:
         #: failed deliveries of outputs, dead letters and changelog records (shared with
@@ -199,6 +202,8 @@ class AtLeastOnce(Committer):
 
 class ExactlyOnce(Committer):
     """One transaction per task: outputs, changelog and input offsets commit together."""
+
+    drains_every_chunk = True
 
     def __init__(self, app: App, bootstrap: str, client_id: str, delivery_errors: List[str],
                  heartbeat: Callable[[], None], consumer: Consumer, state: Any,

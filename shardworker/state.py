@@ -157,6 +157,10 @@ class TaskStates:
             batches.append(batch)
         return batches
 
+    def dirty_keys(self) -> int:
+        """Keys changed in every task's write cache since the last drain."""
+        return sum(tables.dirty_keys() for tables in self.tasks.values())
+
     def commit(self, batches: List[DrainedBatch]) -> None:
         """After the acknowledgements: each task's state and offsets in one transaction."""
         for batch in batches:

@@ -64,6 +64,9 @@ __all__ = ["CONTEXT", "MISSING", "TableContext", "TaskTables", "DrainedBatch", "
 TP = Tuple[str, int]
 #: "no such key" (and, from :meth:`TaskTables.read_raw`, "no Python value cached")
 MISSING = object()
+#: committed entries a task keeps per table for reads (a hot key is read from memory, not
+#: from LMDB and its decoder, batch after batch); past this many the table starts over
+CLEAN_CACHE_SIZE = 100_000
 
 # the warnings about foreign keys keep the logger name they were always logged under
 log = logging.getLogger("shardworker.tables")
@@ -152,11 +155,14 @@ class DrainedBatch:
 
     def __init__(self, task: "TaskTables", records: List[ChangelogRecord],
                  writes: Dict[str, Dict[bytes, Optional[bytes]]],
-                 input_offsets: Dict[TP, int], latest_ms: Optional[int]) -> None:
+                 input_offsets: Dict[TP, int], latest_ms: Optional[int],
+                 values: Optional[Dict[str, Dict[bytes, Any]]] = None) -> None:
         self.task = task
         self.records = records
         #: ``{table: {key: value or None}}`` for :meth:`TaskStore.commit`
         self.writes = writes
+        #: ``{table: {key: the Python value written}}``: reads of the batch need no decode
+        self.values = values if values is not None else {}
         #: ``{(topic, partition): next offset to read}`` for :meth:`TaskStore.commit`
         self.input_offsets = input_offsets
         self.latest_ms = latest_ms
@@ -220,6 +226,11 @@ class TaskTables:
         self._time_before: Tuple[Optional[int], Optional[TP]] = (self.latest_ms, None)
         self._expired_upto: Dict[str, int] = {}
         self.inflight: List[DrainedBatch] = []
+        #: table → key bytes → (Python value or MISSING, serialized value or None): what
+        #: LMDB holds, for keys read or committed lately (only :meth:`_commit` writes LMDB
+        #: while the task is open, and it updates this too)
+        self._clean: Dict[str, Dict[bytes, Tuple[Any, Optional[bytes]]]] = {
+            name: {} for name in self.tables}
         #: cache entries as they were before the current record wrote them (None: absent)
         self.undo: Dict[Tuple[str, bytes], Optional[Tuple[Any, Optional[bytes], TP]]] = {}
 
@@ -255,8 +266,16 @@ class TaskTables:
         for batch in reversed(self.inflight):
             writes = batch.writes.get(table)
             if writes is not None and kb in writes:
-                return MISSING, writes[kb]
-        return MISSING, self.store.get(table, kb)
+                return batch.values[table].get(kb, MISSING), writes[kb]
+        clean = self._clean[table]
+        hit = clean.get(kb)
+        if hit is not None:
+            return hit
+        raw = self.store.get(table, kb)
+        if len(clean) >= CLEAN_CACHE_SIZE:
+            clean.clear()
+        clean[kb] = (MISSING, raw)
+        return MISSING, raw
 
     def write(self, table: "Table", kb: bytes, key: Any, value: Any, ctx: TableContext) -> None:
         """Stages ``value`` (None deletes) for ``kb`` in the write cache, unless the current
@@ -331,6 +350,10 @@ class TaskTables:
                 yield kb, raw
 
     # -- batch end ----------------------------------------------------------------------
+    def dirty_keys(self) -> int:
+        """Keys in the write cache (changed since the last drain)."""
+        return sum(len(cache) for cache in self._cache.values())
+
     def drain(self, input_offsets: Optional[Mapping[TP, int]] = None) -> DrainedBatch:
         """Ends the batch: empties the write cache into a :class:`DrainedBatch` (one
         changelog record and one LMDB write per dirty key, plus tombstones for expired
@@ -354,18 +377,22 @@ class TaskTables:
 
         records: List[ChangelogRecord] = []
         writes: Dict[str, Dict[bytes, Optional[bytes]]] = {}
+        values: Dict[str, Dict[bytes, Any]] = {}
         for name, cache in self._cache.items():
             if not cache:
                 continue
             topic = self.tables[name].changelog_topic
             part = self.partition
             table_writes: Dict[bytes, Optional[bytes]] = {}
-            for kb, (_value, raw, tp) in cache.items():
+            table_values: Dict[bytes, Any] = {}
+            for kb, (value, raw, tp) in cache.items():
                 table_writes[kb] = raw
+                table_values[kb] = value
                 records.append(ChangelogRecord(name, topic, part, kb, raw, header_for(tp)))
             writes[name] = table_writes
+            values[name] = table_values
             self._cache[name] = {}
-        batch = DrainedBatch(self, records, writes, offsets, self.latest_ms)
+        batch = DrainedBatch(self, records, writes, offsets, self.latest_ms, values)
         self.pending = {}
         self.inflight.append(batch)
         return batch
@@ -420,6 +447,13 @@ class TaskTables:
             meta = stream_time_meta(batch.latest_ms)
         self.store.commit(batch.writes, offsets, changelog_offsets, meta)
         stored.update(offsets)
+        for name, table_writes in batch.writes.items():
+            clean = self._clean[name]
+            if len(clean) + len(table_writes) > CLEAN_CACHE_SIZE:
+                clean.clear()
+            table_values = batch.values.get(name, {})
+            for kb, raw in table_writes.items():
+                clean[kb] = (table_values.get(kb, MISSING), raw)
         batch.committed = True
         self.inflight.pop(0)
 

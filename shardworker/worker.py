@@ -44,6 +44,9 @@ log = logging.getLogger("shardworker.worker")
 
 STATS_INTERVAL = 1.0       # seconds between heartbeats with stats to the supervisor
 REPORT_INTERVAL = 0.05     # offsets are reported at most this often (and at every stop)
+#: at least once, the tables' changes are drained before this many keys are dirty, even
+#: when the interval (``commit_interval``) is not over: bounds memory and changelog bursts
+MAX_DIRTY_KEYS = 20_000
 
 
 class Worker:
@@ -78,6 +81,12 @@ class Worker:
         self._timer_due: Dict[str, float] = {}
         #: batches processed that the broker may not hold yet (step 4 pending), in order
         self.unsettled: List[Processed] = []
+        #: next offsets of records processed whose table changes are not drained yet
+        self.undrained: Dict[TopicPartitionKey, int] = {}
+        self._last_drain = 0.0
+        #: seconds between drains of the tables' changes, at least once (exactly-once
+        #: drains every chunk: a transaction holds exactly its records' effects)
+        self.drain_interval = float(app.settings["commit_interval"])
 
     # -- set-up ---------------------------------------------------------------------
     def setup(self) -> None:
@@ -163,7 +172,8 @@ class Worker:
             self.settle(block=False)
 
     def process_chunk(self, records: List[Message]) -> None:
-        """Steps 1-3 for ``records``: decode, run the agents, drain the tables' changes."""
+        """Steps 1-3 for ``records``: decode, run the agents, drain the tables' changes
+        when due (:meth:`drain`)."""
         positions: Dict[TopicPartitionKey, int] = {}
         routes = self.routes
         # 1. decode each record and queue it for the agents of its topic
@@ -189,13 +199,37 @@ class Worker:
                 runner.drain()
             if runner.fatal is not None:
                 raise runner.fatal
-        # 3. the tables' changes of the batch: one changelog record per changed key
-        changes = self.state.drain(positions) if self.state.enabled else []
         self.processed += len(records)  # stats count processing; offsets wait for acks
-        self.unsettled.append((time.monotonic(), positions, changes))
+        self.undrained.update(positions)
+        # 3. the tables' changes: one changelog record per key changed since the last drain
+        if self._drain_due():
+            self.drain()
+
+    def _drain_due(self) -> bool:
+        """Every chunk without tables or under exactly-once; at least once with tables,
+        every :attr:`drain_interval` or at :data:`MAX_DIRTY_KEYS`: a key that many records
+        change in the interval costs one changelog record and one LMDB write, as with
+        Kafka Streams' record cache (DESIGN.md, "State (LMDB)")."""
+        if not self.state.enabled or self.committer.drains_every_chunk:
+            return True
+        return (time.monotonic() - self._last_drain >= self.drain_interval
+                or self.state.dirty_keys() >= MAX_DIRTY_KEYS)
+
+    def drain(self) -> None:
+        """Step 3: the records processed since the last drain become one processed batch
+        (their tables' changes produced to the changelogs), which :meth:`settle` commits."""
+        if not self.undrained:
+            return
+        positions, self.undrained = self.undrained, {}
+        changes = self.state.drain(positions) if self.state.enabled else []
+        self._last_drain = time.monotonic()
+        self.unsettled.append((self._last_drain, positions, changes))
 
     def settle(self, block: bool) -> None:
-        """Steps 4-6 for every processed batch the broker now holds, in batch order."""
+        """Steps 4-6 for every processed batch the broker now holds, in batch order
+        (what is processed and not drained yet is drained first when ``block`` or due)."""
+        if self.undrained and (block or self._drain_due()):
+            self.drain()
         # 4. the committer: acknowledged (at least once) or committed (exactly-once)
         for positions, changes in self.committer.settle(self.unsettled, block):
             # 5. the tables' state and offsets commit to LMDB, per task in one transaction
