@@ -19,7 +19,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 from .logs import open_private, setup_logging
 from .broker_wait import BrokerUnavailable, broker_unreachable
-from .protocol import EXIT_BROKER_UNAVAILABLE, Channel
+from .protocol import EXIT_BROKER_UNAVAILABLE, Channel, Failed
 
 PR_SET_PDEATHSIG = 1
 
@@ -95,7 +95,7 @@ def report_failure(channel: Channel, exc: Exception) -> int:
     else:
         log.exception("child failed: %s", exc)
     try:
-        channel.send("failed", error=f"{type(exc).__name__}: {exc}", broker_unavailable=unavailable)
+        channel.send(Failed(f"{type(exc).__name__}: {exc}", broker_unavailable=unavailable))
     except Exception:  # noqa: BLE001 - the supervisor may be gone
         pass
     return EXIT_BROKER_UNAVAILABLE if unavailable else 3

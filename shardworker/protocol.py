@@ -1,18 +1,20 @@
-"""Framed messages between the supervisor and a child over one socketpair.
+"""Typed messages between the supervisor and a child over one socketpair.
 
-A frame is a 4-byte big-endian length followed by a UTF-8 JSON object with an ``op`` key.
-Supervisor → child: ``assign``, ``revoke``, ``stop``, ``group``, ``timers`` (``run``: this
-child runs the app's timers, or stops running them).  Child → supervisor: ``ready``,
-``offsets`` (processed-up-to, i.e. the next offset to read), ``revoked``, ``stats``,
-``failed`` (``error``; ``broker_unavailable`` when the broker, not the agent, stopped
-it).  Messages are small and rare (a few per second), so JSON is plenty.
+Supervisor → child: :class:`Assign`, :class:`Revoke`, :class:`Stop`, :class:`Group`,
+:class:`Timers`.  Child → supervisor: :class:`Ready`, :class:`Offsets`,
+:class:`Revoked`, :class:`Bye` (each with processed-up-to offsets, i.e. the next offset
+to read), :class:`Stats` (the heartbeat), :class:`Failed`.  On the wire a frame is a
+4-byte big-endian length and a UTF-8 JSON object: the message's fields and its ``op``.
+Messages are small and rare (a few per second), so JSON is plenty.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import struct
-from typing import Any, Dict, List
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, List, Optional, Type
 
 _HEADER = struct.Struct(">I")
 
@@ -20,6 +22,116 @@ _HEADER = struct.Struct(">I")
 #: supervisor restarts it (with a backoff) without counting a crash toward FAILED, since
 #: crash backoff is for the agent's own code (DESIGN.md, "Processes").  75 is EX_TEMPFAIL.
 EXIT_BROKER_UNAVAILABLE = 75
+
+
+#: ``[topic, partition, offset]``; offsets are the next offset to read
+Offset = List[Any]
+
+
+class Message:
+    """A message on the channel; ``op`` names its kind on the wire."""
+
+    op: ClassVar[str] = ""
+
+    def fields(self) -> Dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+
+# -- supervisor → child --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Assign(Message):
+    """Take these partitions, reading each from its offset (or where the task says)."""
+    op: ClassVar[str] = "assign"
+    partitions: List[Offset]
+
+
+@dataclass(frozen=True)
+class Revoke(Message):
+    """Give back ``[topic, partition]`` after settling them; answered with :class:`Revoked`."""
+    op: ClassVar[str] = "revoke"
+    partitions: List[List[Any]]
+
+
+@dataclass(frozen=True)
+class Stop(Message):
+    """Finish the batch, settle everything and exit (as SIGTERM does)."""
+    op: ClassVar[str] = "stop"
+
+
+@dataclass(frozen=True)
+class Group(Message):
+    """The group member's ``consumer_group_metadata()`` (base64), for transactions."""
+    op: ClassVar[str] = "group"
+    metadata: str
+
+
+@dataclass(frozen=True)
+class Timers(Message):
+    """Run the app's timers (or stop running them): one child of the group does."""
+    op: ClassVar[str] = "timers"
+    run: bool
+
+
+# -- child → supervisor --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ready(Message):
+    """The child is set up and takes assignments."""
+    op: ClassVar[str] = "ready"
+    pid: int = 0
+
+
+@dataclass(frozen=True)
+class Offsets(Message):
+    """Processed up to these offsets (their effects are durable)."""
+    op: ClassVar[str] = "offsets"
+    offsets: List[Offset]
+
+
+@dataclass(frozen=True)
+class Revoked(Message):
+    """The answer to :class:`Revoke`: the final offsets of what was given back."""
+    op: ClassVar[str] = "revoked"
+    offsets: List[Offset]
+
+
+@dataclass(frozen=True)
+class Bye(Message):
+    """The last offsets of a child that stops."""
+    op: ClassVar[str] = "bye"
+    offsets: List[Offset]
+
+
+@dataclass(frozen=True)
+class Stats(Message):
+    """The heartbeat: counters of this process, the tasks it runs and their lag."""
+    op: ClassVar[str] = "stats"
+    processed: int = 0
+    errors: int = 0
+    tasks: List[str] = field(default_factory=list)
+    #: task → records behind the end of its partitions (None: not known yet)
+    lag: Dict[str, Optional[int]] = field(default_factory=dict)
+    restoring: bool = False
+
+
+@dataclass(frozen=True)
+class Failed(Message):
+    """Why the child stops; ``broker_unavailable``: the broker, not the agent's code."""
+    op: ClassVar[str] = "failed"
+    error: str
+    broker_unavailable: bool = False
+
+
+MESSAGES: Dict[str, Type[Message]] = {cls.op: cls for cls in (
+    Assign, Revoke, Stop, Group, Timers, Ready, Offsets, Revoked, Bye, Stats, Failed)}
+
+
+def decode(obj: Dict[str, Any]) -> Message:
+    """The message a received JSON object holds (ValueError for an unknown ``op``)."""
+    fields = dict(obj)
+    kind = MESSAGES.get(fields.pop("op", None))  # type: ignore[arg-type]
+    if kind is None:
+        raise ValueError(f"unknown message {obj.get('op')!r}")
+    return kind(**fields)
 
 
 class ChannelClosed(EOFError):
@@ -37,9 +149,9 @@ class Channel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, op: str, **fields: Any) -> None:
+    def send(self, message: Message) -> None:
         """Writes one message; blocks only while the peer's socket buffer is full."""
-        body = json.dumps({"op": op, **fields}, separators=(",", ":")).encode()
+        body = json.dumps({"op": message.op, **message.fields()}, separators=(",", ":")).encode()
         data = _HEADER.pack(len(body)) + body
         self.sock.setblocking(True)
         try:
@@ -49,7 +161,7 @@ class Channel:
         finally:
             self.sock.setblocking(False)
 
-    def receive(self) -> List[Dict[str, Any]]:
+    def receive(self) -> List[Message]:
         """Every complete message that has arrived so far (possibly none)."""
         while True:
             try:
@@ -70,7 +182,7 @@ class Channel:
                 break
             body = bytes(self._inbox[_HEADER.size:_HEADER.size + size])
             del self._inbox[:_HEADER.size + size]
-            messages.append(json.loads(body))
+            messages.append(decode(json.loads(body)))
         return messages
 
     def close(self) -> None:

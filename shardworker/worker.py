@@ -36,7 +36,9 @@ from .committers import Committer, Processed, make_committer
 from .logs import set_role
 from .produce import (DEFAULT_MESSAGE_MAX_BYTES, RecordTooLarge, fit_dead_letter, is_too_large,
                       message_max_bytes, produce)
-from .protocol import Channel, ChannelClosed
+from .protocol import (Assign, Bye, Channel, ChannelClosed, Group, Offsets, Ready, Revoke,
+                       Revoked, Stats, Stop, Timers)
+from .protocol import Message as ChannelMessage
 from .state import TaskStates
 from .topology import TopicPartitionKey, group_by_task, task_id, task_sort_key
 
@@ -76,7 +78,7 @@ class Worker:
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.runners: List[AgentRunner] = []
         #: the supervisor's messages received and not acted on yet (see handle_control)
-        self.control: Deque[Dict[str, Any]] = deque()
+        self.control: Deque[ChannelMessage] = deque()
         self.routes: Dict[str, List[AgentRunner]] = {}
         self._timer_due: Dict[str, float] = {}
         #: batches processed that the broker may not hold yet (step 4 pending), in order
@@ -142,7 +144,7 @@ class Worker:
     def run(self) -> int:
         """Processes batches until told to stop; returns the process's exit code."""
         self.setup()
-        self.channel.send("ready", pid=os.getpid())
+        self.channel.send(Ready(os.getpid()))
         try:
             while not self.stopping:
                 self.handle_control(timeout=0)
@@ -156,7 +158,7 @@ class Worker:
                 self.report(force=False)
             self.settle(block=True)
             self.report(force=True)
-            self.channel.send("bye", offsets=self._offsets_list(self.positions))
+            self.channel.send(Bye(self._offsets_list(self.positions)))
             return 0
         except ChannelClosed:
             log.error("the supervisor has gone; exiting without committing")
@@ -337,17 +339,16 @@ class Worker:
         self.control.extend(self.channel.receive())
         while self.control:
             message = self.control.popleft()
-            op = message["op"]
-            if op == "assign":
-                self.assign(message["partitions"])
-            elif op == "revoke":
-                self.revoke(message["partitions"])
-            elif op == "stop":
+            if isinstance(message, Assign):
+                self.assign(message.partitions)
+            elif isinstance(message, Revoke):
+                self.revoke(message.partitions)
+            elif isinstance(message, Stop):
                 self.stopping = True
-            elif op == "group":
-                self.committer.set_group_metadata(base64.b64decode(message["metadata"]))
-            elif op == "timers":
-                self.runs_timers = bool(message["run"])
+            elif isinstance(message, Group):
+                self.committer.set_group_metadata(base64.b64decode(message.metadata))
+            elif isinstance(message, Timers):
+                self.runs_timers = message.run
 
     def assign(self, partitions: List[List[Any]]) -> None:
         """Starts reading ``[topic, partition, offset]``: from where the committer says
@@ -398,7 +399,7 @@ class Worker:
             self.control.extend(self.channel.receive())
         except ChannelClosed:
             return True  # handle_control sees it next and the child exits
-        return any(m["op"] == "stop" or (m["op"] == "revoke" and [topic, part] in m["partitions"])
+        return any(isinstance(m, Stop) or (isinstance(m, Revoke) and [topic, part] in m.partitions)
                    for m in self.control)
 
     def revoke(self, partitions: List[List[Any]]) -> None:
@@ -416,15 +417,14 @@ class Worker:
         self.committer.released(list(group_by_task(self.source_topics, keys)))
         for key in keys:
             self._reported.pop(key, None)
-        self.channel.send("revoked", offsets=self._offsets_list(final))
+        self.channel.send(Revoked(self._offsets_list(final)))
         self._tasks_changed()
         log.info("revoked %s", ", ".join(f"{t}[{p}]" for t, p in keys))
 
     def _tasks_changed(self, restoring: bool = False) -> None:
         self.tasks = sorted(group_by_task(self.source_topics, self.positions), key=task_sort_key)
         if restoring:
-            self.channel.send("stats", processed=self.processed, errors=self.errors,
-                              tasks=self.tasks, lag={}, restoring=True)
+            self.channel.send(Stats(self.processed, self.errors, self.tasks, {}, restoring=True))
         label = ",".join(self.tasks) or "idle"
         set_role(f"child {label}")
         try:
@@ -441,13 +441,13 @@ class Worker:
             changed = {k: v for k, v in self.positions.items()
                        if v >= 0 and self._reported.get(k) != v}
             if changed:
-                self.channel.send("offsets", offsets=self._offsets_list(changed))
+                self.channel.send(Offsets(self._offsets_list(changed)))
                 self._reported.update(changed)
             self._last_report = now
         if now - self._last_stats >= STATS_INTERVAL:
-            self.channel.send("stats", processed=self.processed, errors=self.errors,
-                              tasks=self.tasks, lag={} if self.state.restoring else self.lag(),
-                              restoring=self.state.restoring)
+            restoring = self.state.restoring
+            self.channel.send(Stats(self.processed, self.errors, self.tasks,
+                                    {} if restoring else self.lag(), restoring))
             self._last_stats = now
 
     def lag(self) -> Dict[str, Optional[int]]:

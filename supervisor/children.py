@@ -24,11 +24,12 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from signal import SIGKILL, SIGTERM
-from typing import Any, Container, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Container, Deque, List, Optional, Sequence, Tuple
 
 import psutil
 
-from shardworker.protocol import EXIT_BROKER_UNAVAILABLE, Channel
+from shardworker.protocol import (EXIT_BROKER_UNAVAILABLE, Bye, Channel, Failed, Message, Offsets, Ready,
+                                  Revoke, Revoked, Stats, Timers)
 
 log = logging.getLogger("supervisor.children")
 
@@ -72,7 +73,7 @@ class ChildSlot:
         self.retry_at: Optional[float] = None  # failed: when its tasks are tried again
         self.runs_timers = False       # this incarnation was told to run the app's timers
         self.outage_exits = 0          # exits in a row for an unreachable broker
-        self.stats: Dict[str, Any] = {}
+        self.stats = Stats()
         self.last_heard = 0.0
         self.token = ""
         self.trace_path = ""
@@ -120,20 +121,20 @@ class ChildSlot:
         self.error_reported = False
         self.runs_timers = False
         self.revoking = False
-        self.stats = {}
+        self.stats = Stats()
         self._base_records, self._base_errors = self.records_total, self.errors_total
         self._rate_samples = deque([(self.started_at, self.records_total)])
         self.records_per_s = 0.0
         self._psutil = None
 
-    def record_stats(self, stats: Dict[str, Any]) -> None:
+    def record_stats(self, stats: Stats) -> None:
         """A heartbeat: counters of this incarnation, lag per task."""
         self.stats = stats
-        self.restoring = bool(stats.get("restoring"))
-        self.records_total = self._base_records + int(stats.get("processed", 0))
-        if stats.get("processed"):
+        self.restoring = stats.restoring
+        self.records_total = self._base_records + stats.processed
+        if stats.processed:
             self.outage_exits = 0  # it got through to the broker again
-        self.errors_total = self._base_errors + int(stats.get("errors", 0))
+        self.errors_total = self._base_errors + stats.errors
         # records/s over the last RATE_WINDOW seconds: a child counts its records once
         # per batch, so a shorter window would swing between 0 and a peak
         now = time.monotonic()
@@ -159,10 +160,10 @@ class ChildSlot:
             return None, None
 
     # -- talking to the process ---------------------------------------------------------
-    def send(self, op: str, **fields: Any) -> None:
+    def send(self, message: Message) -> None:
         if self.channel is not None:
             try:
-                self.channel.send(op, **fields)
+                self.channel.send(message)
             except EOFError:
                 pass  # it is exiting; the exit is handled when it is reaped
 
@@ -175,18 +176,17 @@ class ChildSlot:
             return reports
         for message in self.channel.receive():
             self.last_heard = time.monotonic()
-            op = message["op"]
-            if op in ("offsets", "revoked", "bye"):
-                reports.append(message["offsets"])
-                if op == "revoked":
+            if isinstance(message, (Offsets, Revoked, Bye)):
+                reports.append(message.offsets)
+                if isinstance(message, Revoked):
                     self.revoking = False
-            elif op == "ready":
+            elif isinstance(message, Ready):
                 if self.state == "starting":
                     self.state = "running"
-            elif op == "stats":
+            elif isinstance(message, Stats):
                 self.record_stats(message)
-            elif op == "failed":
-                self.last_error = message.get("error")
+            elif isinstance(message, Failed):
+                self.last_error = message.error
                 self.error_reported = True
         return reports
 
@@ -208,13 +208,13 @@ class ChildSlot:
     def revoke(self, partitions: List[List[Any]]) -> None:
         """Asks the process to give back ``partitions``; ``revoking`` until it answers."""
         self.revoking = True
-        self.send("revoke", partitions=partitions)
+        self.send(Revoke(partitions))
 
     def run_timers(self, wanted: bool) -> bool:
         """Tells the process to run the app's timers or not; False when it knew already."""
         if self.runs_timers == wanted:
             return False
-        self.send("timers", run=wanted)
+        self.send(Timers(wanted))
         self.runs_timers = wanted
         return True
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Protocol
 from confluent_kafka import KafkaException
 
 from shardworker.app import App
+from shardworker.protocol import Assign, Group
 from shardworker.topology import TopicPartitionKey, group_by_task, task_partitions
 
 from .children import ChildSlot
@@ -150,7 +151,7 @@ class Assignment:
     def send_assign(self, slot: ChildSlot, tasks: List[str]) -> None:
         parts = [(t, p, self.offsets[(t, p)]) for task in tasks
                  for t, p in task_partitions(self.source_topics, task)]
-        slot.send("assign", partitions=parts)
+        slot.send(Assign(parts))
 
     # -- taking tasks back --------------------------------------------------------------
     def take_back(self, partitions: List[TopicPartitionKey], commit: bool) -> None:
@@ -291,4 +292,4 @@ class Assignment:
         assert member is not None
         encoded = base64.b64encode(member.group_metadata()).decode()
         for slot in slots:
-            slot.send("group", metadata=encoded)
+            slot.send(Group(encoded))

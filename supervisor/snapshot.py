@@ -46,7 +46,7 @@ def snapshot(slots: Iterable[ChildSlot], *, app_id: str, broker: str, datadir: s
     tasks: Dict[str, Dict[str, Any]] = {}
     for slot in sorted(slots, key=lambda s: s.index):
         usage = slot.usage()
-        lag = slot.stats.get("lag", {}) if slot.alive else {}
+        lag = slot.stats.lag if slot.alive else {}
         shown = shown_state(slot)
         children.append({
             "index": slot.index, "pid": slot.pid, "tasks": list(slot.tasks), "state": shown,

@@ -4,7 +4,6 @@ The systemd unit (``systemd-analyze verify``) is tests/integration/test_systemd_
 from __future__ import annotations
 
 import copy
-import errno
 import json
 import os
 import shutil
@@ -642,7 +641,7 @@ def test_a_child_stopped_by_the_broker_says_so_and_exits_75() -> None:
 
     from shardworker.child import report_failure
     from shardworker.broker_wait import BrokerUnavailable
-    from shardworker.protocol import EXIT_BROKER_UNAVAILABLE, Channel
+    from shardworker.protocol import EXIT_BROKER_UNAVAILABLE, Channel, Failed
 
     ours, theirs = socket.socketpair()
     child, supervisor = Channel(theirs), Channel(ours)
@@ -654,23 +653,24 @@ def test_a_child_stopped_by_the_broker_says_so_and_exits_75() -> None:
         for exc, code, unavailable in cases:
             assert report_failure(child, exc) == code
             deadline = time.monotonic() + 5
-            messages: List[Dict[str, Any]] = []
+            messages: List[Any] = []
             while not messages and time.monotonic() < deadline:
                 messages = supervisor.receive()
-            assert messages[0]["op"] == "failed" and messages[0]["broker_unavailable"] is unavailable
+            assert isinstance(messages[0], Failed) and messages[0].broker_unavailable is unavailable
     finally:
         child.close()
         supervisor.close()
 
 
 def test_an_outage_restart_backs_off_without_counting_a_crash() -> None:
+    from shardworker.protocol import Stats
     from supervisor.children import BACKOFF_MAX, ChildSlot
 
     slot = ChildSlot(0, ["0_0"])
     delays = [slot.schedule_outage_restart(float(n)) for n in range(12)]
     assert delays[:3] == [0.1, 0.2, 0.4] and delays[-1] == BACKOFF_MAX
     assert slot.crashes == [] and slot.state == "down"
-    slot.record_stats({"processed": 10})
+    slot.record_stats(Stats(processed=10))
     assert slot.schedule_outage_restart(100.0) == 0.1  # it got through: the backoff starts afresh
 
 

@@ -12,7 +12,7 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 import shardworker
-from shardworker.protocol import EXIT_BROKER_UNAVAILABLE
+from shardworker.protocol import EXIT_BROKER_UNAVAILABLE, Message, Stats, decode
 from supervisor.dump import dump_report
 from supervisor.children import (BACKOFF_MAX, CRASHED, FAILED, OUTAGE, RESTART, ChildSlot,
                                  RestartPolicy)
@@ -25,8 +25,10 @@ POLICY = RestartPolicy(max_crashes=3, crash_window=60.0, failed_retry=300.0)
 
 
 class FakeChannel:
-    """The supervisor's end of a child's socketpair: what was sent, what comes back.
-    ``answers`` maps an op sent to the messages the child answers it with."""
+    """The supervisor's end of a child's socketpair: what was sent (as ``(op, fields)``),
+    what comes back (written as the JSON objects the wire carries, decoded as a real
+    channel decodes them).  ``answers`` maps an op sent to the messages the child answers
+    it with."""
 
     def __init__(self) -> None:
         self.sent: List[Tuple[str, Dict[str, Any]]] = []
@@ -34,13 +36,13 @@ class FakeChannel:
         self.answers: Dict[str, List[Dict[str, Any]]] = {}
         self.closed = False
 
-    def send(self, op: str, **fields: Any) -> None:
-        self.sent.append((op, fields))
-        self.inbox.extend(self.answers.get(op, []))
+    def send(self, message: Message) -> None:
+        self.sent.append((message.op, message.fields()))
+        self.inbox.extend(self.answers.get(message.op, []))
 
-    def receive(self) -> List[Dict[str, Any]]:
+    def receive(self) -> List[Message]:
         messages, self.inbox = self.inbox, []
-        return messages
+        return [decode(m) for m in messages]
 
     def close(self) -> None:
         self.closed = True
@@ -173,7 +175,7 @@ def test_progress_between_hangs_starts_the_count_again() -> None:
     slot.hung(10.0)
     slot.hung(20.0)
     assert slot.hangs == 2
-    slot.record_stats({"processed": 3})
+    slot.record_stats(Stats(processed=3))
     slot.hung(30.0)
     assert slot.hangs == 1
 
@@ -204,7 +206,7 @@ def test_a_hup_restarts_live_slots_and_brings_back_failed_ones_at_once() -> None
 
 def test_the_snapshot_shows_restoring_and_failed_tasks() -> None:
     restoring = live_slot(0, ["0_0"])
-    restoring.record_stats({"restoring": True, "lag": {"0_0": 4}})
+    restoring.record_stats(Stats(restoring=True, lag={"0_0": 4}))
     failed = ChildSlot(1, ["0_1", "0_3"])
     failed.last_error = "ValueError: x"
     failed.fail(now=100.0, retry_after=300.0)

@@ -113,8 +113,8 @@ def test_a_broker_away_past_the_bound_is_broker_unavailable_not_a_crash(monkeypa
     assert txn.open and "abort" not in producer.calls  # read again by the restarted child
 
     class Sent:
-        def send(self, op: str, **fields: Any) -> None:
-            self.fields = fields
+        def send(self, message: Any) -> None:
+            self.fields = message.fields()
 
     sent = Sent()
     assert report_failure(sent, raised.value) == EXIT_BROKER_UNAVAILABLE  # type: ignore[arg-type]

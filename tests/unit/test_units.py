@@ -10,7 +10,7 @@ import shardworker
 from shardworker.app import bootstrap_servers
 from shardworker.codecs import get_codec
 from shardworker.loader import AppNotFound, load_app
-from shardworker.protocol import Channel, ChannelClosed
+from shardworker.protocol import Channel, ChannelClosed, Offsets
 from shardworker.topology import group_by_task, task_partitions, task_sort_key
 from supervisor.placement import place_tasks
 
@@ -72,11 +72,11 @@ def test_channel_frames_survive_partial_reads():
     a, b = socket.socketpair()
     left, right = Channel(a), Channel(b)
     for n in range(100):
-        left.send("offsets", offsets=[["t", n, n * 10]])
+        left.send(Offsets([["t", n, n * 10]]))
     got = []
     while len(got) < 100:
         got.extend(right.receive())
-    assert [m["offsets"][0][1] for m in got] == list(range(100))
+    assert [m.offsets[0][1] for m in got] == list(range(100))
     left.close()
     with pytest.raises(ChannelClosed):
         right.receive()
