@@ -22,7 +22,6 @@ def draw(rows: List[Dict[str, Any]], title: str, out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [r["system"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
     for ax, (key, name) in zip(axes, WORKLOADS):
         shown = [(r["system"], r[key]) for r in rows if r.get(key)]
@@ -41,7 +40,6 @@ def draw(rows: List[Dict[str, Any]], title: str, out: str) -> None:
         ax.set_title(name, fontsize=10)
         ax.set_ylabel("records/s (steady)")
         ax.grid(axis="y", alpha=0.3)
-    del labels
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -51,7 +49,7 @@ def draw(rows: List[Dict[str, Any]], title: str, out: str) -> None:
 def title_of(data: Dict[str, Any]) -> str:
     s = data["settings"]
     return (f"{s['records']:,} records, {s['partitions']} partitions, {data['cpus']} CPUs, "
-            f"{data['time']} ({data['code']})")
+            f"{data['time']}, {data['code'].split(',')[0]}")
 
 
 def plot(rows: List[Dict[str, Any]], args: Any, out: str, peer_python: str = "") -> str:
@@ -59,9 +57,9 @@ def plot(rows: List[Dict[str, Any]], args: Any, out: str, peer_python: str = "")
     if not any(r.get(k) for r in rows for k, _n in WORKLOADS):
         return "plot: nothing to draw"
     json_path = out[:-len(".png")] + ".json"
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
         from .systems import peers
 
         python = peer_python or (peers.python() if os.path.exists(peers.python()) else "")

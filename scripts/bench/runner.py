@@ -51,7 +51,9 @@ def make_run(kind: str, args: argparse.Namespace, broker: Any, iters: int, workd
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="scripts/bench", description=__doc__.split("\n")[0],
+        prog="scripts/bench",
+        description="End-to-end throughput of shardsup against a raw confluent-kafka loop "
+                    "doing the same work, and against other stream processors, in one run.",
         epilog="docs/benchmark.md describes the workloads, the systems and the columns.")
     parser.add_argument("--records", type=int, default=300_000, help="input records per run")
     parser.add_argument("--workload", choices=["stateless", "stateful", "all"], default="all",

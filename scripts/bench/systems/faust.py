@@ -19,12 +19,9 @@ def main() -> None:
     args = parse_args(__doc__.split("\n")[0])
     import faust
 
-    try:
-        import rocksdict  # noqa: F401
+    import importlib.util
 
-        store = "rocksdb://"
-    except ImportError:
-        store = "memory://"
+    store = "rocksdb://" if importlib.util.find_spec("rocksdict") else "memory://"
     app = faust.App(f"{args.prefix}-faust", broker=f"kafka://{args.bootstrap}", store=store,
                     datadir=os.path.join(args.workdir, "faust-data"),
                     topic_partitions=args.partitions, web_enabled=False,

@@ -164,6 +164,7 @@ class PeerRun(Run):
                 first = json.load(f)["first"]
             res["rate"] = self.args.records / (res["t_last_out"] - first)
             res.pop("mid_rate", None)
+            res.pop("other_us", None)
             res["timing"] = "own clock first → last output"
         if not res["ok"]:
             res["unavailable"] = failure_line(res["note"])
