@@ -54,6 +54,21 @@ def eos_worker(commit_interval: float, consumer: Any = None, state: Any = None) 
     return worker
 
 
+def slow_chunks(worker: Worker, clock: Clock, done: List[int]) -> Any:
+    """Stands in for ``worker.process_chunk``: one second (of ``clock``) per record, each
+    in its task's transaction; the offsets processed go to ``done``."""
+    def slow_chunk(records: List[Message]) -> None:
+        positions = {}
+        for msg in records:
+            worker.transactions.for_partition(msg.topic(), msg.partition())  # type: ignore[union-attr]
+            clock.now += 1.0
+            done.append(msg.offset())
+            positions[(msg.topic(), msg.partition())] = msg.offset() + 1
+        worker.unsettled.append((clock.now, positions, []))
+
+    return slow_chunk
+
+
 def test_an_open_transaction_commits_at_half_the_timeout_whatever_the_interval(clock):
     worker = eos_worker(commit_interval=3600.0)
     txn = worker.transactions.by_task["0_0"]  # type: ignore[union-attr]
@@ -80,17 +95,7 @@ def test_a_batch_of_slow_records_commits_in_chunks_inside_the_timeout(clock, mon
 
     monkeypatch.setattr(TaskTransaction, "commit", timed_commit)
     done: List[int] = []
-
-    def slow_chunk(records: List[Message]) -> None:  # one second per record
-        positions = {}
-        for msg in records:
-            worker.transactions.for_partition(msg.topic(), msg.partition())  # type: ignore[union-attr]
-            clock.now += 1.0
-            done.append(msg.offset())
-            positions[(msg.topic(), msg.partition())] = msg.offset() + 1
-        worker.unsettled.append((clock.now, positions, []))
-
-    monkeypatch.setattr(worker, "process_chunk", slow_chunk)
+    monkeypatch.setattr(worker, "process_chunk", slow_chunks(worker, clock, done))
     worker.process([Message("in", 0, n) for n in range(30)])
     assert done == list(range(30))
     assert len(ages) >= 4 and max(ages) <= COMMIT_BEFORE + 1.0, ages
@@ -128,17 +133,7 @@ def test_records_of_a_task_whose_transaction_aborted_mid_batch_are_left_for_the_
     txn.producer = RecordingProducer({"commit": [error(txn_requires_abort=True)]})
     worker.positions[("in", 0)] = 0
     done: List[int] = []
-
-    def slow_chunk(records: List[Message]) -> None:
-        positions = {}
-        for msg in records:
-            worker.transactions.for_partition(msg.topic(), msg.partition())  # type: ignore[union-attr]
-            clock.now += 1.0
-            done.append(msg.offset())
-            positions[(msg.topic(), msg.partition())] = msg.offset() + 1
-        worker.unsettled.append((clock.now, positions, []))
-
-    monkeypatch.setattr(worker, "process_chunk", slow_chunk)
+    monkeypatch.setattr(worker, "process_chunk", slow_chunks(worker, clock, done))
     worker.process([Message("in", 0, n) for n in range(30)])
     # the first commit (at about COMMIT_BEFORE) was aborted: the rest of the batch waits
     # for the re-read from offset 0 instead of being processed (and committed) now
