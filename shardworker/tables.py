@@ -23,20 +23,8 @@ from .tasktables import (CONTEXT, MISSING, NoCurrentRecordError, TableContext, T
                          TaskTables)
 from .windows import Seconds, Window, WindowedTable
 
-# -- re-exported for importers: these names now live in the modules named ------------------
-# (tests, scripts/bench and tablecli import them from here; new code imports the module)
-from .changelog import (HDR_SRC_CONFIRMED, HDR_SRC_OFFSET, HDR_SRC_PARTITION,  # noqa: F401
-                        HDR_SRC_TOPIC, HDR_STREAM_TIME, ChangelogRecord, source_of)
-from .restore import apply_changelog  # noqa: F401
-from .tasktables import DrainedBatch  # noqa: F401
-from .windows import WindowSet, split_window_key, window_key  # noqa: F401
-
-__all__ = [
-    "HDR_SRC_TOPIC", "HDR_SRC_PARTITION", "HDR_SRC_OFFSET", "HDR_SRC_CONFIRMED",
-    "HDR_STREAM_TIME", "CONTEXT", "Table", "WindowedTable", "WindowSet", "Window",
-    "TableContext", "TaskTables", "DrainedBatch", "ChangelogRecord", "TableError",
-    "NoCurrentRecordError", "apply_changelog", "source_of", "window_key", "split_window_key",
-]
+__all__ = ["Table", "WindowedTable", "Window", "CONTEXT", "TableContext", "TableError",
+           "NoCurrentRecordError"]
 
 #: key types whose serialized form depends on the value alone (bool is not int here)
 _MEMO_KEY_TYPES = (str, int)

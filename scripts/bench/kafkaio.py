@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from shardworker.tables import HDR_SRC_OFFSET, HDR_SRC_PARTITION
+from shardworker.changelog import HDR_SRC_OFFSET, HDR_SRC_PARTITION
 
 from .measure import ChangelogRow
 

@@ -77,7 +77,7 @@ def children_cpu() -> float:
 
 
 STATE_TABLES = ("counts", "sums")
-#: shardworker/state.py's line after a task's restore
+#: shardworker/restore.py's line after a task's restore
 RESTORED_RE = re.compile(r"task (\S+): restored (\d+) changelog records \((\d+) skipped[^)]*\) "
                          r"in ([0-9.]+)s")
 #: a changelog record as bench.py keeps it: (timestamp kind, timestamp ms, key, value,

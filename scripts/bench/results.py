@@ -199,7 +199,7 @@ def summarize_state(results: Dict[str, List[Dict[str, Any]]], args: argparse.Nam
             print(f"{label:<62} {fmt(m(k_tasks), '5.0f')} {fmt(m(k_rec), '10,.0f')} "
                   f"{fmt(m(k_s), '8.2f')} {fmt(m(k_rate), '10,.0f')}  {exact}")
         print("e2e: the sum of the \"restored N changelog records ... in X s\" lines of the "
-              "child (shardworker/state.py; X has 10 ms resolution): consumer set-up, fetching "
+              "child (shardworker/restore.py; X has 10 ms resolution): consumer set-up, fetching "
               "from the broker, header checks and LMDB writes, both tables, tasks one after "
               "another.")
 

@@ -1,6 +1,6 @@
 """The restore workload (``state-restore``): ONE task restores a synthetic changelog of
 ``--restore-records`` records (1,000,000; distinct keys, 100 records per source offset, as
-in tests/test_tables_units.py) with the group's input offset committed past them, timed by
+in tests/unit/test_tables_units.py) with the group's input offset committed past them, timed by
 the child's "restored N changelog records ... in X s" line; beside it ``apply_changelog``
 alone (LMDB, no Kafka) and a bare consume loop over the same changelog.  See
 docs/benchmark.md."""
@@ -13,10 +13,10 @@ from typing import Any, Dict
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from shardworker.changelog import HDR_SRC_OFFSET, HDR_SRC_PARTITION, HDR_SRC_TOPIC
+from shardworker.restore import apply_changelog
 from shardworker.state import task_dir
 from shardworker.store import TaskStore, open_readonly
-from shardworker.tables import (HDR_SRC_OFFSET, HDR_SRC_PARTITION, HDR_SRC_TOPIC,
-                                apply_changelog)
 
 from ..kafkaio import bare_consume_rate, create_topics
 from ..measure import STATE_TABLES
@@ -28,7 +28,7 @@ class RestoreRun(StateRun):
 
     def execute(self) -> Dict[str, Any]:
         """A changelog of M records (distinct keys, batches of 100 records per source offset,
-        as tests/test_tables_units.py's measurement) on partition 0 of the counts table,
+        as tests/unit/test_tables_units.py's measurement) on partition 0 of the counts table,
         the group's input offset committed past all of them, and a new supervisor whose
         task 0_0 restores them.  Also times apply_changelog alone on the same records."""
         args, res = self.args, self.result
