@@ -41,6 +41,21 @@ def task_states(datadir: str) -> Dict[str, str]:
     return {task: info["state"] for task, info in json.loads(result.stdout)["tasks"].items()}
 
 
+def dump_of(sup: Supervisor) -> str:
+    """The supervisor's USR1 report (every thread of every process), for a failure."""
+    latest = os.path.join(sup.datadir, "dump-latest.txt")
+    before = os.path.getmtime(latest) if os.path.exists(latest) else 0.0
+    os.kill(sup.proc.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if os.path.exists(latest) and os.path.getmtime(latest) > before:
+            time.sleep(0.5)
+            with open(latest) as f:
+                return f.read()[-12000:]
+        time.sleep(0.2)
+    return "(no dump)"
+
+
 def outage(broker: EmbeddedBroker, prefix: str, tmp_path, seconds: float, args: List[str],
            env: Dict[str, str]) -> str:
     """Runs the counting app, stops the broker for ``seconds`` once the agent is half
@@ -86,8 +101,13 @@ def outage(broker: EmbeddedBroker, prefix: str, tmp_path, seconds: float, args: 
                          until=lambda msgs: wanted <= {json.loads(m.value())["n"] for m in msgs})
         assert {json.loads(m.value())["n"] for m in out} == wanted
         # every input is committed, none past the end (exactly-once: in the transactions)
-        sup.wait_for(lambda: sum(committed_offsets(bootstrap, prefix, f"{prefix}-in", 4).values())
-                     == total, 30, "every input committed")
+        try:
+            sup.wait_for(lambda: sum(committed_offsets(bootstrap, prefix, f"{prefix}-in", 4).values())
+                         == total, 30, "every input committed")
+        except AssertionError:
+            raise AssertionError(f"not every input committed: offsets "
+                                 f"{committed_offsets(bootstrap, prefix, f'{prefix}-in', 4)} of "
+                                 f"{total}; where the processes are:\n{dump_of(sup)}") from None
         log = sup.output()
         assert "FAILED" not in log and "sent no heartbeat" not in log, log[-3000:]
         assert "supervisor failed" not in log and "died with code" not in log, log[-3000:]
