@@ -1,0 +1,130 @@
+"""The worker's record path at least once, with a stand-in producer: steps 1-3 (decode,
+agent, outputs) and 4-6 (acknowledged → offsets count), and what a failed delivery or a
+bad record does to them.  No broker: the producer never connects."""
+from __future__ import annotations
+
+import json
+import signal
+from typing import Any, Callable, Iterator, List, Optional, Tuple
+
+import pytest
+from confluent_kafka import KafkaError
+
+from shardworker import App
+from shardworker.committers import DeliveryFailed
+from shardworker.worker import Worker
+from tests.unit.fakes import Message
+
+
+class SentToSupervisor:
+    """The child's end of the channel: what it sent."""
+
+    def __init__(self) -> None:
+        self.sent: List[Any] = []
+
+    def send(self, message: Any) -> None:
+        self.sent.append(message)
+
+
+class AckingProducer:
+    """Takes records; ``flush`` acknowledges them all, or fails those ``failing`` names."""
+
+    def __init__(self, failing: Callable[[str], bool] = lambda topic: False) -> None:
+        self.records: List[Tuple[str, Any, Any]] = []
+        self.pending: List[Tuple[str, Optional[Callable[..., None]]]] = []
+        self.failing = failing
+        self.default_report: Optional[Callable[..., None]] = None
+
+    def produce(self, topic: str, value: Any = None, key: Any = None, partition: int = -1,
+                headers: Any = None, on_delivery: Optional[Callable[..., None]] = None) -> None:
+        self.records.append((topic, key, value))
+        self.pending.append((topic, on_delivery))
+
+    def flush(self, timeout: float = 0) -> int:
+        for topic, report in self.pending:
+            error = KafkaError(KafkaError._MSG_TIMED_OUT) if self.failing(topic) else None
+            callback = report or self.default_report
+            if callback is not None and error is not None:
+                callback(error, Message(topic, 0, -1))
+        self.pending = []
+        return 0
+
+    def poll(self, timeout: float = 0) -> int:
+        return 0
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+
+@pytest.fixture
+def worker() -> Iterator[Worker]:
+    """A set-up worker of an app that doubles ``n`` from ``in`` to ``out`` (dead letters
+    for bad records), its producer replaced by an :class:`AckingProducer`."""
+    app = App("u", broker="kafka://127.0.0.1:9")
+    source, sink = app.topic("in"), app.topic("out")
+
+    @app.agent(source, sink=[sink])
+    def double(stream):  # type: ignore[no-untyped-def]
+        for value in stream:
+            yield {"n": value["n"] * 2}
+
+    previous = signal.getsignal(signal.SIGTERM)
+    worker = Worker(app, channel=SentToSupervisor(), bootstrap="127.0.0.1:9", index=0)  # type: ignore[arg-type]
+    worker.setup()
+    producer = AckingProducer()
+    producer.default_report = worker.committer.on_delivery
+    worker.committer.producer = producer  # type: ignore[attr-defined]
+    try:
+        yield worker
+    finally:
+        for runner in worker.runners:
+            runner.stop()
+        worker.consumer.close()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def records(*values: bytes) -> List[Message]:
+    return [Message("in", 0, offset, value, key=b"k%d" % offset) for offset, value in enumerate(values)]
+
+
+@pytest.mark.timeout(20)
+def test_a_batch_counts_once_its_outputs_are_acknowledged(worker: Worker) -> None:
+    producer = worker.committer.producer  # type: ignore[attr-defined]
+    worker.process_chunk(records(b'{"n": 1}', b'{"n": 2}', b'{"n": 3}'))
+    assert [(t, k, json.loads(v)) for t, k, v in producer.records] == [
+        ("out", b"k0", {"n": 2}), ("out", b"k1", {"n": 4}), ("out", b"k2", {"n": 6})]
+    assert worker.positions == {} and worker.processed == 3  # processed, not settled
+    worker.settle(block=True)
+    assert worker.positions == {("in", 0): 3} and worker.unsettled == []
+
+
+@pytest.mark.timeout(20)
+def test_a_failed_delivery_keeps_the_batch_from_counting(worker: Worker) -> None:
+    producer = worker.committer.producer  # type: ignore[attr-defined]
+    producer.failing = lambda topic: topic == "out"
+    worker.process_chunk(records(b'{"n": 1}'))
+    with pytest.raises(Exception) as raised:
+        worker.settle(block=True)
+    # every error says the broker was not reached: an outage, not a refusal
+    assert type(raised.value).__name__ == "BrokerUnavailable"
+    assert worker.positions == {}
+
+
+@pytest.mark.timeout(20)
+def test_a_refused_delivery_is_a_failed_batch(worker: Worker) -> None:
+    worker._delivery_errors.append("out: Broker: Topic authorization failed")
+    worker.process_chunk(records(b'{"n": 1}'))
+    with pytest.raises(DeliveryFailed):
+        worker.settle(block=True)
+    assert worker.positions == {}
+
+
+@pytest.mark.timeout(20)
+def test_a_bad_record_is_dead_lettered_and_its_offset_still_counts(worker: Worker) -> None:
+    producer = worker.committer.producer  # type: ignore[attr-defined]
+    worker.process_chunk(records(b'{"n": 1}', b"not json", b'{"n": 3}'))
+    # records are decoded first (the bad one is dead-lettered then), then the agent runs
+    assert [t for t, _k, _v in producer.records] == ["u-double-dlq", "out", "out"]
+    assert producer.records[0][2] == b"not json" and worker.errors == 1
+    worker.settle(block=True)
+    assert worker.positions == {("in", 0): 3}
