@@ -113,6 +113,8 @@ class Table:
 
     # -- internals --------------------------------------------------------------------
     def _plain(self) -> Tuple[TableContext, TaskTables]:
+        """The context and the current record's task (raises outside a record, or for a
+        windowed table).  The mapping methods below inline its common case."""
         if self.window is not None:
             raise TableError(f"table {self.name} is windowed: use the object that "
                              "tumbling()/hopping() returned")
@@ -144,8 +146,11 @@ class Table:
 
     # -- the mapping ------------------------------------------------------------------
     def __getitem__(self, key: Any) -> Any:
-        _ctx, task = self._plain()
-        value = self._read(task, self._key_bytes(key))
+        task = self._context.task
+        if task is None or self.window is not None:
+            _ctx, task = self._plain()
+        kb = self._key_memo.get(key) if type(key) in _MEMO_KEY_TYPES else None
+        value = self._read(task, kb if kb is not None else self._key_bytes(key))
         if value is MISSING:
             if self.default is not None:
                 return self.default()
@@ -153,8 +158,12 @@ class Table:
         return value
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        ctx, task = self._plain()
-        task.write(self, self._key_bytes(key), key, value, ctx)
+        ctx = self._context
+        task = ctx.task
+        if task is None or self.window is not None:
+            ctx, task = self._plain()
+        kb = self._key_memo.get(key) if type(key) in _MEMO_KEY_TYPES else None
+        task.write(self, kb if kb is not None else self._key_bytes(key), key, value, ctx)
 
     def __delitem__(self, key: Any) -> None:
         ctx, task = self._plain()

@@ -121,10 +121,20 @@ class TableContext:
         task.undo.clear()
 
     def set_message(self, task: "TaskTables", msg: Any) -> None:
-        """:meth:`set_record` from a confluent_kafka ``Message``."""
+        """:meth:`set_record` from a confluent_kafka ``Message`` (the same steps, inline:
+        this runs for every record)."""
         kind, stamp = msg.timestamp()
-        self.set_record(task, msg.topic(), msg.partition(), msg.offset(), stamp if kind else None,
-                        msg.key())
+        if not kind or stamp is None or stamp < 0:
+            stamp = int(time.time() * 1000)
+        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+        self.task = task
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.timestamp_ms = stamp
+        self.key = msg.key()
+        self.writable = task.observe(topic, partition, offset, stamp)
+        task.undo.clear()
 
     def clear(self) -> None:
         """No current record (between batches)."""
