@@ -130,8 +130,11 @@ def read_to_end(bootstrap: str, topic: str, timeout: float = 60) -> List:
     return messages
 
 
-def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int) -> Dict[int, int]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int,
+                      isolation: str = "read_committed") -> Dict[int, int]:
+    """The group's committed offsets (read_committed: stable ones, KIP-447)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
+                         "isolation.level": isolation})
     try:
         got = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
     finally:

@@ -105,9 +105,11 @@ def outage(broker: EmbeddedBroker, prefix: str, tmp_path, seconds: float, args: 
             sup.wait_for(lambda: sum(committed_offsets(bootstrap, prefix, f"{prefix}-in", 4).values())
                          == total, 30, "every input committed")
         except AssertionError:
-            raise AssertionError(f"not every input committed: offsets "
-                                 f"{committed_offsets(bootstrap, prefix, f'{prefix}-in', 4)} of "
-                                 f"{total}; where the processes are:\n{dump_of(sup)}") from None
+            raise AssertionError(
+                f"not every input committed: offsets "
+                f"{committed_offsets(bootstrap, prefix, f'{prefix}-in', 4)} of {total} "
+                f"(read_uncommitted: {committed_offsets(bootstrap, prefix, f'{prefix}-in', 4, 'read_uncommitted')}); "
+                f"where the processes are:\n{dump_of(sup)}") from None
         log = sup.output()
         assert "FAILED" not in log and "sent no heartbeat" not in log, log[-3000:]
         assert "supervisor failed" not in log and "died with code" not in log, log[-3000:]
