@@ -11,6 +11,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, To
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from shardworker.changelog import HDR_SRC_OFFSET, HDR_SRC_PARTITION
+from shardworker.produce import produce
 
 from .measure import ChangelogRow
 
@@ -48,13 +49,8 @@ def preproduce(bootstrap: str, topic: str, n: int, partitions: int) -> float:
     for i in range(n):
         user = f"u{i % 1000}"
         value = dumps({"i": i, "user": user, "amount": i % 97 + 0.5}).encode()
-        while True:
-            try:
-                producer.produce(topic, value, user.encode(), partition=i % partitions,
-                                 on_delivery=delivered)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        produce(producer, topic, value, user.encode(), on_delivery=delivered,
+                partition=i % partitions)
         if i % 10_000 == 0:
             producer.poll(0)
     left = producer.flush(120)
@@ -125,12 +121,7 @@ def preproduce_keyed(bootstrap: str, topic: str, n: int, keys: int
     for i in range(n):
         value = dumps({"n": i, "amount": i % 7}).encode()
         key = b"u%d" % (i % keys)
-        while True:
-            try:
-                producer.produce(topic, value, key, on_delivery=delivered)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        produce(producer, topic, value, key, on_delivery=delivered)
         if i % 10_000 == 0:
             producer.poll(0)
     left = producer.flush(120)

@@ -14,6 +14,7 @@ from typing import Any, Dict
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from shardworker.changelog import HDR_SRC_OFFSET, HDR_SRC_PARTITION, HDR_SRC_TOPIC
+from shardworker.produce import produce
 from shardworker.restore import apply_changelog
 from shardworker.state import task_dir
 from shardworker.store import TaskStore, open_readonly
@@ -58,12 +59,7 @@ class RestoreRun(StateRun):
                              "batch.num.messages": 10_000})
         t0 = time.monotonic()
         for i, (key, value, headers) in enumerate(records):
-            while True:
-                try:
-                    producer.produce(topic, value, key, partition=0, headers=headers)
-                    break
-                except BufferError:
-                    producer.poll(0.05)
+            produce(producer, topic, value, key, headers, partition=0)
             if i % 10_000 == 0:
                 producer.poll(0)
         if producer.flush(180):
