@@ -158,7 +158,7 @@ class AtLeastOnce(Committer):
             self.producer.poll(0)
             if len(self.producer):
                 return []  # something produced is still unacknowledged
-        self.flush()  # nothing outstanding: returns at once, checks delivery errors
+        self.flush()  # at once when nothing is outstanding; raises on a failed delivery
         done = [(positions, changes) for _began, positions, changes in unsettled]
         unsettled.clear()
         return done
