@@ -5,10 +5,13 @@ import inspect
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from .codecs import get_codec
 from .produce import UNASSIGNED, produce
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .topology import Topology
 
 EMBEDDED = "embedded://"
 
@@ -50,10 +53,13 @@ class Topic:
     """A Kafka topic the app reads or writes, with its key and value serializers."""
 
     def __init__(self, app: "App", name: str, partitions: Optional[int] = None,
-                 key_serializer: str = "raw", value_serializer: str = "json") -> None:
+                 key_serializer: str = "raw", value_serializer: str = "json",
+                 like: Optional[str] = None) -> None:
         self.app = app
         self.name = name
         self.partitions = partitions
+        #: an internal topic created with ``like``'s partition count when none is given
+        self.like = like
         self.key_serializer = key_serializer
         self.value_serializer = value_serializer
         self.encode_key, self.decode_key = get_codec(key_serializer)
@@ -77,23 +83,43 @@ class Topic:
         self.send_soon(key, value, headers, partition)
 
 
+class Topics:
+    """Several topics one agent reads (``app.topic("a", "b")``, as in Faust)."""
+
+    def __init__(self, topics: Sequence[Topic]) -> None:
+        self.topics = list(topics)
+
+    def __repr__(self) -> str:
+        return f"<Topics {', '.join(t.name for t in self.topics)}>"
+
+
 ERROR_POLICIES = ("dlq", "skip", "crash")
 
 
 @dataclass
 class Agent:
-    """A user function that consumes one topic; what it yields goes to every sink."""
+    """A user function that consumes one or more topics; what it yields goes to every
+    sink.  ``regroup`` (found before start: :mod:`shardworker.graph`) says where its
+    stream is re-keyed, if it is."""
 
     app: "App"
     fn: Callable[..., Any]
-    topic: Topic
+    topics: List[Topic]
     sinks: List[Topic]
     name: str
     on_error: str = "dlq"
+    #: tables the agent uses that reading its source cannot find (see shardworker.graph)
+    tables: List[Any] = field(default_factory=list)
     is_async: bool = field(init=False)
+    regroup: Any = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.is_async = inspect.isasyncgenfunction(self.fn) or inspect.iscoroutinefunction(self.fn)
+
+    @property
+    def topic(self) -> Topic:
+        """The agent's (first) topic: where :meth:`send` goes."""
+        return self.topics[0]
 
     @property
     def dlq_topic(self) -> str:
@@ -142,6 +168,9 @@ class App:
         self.timers: List[Timer] = []
         self.tables: List[Any] = []   # shardworker.tables.Table, in declaration order
         self._producer: Any = None
+        self._topology: Optional["Topology"] = None
+        #: in a worker: the origin header of a record sent to a topic (shardworker.origins)
+        self._origin_header: Optional[Callable[[str], Optional[Tuple[str, bytes]]]] = None
         self._producer_errors: Optional[List[str]] = None  # None: a worker's producer
         if self.settings["processing_guarantee"] not in GUARANTEES:
             raise ValueError(f"processing_guarantee {self.settings['processing_guarantee']!r}: "
@@ -158,21 +187,32 @@ class App:
         return f"<App {self.id}>"
 
     # -- declarations -------------------------------------------------------------
-    def topic(self, name: str, partitions: Optional[int] = None, key_serializer: str = "raw",
-              value_serializer: str = "json") -> Topic:
-        """Declares a topic; it is created when the app starts if the broker lacks it."""
+    def topic(self, name: str, *more: str, partitions: Optional[int] = None,
+              key_serializer: str = "raw", value_serializer: str = "json",
+              internal_like: Optional[str] = None) -> Any:
+        """Declares a topic; it is created when the app starts if the broker lacks it.
+        With several names (``app.topic("a", "b")``): a :class:`Topics` for an agent
+        that reads them all, each declared with the same settings."""
+        if more:
+            return Topics([self.topic(n, partitions=partitions, key_serializer=key_serializer,
+                                      value_serializer=value_serializer) for n in (name, *more)])
         if name in self.topics:
             existing = self.topics[name]
             if partitions is not None and existing.partitions not in (None, partitions):
                 raise ValueError(f"topic {name!r} declared twice with different partitions")
             return existing
-        topic = Topic(self, name, partitions, key_serializer, value_serializer)
+        topic = Topic(self, name, partitions, key_serializer, value_serializer, internal_like)
         self.topics[name] = topic
         return topic
 
-    def agent(self, topic: Topic, sink: Sequence[Topic] = (), name: Optional[str] = None,
-              on_error: str = "dlq") -> Callable[[Callable[..., Any]], "Agent"]:
-        """Decorates ``async def f(stream)`` (or plain ``def f(stream)``) to consume ``topic``.
+    def agent(self, topic: Union[Topic, Topics, Sequence[Topic]], sink: Sequence[Topic] = (),
+              name: Optional[str] = None, on_error: str = "dlq", tables: Sequence[Any] = ()
+              ) -> Callable[[Callable[..., Any]], "Agent"]:
+        """Decorates ``async def f(stream)`` (or plain ``def f(stream)``) to consume ``topic``
+        (a topic, ``app.topic("a", "b")`` or a list of topics).
+
+        ``tables``: tables the agent uses that :mod:`shardworker.graph` cannot find in its
+        source (it reads the agent's body and the module functions it calls).
 
         ``on_error`` says what happens to a record that cannot be decoded or on which the
         agent raises: ``dlq`` (default) sends it to ``<app>-<agent>-dlq`` with the error in
@@ -186,7 +226,11 @@ class App:
             agent_name = name or fn.__name__
             if any(a.name == agent_name for a in self.agents):
                 raise ValueError(f"two agents named {agent_name!r}")
-            agent = Agent(self, fn, topic, list(sink), agent_name, on_error)
+            topics = topic.topics if isinstance(topic, Topics) else (
+                [topic] if isinstance(topic, Topic) else list(topic))
+            if not topics:
+                raise ValueError(f"agent {agent_name!r} reads no topic")
+            agent = Agent(self, fn, topics, list(sink), agent_name, on_error, list(tables))
             self.agents.append(agent)
             return agent
 
@@ -195,7 +239,8 @@ class App:
     def table(self, name: str, default: Optional[Callable[[], Any]] = None,
               key_serializer: str = "json", value_serializer: str = "json") -> Any:
         """Declares a table: a dict per task, kept in LMDB and in the compacted changelog
-        topic ``<app id>-<name>-changelog`` (partitioned like the app's source topic)."""
+        topic ``<app id>-<name>-changelog``, partitioned like the topics of the
+        sub-topology whose agents use it (:mod:`shardworker.graph`)."""
         from .tables import Table
 
         if any(t.name == name for t in self.tables):
@@ -203,17 +248,6 @@ class App:
         table = Table(name, default, key_serializer, value_serializer, app_id=self.id)
         self.tables.append(table)
         return table
-
-    @property
-    def table_source(self) -> Optional[str]:
-        """The source topic whose tasks hold the tables (tables are partitioned like it)."""
-        if not self.tables:
-            return None
-        sources = self.source_topics
-        if len(sources) != 1:
-            raise ValueError("tables need an app with exactly one source topic for now "
-                             f"(this one reads {', '.join(sources) or 'none'})")
-        return sources[0]
 
     #: Faust's spelling
     Table = table
@@ -231,13 +265,19 @@ class App:
 
     # -- derived facts ------------------------------------------------------------
     @property
+    def topology(self) -> "Topology":
+        """The app's sub-topologies (found once, from the agents' source: nothing runs)."""
+        if self._topology is None:
+            from .graph import build_topology
+
+            self._topology = build_topology(self)
+        return self._topology
+
+    @property
     def source_topics(self) -> List[str]:
-        """Topics agents read, in declaration order; index i is sub-topology i."""
-        seen: List[str] = []
-        for agent in self.agents:
-            if agent.topic.name not in seen:
-                seen.append(agent.topic.name)
-        return seen
+        """Every topic a task reads (repartition topics included), sub-topology by
+        sub-topology."""
+        return self.topology.source_topics
 
     def kafka_config(self, bootstrap: str) -> Dict[str, Any]:
         """Settings shared by every Kafka client of this app."""
@@ -268,7 +308,11 @@ class App:
             self._producer_errors = []
         # outside a worker, failures are ours to see (a worker routes its own reports)
         on_delivery = self._delivered if self._producer_errors is not None else None
-        produce(self._producer, topic, value, key, list(headers.items()) if headers else None,
+        header_list = list(headers.items()) if headers else None
+        origin = self._origin_header(topic) if self._origin_header is not None else None
+        if origin is not None:
+            header_list = (header_list or []) + [origin]
+        produce(self._producer, topic, value, key, header_list,
                 on_delivery, UNASSIGNED if partition is None else partition)
 
     def _delivered(self, err: Any, msg: Any) -> None:

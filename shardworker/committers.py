@@ -23,7 +23,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 
 from .app import App
 from .broker_wait import BrokerUnavailable, call_while_unreachable, says_broker_unreachable
-from .topology import TopicPartitionKey, group_by_task, task_partitions, task_sort_key
+from .topology import TopicPartitionKey, task_sort_key
 from .transactions import COMMIT_BEFORE, TransactionAborted, Transactions
 
 log = logging.getLogger("shardworker.committers")
@@ -214,7 +214,7 @@ class ExactlyOnce(Committer):
         self.state = state
         #: the worker's processed positions (read here: where a rewound task starts again)
         self.positions = positions
-        self.source_topics = app.source_topics
+        self.topology = app.topology
         self.commit_interval = float(app.settings["commit_interval"])
         self.batch_size = int(app.settings["batch_size"])
         self.transactions = Transactions(app, bootstrap, client_id, self.on_delivery,
@@ -307,12 +307,12 @@ class ExactlyOnce(Committer):
                 drained.setdefault(batch.task.task_id, []).append(batch)
         unsettled.clear()
         self.delivery_errors.clear()  # a failed delivery fails its transaction's commit
-        tasks = set(group_by_task(self.source_topics, positions))
+        tasks = set(self.topology.group_by_task(positions))
         tasks.update(task for task, txn in transactions.by_task.items() if txn.open)
         done: List[Done] = []
         for task in sorted(tasks, key=task_sort_key):
             offsets = {tp: positions.get(tp, self.positions.get(tp, -1))
-                       for tp in task_partitions(self.source_topics, task)}
+                       for tp in self.topology.task_partitions(task)}
             offsets = {tp: offset for tp, offset in offsets.items() if offset >= 0}
             try:
                 transactions.by_task[task].commit(offsets, transactions.group_metadata)
@@ -327,9 +327,9 @@ class ExactlyOnce(Committer):
         """After an aborted transaction: drops the task's uncommitted table changes and
         reads its partitions again from the last committed offsets."""
         self.state.abort(task)
-        self._rewound.update(task_partitions(self.source_topics, task))
+        self._rewound.update(self.topology.task_partitions(task))
         tps = [TopicPartition(t, p, self.positions[(t, p)])
-               for t, p in task_partitions(self.source_topics, task) if (t, p) in self.positions]
+               for t, p in self.topology.task_partitions(task) if (t, p) in self.positions]
         self.consumer.incremental_unassign(tps)
         self.consumer.incremental_assign(tps)
 
@@ -351,7 +351,7 @@ class ExactlyOnce(Committer):
         ``transaction.timeout.ms``."""
         if not partitions:
             return partitions
-        self.transactions.open(group_by_task(self.source_topics, [(t, p) for t, p, _o in partitions]))
+        self.transactions.open(self.topology.group_by_task([(t, p) for t, p, _o in partitions]))
         settle_all()
         asked = [TopicPartition(topic, part) for topic, part, _o in partitions]
         found = call_while_unreachable(

@@ -13,17 +13,20 @@ from __future__ import annotations
 import logging
 import time
 from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Mapping,
-                    Optional, Tuple)
+                    Optional, Sequence, Tuple)
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from .changelog import (HDR_SRC_OFFSET, HDR_SRC_PARTITION, HDR_SRC_TOPIC, HDR_STREAM_TIME,
                         confirmed_of, source_of)
+from .origins import HDR_ORIGINS, decode_marks, marks_meta
+from .origins import merge as merge_marks
 from .store import TaskStore, stream_time_meta
 from .topology import TopicPartitionKey
 
 if TYPE_CHECKING:
     from .app import App
+    from .tables import Table
 
 __all__ = ["Restorer", "RestoreInterrupted", "apply_changelog", "RESTORE_BATCH",
            "RESTORE_COMMIT_EVERY"]
@@ -51,14 +54,14 @@ class Restorer:
     """Brings the stores of one child's tasks up to date from their changelogs, with one
     restore consumer for the whole child (made when first needed).
 
-    ``source``: the app's table source topic; ``heartbeat()`` is called about once a
-    second during a long restore (a long restore is not a hang)."""
+    A task reads partition *p* of each source topic of its sub-topology and holds that
+    sub-topology's tables; ``heartbeat()`` is called about once a second during a long
+    restore (a long restore is not a hang)."""
 
-    def __init__(self, app: "App", consumer_config: Dict[str, Any], source: str,
+    def __init__(self, app: "App", consumer_config: Dict[str, Any],
                  heartbeat: Callable[[], None]) -> None:
         self.app = app
         self.consumer_config = consumer_config
-        self.source = source
         self.heartbeat = heartbeat
         self._restore_consumer: Optional[Consumer] = None
         #: True while a restore runs (the worker reports it and skips lag then)
@@ -69,103 +72,120 @@ class Restorer:
             self._restore_consumer.close()
             self._restore_consumer = None
 
-    def bring_up_to_date(self, task: str, store: TaskStore, partition: int, start_offset: int,
-                         cluster_id: str, should_stop: Optional[Callable[[], bool]]) -> int:
+    def bring_up_to_date(self, task: str, store: TaskStore, tables: Sequence["Table"],
+                         starts: Dict[TP, int], cluster_id: str,
+                         should_stop: Optional[Callable[[], bool]]) -> Dict[TP, int]:
         """The decision of :meth:`TaskStates.open <shardworker.state.TaskStates.open>`
-        (see there) for the task's opened ``store``; ``cluster_id``: the Kafka cluster's,
-        kept with the state.  Returns the offset to read the source partition from."""
-        if store.ensure_identity(cluster_id, self.source):
+        (see there) for the task's opened ``store`` holding ``tables``; ``starts``: the
+        group's position per source partition of the task (-1: none); ``cluster_id``: the
+        Kafka cluster's, kept with the state.  Returns where to read each source
+        partition from."""
+        identity = ",".join(sorted({t for t, _p in starts}))
+        if store.ensure_identity(cluster_id, identity):
             log.warning("task %s: local state came from another cluster or topic; discarded", task)
-        tp = (self.source, partition)
-        stored = store.input_offset(*tp)
-        group = start_offset if start_offset >= 0 else "none"
-        if stored is not None and (start_offset < 0 or stored > start_offset):
+        stored = {tp: store.input_offset(*tp) for tp in starts}
+        group = ", ".join(f"{t}[{p}]@{o if o >= 0 else 'none'}" for (t, p), o in starts.items())
+        ahead = [tp for tp, at in stored.items()
+                 if at is not None and (starts[tp] < 0 or at > starts[tp])]
+        if ahead:
             # exactly-once: LMDB commits after the Kafka transaction, so state ahead of the
             # group's offset is not expected; if it is, its outputs are not committed and
             # the group's offset wins (the rebuild below)
-            ahead_is_exact = not (self.app.exactly_once and start_offset >= 0)
-            if ahead_is_exact and not self._changelog_moved(store, partition, stored):
+            ahead_is_exact = not (self.app.exactly_once and any(starts[tp] >= 0 for tp in ahead))
+            if ahead_is_exact and not self._changelog_moved(store, tables, stored):
                 log.info("task %s: restored 0 changelog records: resumed from local state at "
-                         "offset %d (group's position %s; nobody wrote the changelog since)",
-                         task, stored, group)
-                return stored
-            if start_offset >= 0:
+                         "%s (group's position %s; nobody wrote the changelog since)", task,
+                         ", ".join(f"{t}[{p}]@{o}" for (t, p), o in stored.items() if o is not None),
+                         group)
+                return {tp: stored[tp] if stored[tp] is not None else start
+                        for tp, start in starts.items()}
+            if any(start >= 0 for start in starts.values()):
                 # another owner wrote the changelog after this state (or, exactly-once, its
                 # outputs are not committed): the only state known to be right is the
                 # committed one, so rebuild it
-                log.warning("task %s: local state at offset %d is ahead of the group's position "
-                            "%d and cannot be kept (%s); rebuilding it from the changelog", task,
-                            stored, start_offset, "another owner wrote the changelog since"
+                log.warning("task %s: local state is ahead of the group's position %s and "
+                            "cannot be kept (%s); rebuilding it from the changelog", task,
+                            group, "another owner wrote the changelog since"
                             if ahead_is_exact else "exactly-once")
                 store.wipe()
-                store.set_identity(cluster_id, self.source)
-                stored = None
-        if start_offset < 0:
+                store.set_identity(cluster_id, identity)
+                stored = {tp: None for tp in starts}
+        if all(start < 0 for start in starts.values()):
             # no committed offset (a new group, a reset, retention) and no local state to
             # keep: the changelog is the only record of what was processed.  Rebuild from
             # it up to the newest position its records say was durable everywhere (a
             # batch past it may have reached only some changelogs) and read on from there.
-            if stored is not None or store.changelog_offsets():
+            if any(at is not None for at in stored.values()) or store.changelog_offsets():
                 store.wipe()  # partial or overwritten: the changelog is the whole truth
-                store.set_identity(cluster_id, self.source)
-            confirmed = self._confirmed_position(partition)
-            if confirmed <= 0:
-                return start_offset  # nothing durable anywhere: the group's reset policy
-            self.restore(task, store, partition, {tp: confirmed}, should_stop)
-            log.info("task %s: the group has no offset for %s[%d]; tables restored from the "
-                     "changelog, reading from offset %d", task, self.source, partition,
-                     confirmed)
-            return confirmed
-        if stored is None or stored < start_offset:
-            self.restore(task, store, partition, {tp: start_offset}, should_stop)
+                store.set_identity(cluster_id, identity)
+            confirmed = self._confirmed_positions(tables, starts)
+            if not confirmed:
+                return dict(starts)  # nothing durable anywhere: the group's reset policy
+            self.restore(task, store, tables, confirmed, should_stop)
+            log.info("task %s: the group has no offsets; tables restored from the changelog, "
+                     "reading from %s", task,
+                     ", ".join(f"{t}[{p}]@{o}" for (t, p), o in confirmed.items()))
+            return {tp: confirmed.get(tp, start) for tp, start in starts.items()}
+        # a partition of the task without a group offset (a topic nobody read yet) starts
+        # where the reset policy says; its changelog records, if any, are not applied
+        committed = {tp: start for tp, start in starts.items() if start >= 0}
+        if any(stored[tp] is None or stored[tp] < start  # type: ignore[operator]
+               for tp, start in committed.items()):
+            self.restore(task, store, tables, committed, should_stop)
         else:
-            log.info("task %s: local state is at the group's offset %d: no restore needed",
-                     task, stored)
-        return start_offset
+            log.info("task %s: local state is at the group's position %s: no restore needed",
+                     task, group)
+        return dict(starts)
 
-    def _confirmed_position(self, partition: int) -> int:
-        """The newest source offset that the task's changelog records say was durable
-        everywhere (:data:`~shardworker.changelog.HDR_SRC_CONFIRMED`), over every table's
-        changelog partition; 0 when none says so."""
+    def _confirmed_positions(self, tables: Sequence["Table"], starts: Dict[TP, int]
+                             ) -> Dict[TP, int]:
+        """Per source partition of the task, the newest offset that its changelog records
+        say was durable everywhere (:data:`~shardworker.changelog.HDR_SRC_CONFIRMED`),
+        over every table's changelog partition; partitions none speaks of are left out."""
         consumer = self._consumer()
-        confirmed = 0
+        confirmed: Dict[TP, int] = {}
+        partition = next(iter(starts))[1]
         try:
-            for table in self.app.tables:
+            for table in tables:
                 consumer.assign([TopicPartition(table.changelog_topic, partition,
                                                 OFFSET_BEGINNING)])
                 for _key, _value, headers in self._changelog(consumer, []):
                     found = confirmed_of(headers)
-                    if found is not None and found[:2] == (self.source, partition):
-                        confirmed = max(confirmed, found[2])
+                    if found is not None and found[:2] in starts and found[2] > 0:
+                        tp = (found[0], found[1])
+                        confirmed[tp] = max(confirmed.get(tp, 0), found[2])
         finally:
             consumer.unassign()
         return confirmed
 
-    def _changelog_moved(self, store: TaskStore, partition: int, stored: int) -> bool:
+    def _changelog_moved(self, store: TaskStore, tables: Sequence["Table"],
+                         stored: Dict[TP, Optional[int]]) -> bool:
         """True when someone else wrote the task's changelogs after this state: a record
         past the store's changelog offsets whose source offset is below the state's
-        input offset ``stored`` was written by an owner that processed records this state
-        already holds (its value may be older than ours: the state cannot be kept).
-        Records from at or after ``stored`` are this state's own batches that never
-        reached LMDB (a kill between the broker's acknowledgement and the LMDB commit) or
-        their like: the records from ``stored`` on are processed again and write the
-        same keys after them.  The changelog's end is the fetch's high watermark."""
+        input offset (``stored``) was written by an owner that processed records this
+        state already holds (its value may be older than ours: the state cannot be kept);
+        so was one from a source partition the state has no offset for.  Records from at
+        or after ``stored`` are this state's own batches that never reached LMDB (a kill
+        between the broker's acknowledgement and the LMDB commit) or their like: the
+        records from ``stored`` on are processed again and write the same keys after
+        them.  The changelog's end is the fetch's high watermark."""
         consumer = self._consumer()
+        partition = next(iter(stored))[1]
         try:
-            for table in self.app.tables:
+            for table in tables:
                 last = store.changelog_offset(table.name)
                 start = OFFSET_BEGINNING if last is None else last + 1
                 consumer.assign([TopicPartition(table.changelog_topic, partition, start)])
                 for _key, _value, headers in self._changelog(consumer, []):
                     source = source_of(headers)
-                    if source is None or (source[0], source[1]) != (self.source, partition) \
-                            or source[2] < stored:
+                    at = None if source is None else stored.get((source[0], source[1]))
+                    if at is None or source[2] < at:  # type: ignore[index]
                         return True
         finally:
             consumer.unassign()
         return False
 
-    def restore(self, task: str, store: TaskStore, partition: int,
+    def restore(self, task: str, store: TaskStore, tables: Sequence["Table"],
                 committed: Dict[TopicPartitionKey, int],
                 should_stop: Optional[Callable[[], bool]] = None) -> None:
         """Applies the changelog records written since the store's last changelog offsets
@@ -177,8 +197,9 @@ class Restorer:
         began = time.monotonic()
         consumer = self._consumer()
         total_applied = total_skipped = 0
+        partition = next(iter(committed))[1]
         try:
-            for table in self.app.tables:
+            for table in tables:
                 last = store.changelog_offset(table.name)
                 start = OFFSET_BEGINNING if last is None else last + 1
                 consumer.assign([TopicPartition(table.changelog_topic, partition, start)])
@@ -276,6 +297,10 @@ def apply_changelog(store: TaskStore, table: str, records: Iterable[ChangelogInp
     in_chunk = 0
     commit = store.commit
     o_name, p_name, t_name, s_name = HDR_SRC_OFFSET, HDR_SRC_PARTITION, HDR_SRC_TOPIC, HDR_STREAM_TIME
+    g_name = HDR_ORIGINS
+    #: the origin marks of the applied records (:mod:`shardworker.origins`)
+    origins: Dict[str, Tuple[int, int]] = {}
+    last_g: Any = None
     # the records of one batch share their headers' values: decide once per run of them
     last_t: Any = None
     last_p: Any = None
@@ -288,18 +313,18 @@ def apply_changelog(store: TaskStore, table: str, records: Iterable[ChangelogInp
         at = position() if position is not None else None
         return {} if at is None else {table: at}
 
-    def stream_time() -> Optional[Dict[str, bytes]]:
-        """The newest stream time applied, when later than the stored one: it commits
-        with every chunk, so an interrupted restore keeps it with what it applied."""
-        if newest_time is None:
-            return None
+    def stream_time() -> Optional[Dict[str, Optional[bytes]]]:
+        """The newest stream time applied, when later than the stored one, and the origin
+        marks applied: they commit with every chunk, so an interrupted restore keeps them
+        with what it applied."""
+        meta: Dict[str, Optional[bytes]] = marks_meta(origins) if origins else {}
         stored = store.stream_time()
-        if stored is not None and stored >= newest_time:
-            return None
-        return stream_time_meta(newest_time)
+        if newest_time is not None and (stored is None or stored < newest_time):
+            meta.update(stream_time_meta(newest_time))
+        return meta or None
 
     for key, value, headers in records:
-        src_t = src_p = src_o = src_s = None
+        src_t = src_p = src_o = src_s = src_g = None
         if headers:
             if type(headers) is dict:  # noqa: E721 - a list is by far the usual case
                 headers = headers.items()
@@ -312,6 +337,8 @@ def apply_changelog(store: TaskStore, table: str, records: Iterable[ChangelogInp
                     src_t = hval
                 elif name == s_name:
                     src_s = hval
+                elif name == g_name:
+                    src_g = hval
         if src_o == last_o and src_p == last_p and src_t == last_t:
             ok = last_ok
         elif src_o is None or src_p is None or src_t is None:
@@ -327,6 +354,9 @@ def apply_changelog(store: TaskStore, table: str, records: Iterable[ChangelogInp
         if not ok or key is None:
             skipped += 1
             continue
+        if src_g is not None and src_g != last_g:
+            last_g = src_g
+            merge_marks(origins, decode_marks(src_g))
         if src_s is not None and src_s != last_s:
             last_s = src_s
             stamp = int(src_s)

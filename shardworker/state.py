@@ -46,18 +46,23 @@ class TaskStates:
         self.producer_for = producer_for
         #: the worker's list of failed deliveries: a lost changelog record fails the batch
         self.delivery_errors = delivery_errors
-        self.source = app.table_source or ""
+        self.topology = app.topology
         #: what the producer accepts (``kafka_config``): each changelog record must fit
         self.max_message_bytes = message_max_bytes(app.settings["kafka_config"])
         self.tasks: Dict[str, TaskTables] = {}
         self.by_partition: Dict[TopicPartitionKey, TaskTables] = {}
         self._cluster_id: Optional[str] = None
-        self._partitions: Optional[int] = None
-        self.restorer = Restorer(app, consumer_config, self.source, heartbeat)
+        #: partitions per sub-topology (of its leader topic): the tables' key partitioner
+        self._partitions: Dict[int, int] = {}
+        self.restorer = Restorer(app, consumer_config, heartbeat)
 
     @property
     def enabled(self) -> bool:
         return bool(self.app.tables)
+
+    def holds_tables(self, task: str) -> bool:
+        """True when ``task``'s sub-topology has tables (a task without any has no store)."""
+        return bool(self.topology.subtopology(task).tables)
 
     @property
     def restoring(self) -> bool:
@@ -65,13 +70,13 @@ class TaskStates:
         return self.restorer.restoring
 
     # -- tasks come and go ----------------------------------------------------------
-    def open(self, task: str, partition: int, start_offset: int,
-             should_stop: Optional[Callable[[], bool]] = None) -> int:
+    def open(self, task: str, starts: Dict[TopicPartitionKey, int],
+             should_stop: Optional[Callable[[], bool]] = None) -> Dict[TopicPartitionKey, int]:
         """Opens the task's store, brings it up to date from the changelog where needed
-        and returns the offset to read the source partition from (DESIGN.md, "State
-        (LMDB)"):
+        and returns the offset to read each of its source partitions from (DESIGN.md,
+        "State (LMDB)"):
 
-        * local state at the group's position (``start_offset``): nothing to do;
+        * local state at the group's position (``starts``): nothing to do;
         * behind it, or missing: restore the changelog records written since the
           store's last changelog offsets (only what is missing), read from there;
         * ahead of it (a killed child's batches committed to LMDB but not yet to the
@@ -86,28 +91,30 @@ class TaskStates:
         ``should_stop()`` is asked during a restore (the supervisor revoked the task or
         stops the child): the restore stops with :class:`RestoreInterrupted`, its
         progress per changelog partition kept for the next time."""
-        if self._cluster_id is None:
-            self._learn_cluster()
-        tables = self.app.tables
+        sub = self.topology.subtopology(task)
+        if self._cluster_id is None or sub.index not in self._partitions:
+            self._learn_cluster(sub.index, sub.leader)
+        tables = [t for t in self.app.tables if t.name in sub.tables]
         # no fsync per commit: LMDB stays consistent after a machine crash, only its last
         # commits may be gone, and state behind the group's offset is restored from the
         # changelog (Kafka keeps it durable), so exactness never rests on this disk
         store = TaskStore(task_dir(self.datadir, self.app.id, task), [t.name for t in tables],
                           sync=False)
         try:
-            resume = self.restorer.bring_up_to_date(task, store, partition, start_offset,
+            resume = self.restorer.bring_up_to_date(task, store, tables, starts,
                                                     self._cluster_id or "", should_stop)
         except BaseException:
             store.close()
             raise
         store.set_meta(META_RELEASED, None)  # the task is this datadir's now
-        assert self._partitions is not None
-        tables_of_task = TaskTables(store, tables, partition, self.source,
-                                    key_partitioner(self.app.topics[self.source].encode_key,
-                                                    self._partitions), task,
+        partition = int(task.partition("_")[2])
+        tables_of_task = TaskTables(store, tables, partition, sub.leader,
+                                    key_partitioner(self.app.topics[sub.leader].encode_key,
+                                                    self._partitions[sub.index]), task,
                                     self.max_message_bytes)
         self.tasks[task] = tables_of_task
-        self.by_partition[(self.source, partition)] = tables_of_task
+        for tp in starts:
+            self.by_partition[tp] = tables_of_task
         return resume
 
     def close(self, task: str, released: bool = False) -> None:
@@ -126,14 +133,14 @@ class TaskStates:
             self.close(task)
         self.restorer.close()
 
-    def _learn_cluster(self) -> None:
+    def _learn_cluster(self, sub: int, leader: str) -> None:
         probe = Consumer(self.consumer_config)
         try:
-            metadata = probe.list_topics(self.source, timeout=10)
+            metadata = probe.list_topics(leader, timeout=10)
         finally:
             probe.close()
         self._cluster_id = metadata.cluster_id or ""
-        self._partitions = len(metadata.topics[self.source].partitions)
+        self._partitions[sub] = len(metadata.topics[leader].partitions)
 
     # -- per record and per batch ---------------------------------------------------
     def on_record(self, msg: Message) -> None:
@@ -148,12 +155,16 @@ class TaskStates:
         """Ends the batch for every task it touched: produces one changelog record per
         changed key (offsets come back in delivery reports) and returns what to commit."""
         CONTEXT.clear()
+        touched: Dict[str, Dict[TopicPartitionKey, int]] = {}
+        for tp, offset in positions.items():
+            tables = self.by_partition.get(tp)
+            if tables is not None:
+                touched.setdefault(tables.task_id, {})[tp] = offset
         batches = []
-        for tp, tables in self.by_partition.items():
-            if tp not in positions:
-                continue
-            batch = tables.drain({tp: positions[tp]})
-            produce_batch(self.producer_for(tables.task_id), batch, self.delivery_errors)
+        for task, offsets in touched.items():
+            tables = self.tasks[task]
+            batch = tables.drain(offsets)
+            produce_batch(self.producer_for(task), batch, self.delivery_errors)
             batches.append(batch)
         return batches
 
@@ -166,10 +177,13 @@ class TaskStates:
         for batch in batches:
             batch.commit()
 
-    def rollback_record(self) -> None:
-        """The record in hand failed: its table writes are taken back."""
+    def rollback_record(self, msg: Message) -> None:
+        """``msg`` failed: its table writes are taken back, if it is the record in hand
+        (one that failed to decode, or to be forwarded, never was: the record in hand
+        then is an earlier one, whose writes stand)."""
         task = CONTEXT.task
-        if task is not None:
+        if (task is not None and CONTEXT.offset == msg.offset()
+                and CONTEXT.partition == msg.partition() and CONTEXT.topic == msg.topic()):
             task.rollback_record()
 
     def abort(self, task: Optional[str] = None) -> None:

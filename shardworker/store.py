@@ -46,6 +46,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import lmdb
 
+from .origins import META_ORIGIN_PREFIX
+
 __all__ = ["TaskStore", "StoreBusyError", "open_readonly", "META_DB", "DEFAULT_MAP_SIZE",
            "META_LATEST_TIMESTAMP", "stream_time_meta"]
 
@@ -274,6 +276,15 @@ class TaskStore:
         """Every stored changelog offset: ``{table: offset}``."""
         return {key[len(_CHANGELOG_PREFIX):].decode(): _OFFSET.unpack(raw)[0]
                 for key, raw in self._meta_prefix(_CHANGELOG_PREFIX)}
+
+    def origin_marks(self) -> Dict[str, Tuple[int, int]]:
+        """The highest origin applied per upstream partition (:mod:`shardworker.origins`)."""
+        prefix = META_ORIGIN_PREFIX.encode()
+        out: Dict[str, Tuple[int, int]] = {}
+        for key, raw in self._meta_prefix(prefix):
+            offset, seq = raw.split()
+            out[key[len(prefix):].decode()] = (int(offset), int(seq))
+        return out
 
     def _meta_prefix(self, prefix: bytes) -> List[Tuple[bytes, bytes]]:
         if self._meta is None:

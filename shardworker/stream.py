@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections import deque
 from time import monotonic
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Deque, Dict, List, Optional, Tuple
+from typing import (TYPE_CHECKING, Any, Awaitable, Callable, Deque, Dict, List, Optional, Tuple,
+                    Union)
 
 if TYPE_CHECKING:  # pragma: no cover
     from confluent_kafka import Message
@@ -49,6 +50,10 @@ class Stream:
         #: the record the agent is processing now (its key goes with what it yields)
         self.current: Optional["Message"] = None
         self._decode_key = agent.topic.decode_key
+        #: after ``group_by``/``through``: the topic the agent reads on from
+        self.regrouped: Optional[str] = None
+        #: ``group_by``'s key function (None for ``through``: the key stays)
+        self.rekey: Optional[Callable[[Any], Any]] = None
         # installed by the agent runner: block (sync) or suspend (async) until more records
         self.wait_async: Optional[Callable[[], Awaitable[None]]] = None
         self.wait_sync: Optional[Callable[[], None]] = None
@@ -92,6 +97,36 @@ class Stream:
         if monotonic() >= self._progress_due:
             self._progressed()
         return value
+
+    # re-keying
+    def group_by(self, key: Union[Callable[[Any], Any], str], name: str,
+                 partitions: Optional[int] = None, key_serializer: Optional[str] = None
+                 ) -> "Stream":
+        """Re-keys the stream by ``key`` (a function of the value, or a field name):
+        records go to the topic ``<app>-<name>-repartition`` and the agent's loop goes on
+        with them on the tasks that own the new key's partition, so its table writes
+        are local to the new key.  ``name`` (and ``partitions``, ``key_serializer``) must
+        be literals: the topic is known before the app starts (:mod:`.graph`)."""
+        self._regroup("group_by", name)
+        self.rekey = key if callable(key) else (lambda value, field=key: value[field])
+        return self
+
+    def through(self, topic: Any) -> "Stream":
+        """Sends the stream's records, keys unchanged, through ``topic`` (declared with
+        ``app.topic``): the agent's loop goes on with them on the tasks of that topic."""
+        self._regroup("through", topic if isinstance(topic, str) else topic.name)
+        return self
+
+    def _regroup(self, kind: str, name: str) -> None:
+        regroup = self.agent.regroup
+        found = regroup is not None and regroup.kind == kind and (
+            regroup.name == name if kind == "group_by" else regroup.topic == name)
+        if not found or self.regrouped is not None:
+            raise RuntimeError(f"agent {self.agent.name}: {kind}({name!r}) is not the re-keying "
+                               "found in its source when the app started (one per agent, "
+                               "named with literals)")
+        self.regrouped = regroup.topic
+        self._decode_key = self.agent.app.topics[regroup.topic].decode_key
 
     # (key, value) pairs and events
     def items(self) -> "_Items":

@@ -51,6 +51,7 @@ from typing import (TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional,
                     Tuple)
 
 from .changelog import ChangelogRecord, batch_headers
+from .origins import HDR_ORIGINS, OriginMarks, encode_marks, marks_meta
 from .partitioner import KeyPartitioner
 from .produce import DEFAULT_MESSAGE_MAX_BYTES, check_fits
 from .store import TaskStore, stream_time_meta
@@ -166,8 +167,11 @@ class DrainedBatch:
     def __init__(self, task: "TaskTables", records: List[ChangelogRecord],
                  writes: Dict[str, Dict[bytes, Optional[bytes]]],
                  input_offsets: Dict[TP, int], latest_ms: Optional[int],
-                 values: Optional[Dict[str, Dict[bytes, Any]]] = None) -> None:
+                 values: Optional[Dict[str, Dict[bytes, Any]]] = None,
+                 origins: Optional[Dict[str, Tuple[int, int]]] = None) -> None:
         self.task = task
+        #: the origin marks the batch advanced (:mod:`shardworker.origins`)
+        self.origins = origins or {}
         self.records = records
         #: ``{table: {key: value or None}}`` for :meth:`TaskStore.commit`
         self.writes = writes
@@ -232,6 +236,8 @@ class TaskTables:
         self.pending: Dict[TP, int] = {}
         self.latest_ms: Optional[int] = store.stream_time()
         self._latest_tp: Optional[TP] = None
+        #: the highest origin applied per upstream partition (records the app sent itself)
+        self.origins = OriginMarks(store.origin_marks())
         #: stream time before the current record moved it (taken back if it fails)
         self._time_before: Tuple[Optional[int], Optional[TP]] = (self.latest_ms, None)
         self._expired_upto: Dict[str, int] = {}
@@ -376,13 +382,16 @@ class TaskTables:
                 offsets[tp] = nxt
         self._expire()
         headers: Dict[TP, List[Tuple[str, bytes]]] = {}
+        origins = self.origins.drain()
+        # the origins travel with every changelog record of the batch (restore keeps them)
+        origin_header = [(HDR_ORIGINS, encode_marks(origins))] if origins else []
 
         def header_for(tp: TP) -> List[Tuple[str, bytes]]:
             h = headers.get(tp)
             if h is None:
                 last = offsets.get(tp, self.stored.get(tp, 0)) - 1
                 h = headers[tp] = batch_headers(tp, last, self.stored.get(tp, 0),
-                                                self.latest_ms)
+                                                self.latest_ms) + origin_header
             return h
 
         records: List[ChangelogRecord] = []
@@ -402,7 +411,7 @@ class TaskTables:
             writes[name] = table_writes
             values[name] = table_values
             self._cache[name] = {}
-        batch = DrainedBatch(self, records, writes, offsets, self.latest_ms, values)
+        batch = DrainedBatch(self, records, writes, offsets, self.latest_ms, values, origins)
         self.pending = {}
         self.inflight.append(batch)
         return batch
@@ -455,8 +464,11 @@ class TaskTables:
         meta = None
         if batch.latest_ms is not None:
             meta = stream_time_meta(batch.latest_ms)
+        if batch.origins:
+            meta = {**(meta or {}), **marks_meta(batch.origins)}
         self.store.commit(batch.writes, offsets, changelog_offsets, meta)
         stored.update(offsets)
+        self.origins.commit(batch.origins)
         for name, table_writes in batch.writes.items():
             clean = self._clean[name]
             if len(clean) + len(table_writes) > CLEAN_CACHE_SIZE:
@@ -476,6 +488,7 @@ class TaskTables:
         self.inflight = []
         self._expired_upto = {}
         self.latest_ms = self.store.stream_time()
+        self.origins.abort()
 
     def close(self) -> None:
         """Closes the store; uncommitted work is dropped."""

@@ -30,7 +30,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 from .app import App
 from . import broker_wait
 from .broker_wait import BROKER_SLICE, BrokerUnavailable, call_while_unreachable
-from .topology import TopicPartitionKey, task_partitions
+from .topology import TopicPartitionKey
 
 log = logging.getLogger("shardworker.transactions")
 
@@ -203,7 +203,7 @@ class Transactions:
             self._init_all(new)
         for txn in new:
             self.by_task[txn.task] = txn
-            for tp in task_partitions(self.app.source_topics, txn.task):
+            for tp in self.app.topology.task_partitions(txn.task):
                 self.by_partition[tp] = txn
 
     def _init_all(self, new: List[TaskTransaction]) -> None:

@@ -40,7 +40,8 @@ from .protocol import (Assign, Bye, Channel, ChannelClosed, Group, Offsets, Read
                        Revoked, Stats, Stop, Timers)
 from .protocol import Message as ChannelMessage
 from .state import TaskStates
-from .topology import TopicPartitionKey, group_by_task, task_id, task_sort_key
+from .origins import OriginStamper, origin_of
+from .topology import TopicPartitionKey, task_sort_key
 
 log = logging.getLogger("shardworker.worker")
 
@@ -49,6 +50,18 @@ REPORT_INTERVAL = 0.05     # offsets are reported at most this often (and at eve
 #: at least once, the tables' changes are drained before this many keys are dirty, even
 #: when the interval (``commit_interval``) is not over: bounds memory and changelog bursts
 MAX_DIRTY_KEYS = 20_000
+
+
+class Route:
+    """What a source topic's records meet in this child: its value decoder, the agents
+    that take them (their streams' buffers) and the agents that forward them."""
+
+    __slots__ = ("decode", "runners", "forwards")
+
+    def __init__(self, decode: Any) -> None:
+        self.decode = decode
+        self.runners: List[AgentRunner] = []
+        self.forwards: List[AgentRunner] = []
 
 
 class Worker:
@@ -61,7 +74,12 @@ class Worker:
         self.channel = channel
         self.bootstrap = bootstrap
         self.index = index
-        self.source_topics = app.source_topics
+        self.topology = app.topology
+        #: topics the app reads: what it sends to them carries its origin (.origins)
+        self.self_fed = frozenset(self.topology.source_topics)
+        self.stamper = OriginStamper()
+        #: the agent running now (step 2), whose record in hand is what it sends' origin
+        self.current: Optional[AgentRunner] = None
         self.batch_size = int(app.settings["batch_size"])
         self.stopping = False
         self.tasks: List[str] = []
@@ -79,7 +97,9 @@ class Worker:
         self.runners: List[AgentRunner] = []
         #: the supervisor's messages received and not acted on yet (see handle_control)
         self.control: Deque[ChannelMessage] = deque()
-        self.routes: Dict[str, List[AgentRunner]] = {}
+        #: per source topic: the agents its records go to, and those that forward them
+        #: (re-keyed by ``group_by`` or ``through``) to the topic the agent reads on from
+        self.routes: Dict[str, Route] = {}
         self._timer_due: Dict[str, float] = {}
         #: batches processed that the broker may not hold yet (step 4 pending), in order
         self.unsettled: List[Processed] = []
@@ -129,8 +149,25 @@ class Worker:
             runner.stream.on_progress = lambda: self.report(force=False)
             runner.start()
             self.runners.append(runner)
-            self.routes.setdefault(agent.topic.name, []).append(runner)
+            self._route(runner)
+        app._origin_header = self.origin_header
         signal.signal(signal.SIGTERM, self._on_term)
+
+    def _route(self, runner: AgentRunner) -> None:
+        """Where the records of each topic go: to the agent's stream, or (a re-keying
+        agent's source topics) to :meth:`forward`.  A re-keying agent has called
+        ``group_by``/``through`` by now: starting it ran it up to its first record."""
+        topics = self.app.topics
+        regroup = runner.agent.regroup
+        if regroup is not None and runner.stream.regrouped is None:
+            raise RuntimeError(f"agent {runner.agent.name}: {regroup.kind}() must be called on "
+                               "the stream before the agent's loop takes its first record")
+        for topic in runner.agent.topics:
+            route = self.routes.setdefault(topic.name, Route(topics[topic.name].decode_value))
+            (route.forwards if regroup is not None else route.runners).append(runner)
+        if regroup is not None:
+            route = self.routes.setdefault(regroup.topic, Route(topics[regroup.topic].decode_value))
+            route.runners.append(runner)
 
     def heartbeat(self) -> None:
         """Tells the supervisor this child is alive while it waits for the broker (the
@@ -178,27 +215,35 @@ class Worker:
         when due (:meth:`drain`)."""
         positions: Dict[TopicPartitionKey, int] = {}
         routes = self.routes
-        # 1. decode each record and queue it for the agents of its topic
+        self_fed = self.self_fed
+        # 1. decode each record and queue it for the agents of its topic (a record the app
+        #    sent itself and this task applied already is skipped: .origins); re-keying
+        #    agents forward it to the topic they read on from
         for msg in records:
             if msg.error() is not None:
                 self.on_consume_error(msg)
                 continue
             topic = msg.topic()
-            runners = routes.get(topic)
-            if runners:
-                try:
-                    value = runners[0].agent.topic.decode_value(msg.value())
-                except Exception as exc:  # noqa: BLE001 - a bad record, not a bad worker
-                    for runner in runners:
-                        self.on_agent_error(runner.agent, msg, exc)
-                else:
-                    for runner in runners:
-                        runner.stream.buffer.append((value, msg))
             positions[(topic, msg.partition())] = msg.offset() + 1
+            route = routes.get(topic)
+            if route is None or (topic in self_fed and self.applied_before(msg)):
+                continue
+            try:
+                value = route.decode(msg.value())
+            except Exception as exc:  # noqa: BLE001 - a bad record, not a bad worker
+                for runner in route.runners + route.forwards:
+                    self.on_agent_error(runner.agent, msg, exc)
+                continue
+            for runner in route.runners:
+                runner.stream.buffer.append((value, msg))
+            for runner in route.forwards:
+                self.forward(runner, msg, value)
         # 2. the agents process their share (what they yield is produced to their sinks)
         for runner in self.runners:
             if runner.stream.buffer:
+                self.current = runner
                 runner.drain()
+                self.current = None
             if runner.fatal is not None:
                 raise runner.fatal
         self.processed += len(records)  # stats count processing; offsets wait for acks
@@ -239,6 +284,48 @@ class Worker:
             # 6. the offsets count as processed (reported to the supervisor)
             self.positions.update(positions)
 
+    def applied_before(self, msg: Message) -> bool:
+        """True when ``msg`` came from this app and its task applied its origin already
+        (an upstream batch processed again: :mod:`.origins`).  Tasks with tables keep
+        their origins with their state; others keep none."""
+        tables = self.state.by_partition.get((msg.topic(), msg.partition()))
+        if tables is None:
+            return False
+        origin = origin_of(msg.headers())
+        return origin is not None and not tables.origins.admit(*origin)
+
+    def origin_header(self, topic: str) -> Optional[Tuple[str, bytes]]:
+        """The origin header of a record an agent sends to ``topic`` with
+        ``topic.send()`` (None: not a topic the app reads, or not sent by an agent)."""
+        runner = self.current
+        if topic not in self.self_fed or runner is None or runner.stream.current is None:
+            return None
+        msg = runner.stream.current
+        return self.stamper.header(runner.agent.name, msg.topic(), msg.partition(), msg.offset())
+
+    def forward(self, runner: AgentRunner, msg: Message, value: Any) -> None:
+        """Sends a record of a re-keying agent's source topic to the topic it reads on
+        from (``group_by``: keyed by the agent's key function, ``through``: as it is),
+        with its origin; the rest of the agent runs on the tasks of that topic.  Part of
+        ``msg``'s batch: committed with its offset (exactly-once: in its transaction)."""
+        agent = runner.agent
+        target = self.app.topics[agent.regroup.topic]
+        try:
+            source = self.app.topics[msg.topic()]
+            rekey = runner.stream.rekey
+            if rekey is not None:
+                key = target.encode_key(rekey(value))
+            elif source.key_serializer == target.key_serializer:
+                key = msg.key()
+            else:
+                key = target.encode_key(source.decode_key(msg.key()))
+            data = (msg.value() if source.value_serializer == target.value_serializer
+                    else target.encode_value(value))
+            header = self.stamper.header(agent.name, msg.topic(), msg.partition(), msg.offset())
+            produce(self.committer.producer_for(msg), target.name, data, key, [header])
+        except Exception as exc:  # noqa: BLE001 - the agent's error policy decides
+            self.on_agent_error(agent, msg, exc)
+
     def emit(self, agent: Agent, msg: Message, value: Any) -> None:
         """Sends a value the agent yielded to each of its sinks, keyed like its input.  An
         output too large to produce raises :class:`RecordTooLarge` here, in the agent's
@@ -250,7 +337,12 @@ class Worker:
         producer = self.committer.producer_for(msg)
         on_delivery = functools.partial(self._on_output_delivery, agent, msg)
         for sink in agent.sinks:
-            produce(producer, sink.name, sink.encode_value(value), key, on_delivery=on_delivery)
+            headers = None
+            if sink.name in self.self_fed:
+                headers = [self.stamper.header(agent.name, msg.topic(), msg.partition(),
+                                               msg.offset())]
+            produce(producer, sink.name, sink.encode_value(value), key, headers,
+                    on_delivery=on_delivery)
 
     def _on_output_delivery(self, agent: Agent, source: Message, err: Optional[KafkaError],
                             msg: Message) -> None:
@@ -276,7 +368,7 @@ class Worker:
         if msg is None:
             raise exc
         if self.state.enabled:
-            self.state.rollback_record()
+            self.state.rollback_record(msg)
         self.errors += 1
         self.log_agent_error(agent, msg, exc)
         if agent.on_error == "crash":
@@ -373,25 +465,26 @@ class Worker:
         stop) is left out: its progress is kept for the next time."""
         from .restore import RestoreInterrupted
 
+        given = {(t, p): o for t, p, o in partitions}
         starts: Dict[TopicPartitionKey, int] = {}
         dropped = set()
-        for topic, part, offset in partitions:
-            if topic != self.state.source:
+        for task, tps in self.topology.group_by_task(given).items():
+            if not self.state.holds_tables(task):
                 continue
-            task = task_id(self.source_topics, topic, part)
             self._tasks_changed(restoring=True)
             try:
-                starts[(topic, part)] = self.state.open(
-                    task, part, offset, should_stop=lambda t=topic, p=part: self._told_to_let_go(t, p))
+                starts.update(self.state.open(
+                    task, {tp: given[tp] for tp in tps},
+                    should_stop=lambda tps=tps: self._told_to_let_go(tps)))
             except RestoreInterrupted:
                 dropped.add(task)
         return [[t, p, starts.get((t, p), o)] for t, p, o in partitions
-                if task_id(self.source_topics, t, p) not in dropped]
+                if self.topology.task_id(t, p) not in dropped]
 
-    def _told_to_let_go(self, topic: str, part: int) -> bool:
+    def _told_to_let_go(self, partitions: List[TopicPartitionKey]) -> bool:
         """During a restore: True when the child is stopping, the supervisor has gone, or
         its messages (received so far, in :attr:`control`) hold a ``stop`` or a
-        ``revoke`` of ``topic[part]``.  The messages stay queued for
+        ``revoke`` of one of the task's ``partitions``.  The messages stay queued for
         :meth:`handle_control`, which acts on them, in order, once the restore is over."""
         if self.stopping:
             return True
@@ -399,8 +492,9 @@ class Worker:
             self.control.extend(self.channel.receive())
         except ChannelClosed:
             return True  # handle_control sees it next and the child exits
-        return any(isinstance(m, Stop) or (isinstance(m, Revoke) and [topic, part] in m.partitions)
-                   for m in self.control)
+        wanted = [list(tp) for tp in partitions]
+        return any(isinstance(m, Stop) or (isinstance(m, Revoke) and any(
+            tp in m.partitions for tp in wanted)) for m in self.control)
 
     def revoke(self, partitions: List[List[Any]]) -> None:
         self.settle(block=True)
@@ -410,11 +504,11 @@ class Worker:
         if assigned:
             self.consumer.incremental_unassign(assigned)
         final = {k: self.positions.pop(k) for k in keys if k in self.positions}
-        for topic, part in keys:
-            if topic == self.state.source:
-                # marked released: `shardsup table` no longer shows this copy as current
-                self.state.close(task_id(self.source_topics, topic, part), released=True)
-        self.committer.released(list(group_by_task(self.source_topics, keys)))
+        tasks = list(self.topology.group_by_task(keys))
+        for task in tasks:
+            # marked released: `shardsup table` no longer shows this copy as current
+            self.state.close(task, released=True)
+        self.committer.released(tasks)
         for key in keys:
             self._reported.pop(key, None)
         self.channel.send(Revoked(self._offsets_list(final)))
@@ -422,7 +516,7 @@ class Worker:
         log.info("revoked %s", ", ".join(f"{t}[{p}]" for t, p in keys))
 
     def _tasks_changed(self, restoring: bool = False) -> None:
-        self.tasks = sorted(group_by_task(self.source_topics, self.positions), key=task_sort_key)
+        self.tasks = sorted(self.topology.group_by_task(self.positions), key=task_sort_key)
         if restoring:
             self.channel.send(Stats(self.processed, self.errors, self.tasks, {}, restoring=True))
         label = ",".join(self.tasks) or "idle"
@@ -455,7 +549,7 @@ class Worker:
         of the last fetch response (right on Kafka and tansu alike; tansu's ListOffsets is
         not), so it is unknown (None) until a first fetch answered."""
         lags: Dict[str, Optional[int]] = {}
-        for task, parts in group_by_task(self.source_topics, self.positions).items():
+        for task, parts in self.topology.group_by_task(self.positions).items():
             total: Optional[int] = 0
             for topic, part in parts:
                 low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, part),

@@ -91,7 +91,7 @@ class Arbiter:
         self._last_watchdog = 0.0
         self._notified_ready = False
         self._last_status_line = ""
-        self.source_topics = app.source_topics
+        self.topology = app.topology
         self.SIG_QUEUE: List[int] = []
         self.PIPE: List[int] = []
         self.slots: Dict[int, ChildSlot] = {}
@@ -123,13 +123,15 @@ class Arbiter:
             self.start_broker()
             cluster = check_reachable(self.app, self.bootstrap)
             partitions = ensure_topics(self.app, self.bootstrap)
-            log.info("app %s on %s (cluster %s): sources %s, up to %d children, %s",
-                     self.app.id, self.bootstrap, cluster or "?",
-                     ", ".join(f"{t}[{partitions[t]}]" for t in self.source_topics),
+            log.info("app %s on %s (cluster %s): sub-topologies %s, up to %d children, %s",
+                     self.app.id, self.bootstrap, cluster or "?", "; ".join(
+                         f"{sub.index}: " + ",".join(f"{t}[{partitions[t]}]" for t in sub.sources)
+                         + (f" (tables {','.join(sub.tables)})" if sub.tables else "")
+                         for sub in self.topology.subtopologies),
                      self.max_children, self.app.settings["processing_guarantee"])
             a = self.assignment
             self.member = GroupMember(self.app, self.bootstrap, a.on_assign, a.on_revoke, a.on_lost)
-            self.member.subscribe(self.source_topics)
+            self.member.subscribe(self.topology.leaders)
             self.set_title("supervisor")
             while self.stopping is None:
                 self.loop_once()
@@ -273,7 +275,7 @@ class Arbiter:
         """Tracebacks of every thread of the supervisor and of every child, with each
         child's tasks and offsets, in one report: logged and written under the datadir."""
         report = dump_report(self.app.id, self.datadir, self.slots.values(),
-                             self.assignment.offsets, self.source_topics)
+                             self.assignment.offsets, self.topology)
         log.warning("traceback report (also in %s):\n%s", latest_dump_path(self.datadir), report)
 
     # -- children -------------------------------------------------------------------

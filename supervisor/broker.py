@@ -13,6 +13,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from shardworker.app import App
+from shardworker.graph import check_copartitioned
 
 from .errors import UsageError
 
@@ -121,23 +122,32 @@ def check_reachable(app: App, bootstrap: str, timeout: float = 10.0) -> str:
 def ensure_topics(app: App, bootstrap: str, timeout: float = 15.0) -> Dict[str, int]:
     """Creates the app's missing topics and checks existing ones; returns partition counts.
 
-    Sources and sinks as declared; each agent's dead-letter topic with its source's count.
-    An existing topic whose partition count differs from the declaration is an error: a
-    silently mismatched count breaks co-partitioning.
+    Sources and sinks as declared; each agent's dead-letter topic with the broker's
+    default; a repartition topic (``group_by``) like the topic it re-keys, a changelog like
+    its sub-topology's topics.  An existing topic whose partition count differs from the
+    declaration is an error, and so are the topics of one sub-topology with different
+    counts: either would break co-partitioning (DESIGN.md, "Sub-topologies").
     """
+    topology = app.topology  # declares the repartition topics
     admin = admin_client(app, bootstrap)
     wanted: Dict[str, Optional[int]] = {name: t.partitions for name, t in app.topics.items()}
     existing = {name: len(meta.partitions) for name, meta in admin.list_topics(timeout=timeout).topics.items()}
+    default_partitions = app.settings["topic_partitions"]
+
+    def count_of(topic: str) -> Optional[int]:
+        """The partitions ``topic`` has or will have (None: the broker's default)."""
+        return existing.get(topic) or wanted.get(topic) or default_partitions
+
     for agent in app.agents:
         if agent.on_error == "dlq":
             wanted.setdefault(agent.dlq_topic, None)
+    for name, topic in app.topics.items():
+        if topic.like and wanted[name] is None:
+            wanted[name] = count_of(topic.like)
     compacted = {t.changelog_topic for t in app.tables}
-    source = app.table_source
-    for name in compacted:  # partitioned like the source whose tasks hold the tables
-        wanted.setdefault(name, app.topics[source].partitions if source else None)
-        if wanted[name] is None and source in existing:
-            wanted[name] = existing[source]
-    default_partitions = app.settings["topic_partitions"]
+    for table in app.tables:  # partitioned like the topics whose tasks hold the table
+        leader = topology.subtopology_of_table(table.name).leader
+        wanted.setdefault(table.changelog_topic, count_of(leader))
     problems: List[str] = []
     missing: List[NewTopic] = []
     for name, partitions in wanted.items():
@@ -169,4 +179,7 @@ def ensure_topics(app: App, bootstrap: str, timeout: float = 15.0) -> Dict[str, 
                 raise UsageError("created topics did not appear in the broker's metadata")
             time.sleep(0.1)
         existing = {name: len(m.partitions) for name, m in meta.items()}
+    problem = check_copartitioned(topology, existing)
+    if problem:
+        raise UsageError(problem)
     return {name: existing[name] for name in wanted}

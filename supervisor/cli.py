@@ -92,7 +92,7 @@ def start(app_spec: str, concurrency: Optional[int], loglevel: str, datadir: Opt
     if not app.agents:
         fail(f"app {app.id!r} has no agents: nothing to consume")
     try:
-        app.table_source  # tables need one source topic: say so now, not in a child
+        app.topology  # the stream graph: its errors are said now, not in a child
     except ValueError as exc:
         fail(str(exc))
     broker = broker or os.environ.get("SHARDSUP_BROKER") or app.broker

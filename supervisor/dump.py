@@ -20,7 +20,7 @@ import traceback
 from typing import Dict, Iterable, Mapping, Sequence
 
 from shardworker.logs import open_private
-from shardworker.topology import TopicPartitionKey, task_partitions
+from shardworker.topology import TopicPartitionKey, Topology
 
 from .children import ChildSlot
 
@@ -100,7 +100,7 @@ def own_threads() -> str:
 
 
 def dump_report(app_id: str, datadir: str, slots: Iterable[ChildSlot],
-                offsets: Mapping[TopicPartitionKey, int], source_topics: Sequence[str]) -> str:
+                offsets: Mapping[TopicPartitionKey, int], topology: Topology) -> str:
     """Gathers the report (the supervisor's threads; per child its state, tasks, the
     ``offsets`` it reported and its threads), writes it under ``datadir`` (one file per
     dump plus ``dump-latest.txt``) and returns it."""
@@ -117,7 +117,7 @@ def dump_report(app_id: str, datadir: str, slots: Iterable[ChildSlot],
     for slot in sorted(slots, key=lambda s: s.index):
         positions = ", ".join(
             f"{t}[{p}]={offsets.get((t, p), '?')}"
-            for task in slot.tasks for t, p in task_partitions(source_topics, task))
+            for task in slot.tasks for t, p in topology.task_partitions(task))
         lines += ["", f"== child {slot.index} (pid {slot.pid}, state {slot.state}) ==",
                   f"tasks: {','.join(slot.tasks) or '-'}", f"offsets: {positions or '-'}",
                   traces.get(slot.trace_path, "(not running)") if slot.pid else "(not running)"]

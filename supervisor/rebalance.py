@@ -28,7 +28,7 @@ from confluent_kafka import KafkaException
 
 from shardworker.app import App
 from shardworker.protocol import Assign, Group
-from shardworker.topology import TopicPartitionKey, group_by_task, task_partitions
+from shardworker.topology import TopicPartitionKey
 
 from .children import ChildSlot
 from .placement import place_tasks
@@ -67,7 +67,7 @@ class Assignment:
     def __init__(self, app: App, host: Host) -> None:
         self.app = app
         self.host = host
-        self.source_topics = app.source_topics
+        self.topology = app.topology
         self.joined = False
         #: per partition: next offset to read, as reported by the children (acknowledged work)
         self.offsets: Dict[TopicPartitionKey, int] = {}
@@ -83,7 +83,10 @@ class Assignment:
 
     # -- the group's callbacks ----------------------------------------------------------
     def on_assign(self, partitions: List[TopicPartitionKey]) -> None:
+        """The group gave us leader partitions: their whole tasks are ours (every source
+        partition of each; DESIGN.md, "Sub-topologies")."""
         self.joined = True
+        partitions = self.topology.whole_tasks(partitions)
         if not partitions or self.host.stopping:
             return  # shutting down: member.close() gives them back
         self.unplaced.extend(p for p in partitions if p not in self.unplaced)
@@ -92,11 +95,13 @@ class Assignment:
 
     def on_revoke(self, partitions: List[TopicPartitionKey]) -> None:
         """Stops the revoked tasks (warm) and commits them before the group moves them."""
+        partitions = self.topology.whole_tasks(partitions)
         self.take_back(partitions, commit=True)
 
     def on_lost(self, partitions: List[TopicPartitionKey]) -> None:
         """The group gave these away already (we were too slow): stop them, commit nothing."""
         log.warning("lost partitions %s", partitions)
+        partitions = self.topology.whole_tasks(partitions)
         self.take_back(partitions, commit=False)
 
     # -- placing tasks ------------------------------------------------------------------
@@ -116,7 +121,7 @@ class Assignment:
         except KafkaException as exc:
             self.next_placement = time.monotonic() + PLACE_RETRY
             log.warning("start offsets of tasks %s not available (%s); trying again in %.0fs",
-                        ",".join(group_by_task(self.source_topics, self.unplaced)), exc, PLACE_RETRY)
+                        ",".join(self.topology.group_by_task(self.unplaced)), exc, PLACE_RETRY)
             return
         partitions, self.unplaced = self.unplaced, []
         self.offsets.update(offsets)
@@ -125,7 +130,7 @@ class Assignment:
     def place(self, partitions: List[TopicPartitionKey]) -> None:
         """Hands the tasks of ``partitions`` (start offsets known) to children."""
         slots = self.host.slots
-        tasks = list(group_by_task(self.source_topics, partitions))
+        tasks = list(self.topology.group_by_task(partitions))
         log.info("assigned tasks %s", ",".join(tasks))
         # a failed slot takes no new work: its tasks wait for their retry (or a HUP)
         # (nor does one that is retiring: it is on its way out with whatever it holds)
@@ -150,7 +155,7 @@ class Assignment:
 
     def send_assign(self, slot: ChildSlot, tasks: List[str]) -> None:
         parts = [(t, p, self.offsets[(t, p)]) for task in tasks
-                 for t, p in task_partitions(self.source_topics, task)]
+                 for t, p in self.topology.task_partitions(task)]
         slot.send(Assign(parts))
 
     # -- taking tasks back --------------------------------------------------------------
@@ -169,7 +174,7 @@ class Assignment:
                 self.commit(force=True)
             self.forget(partitions)
             return
-        revoked = group_by_task(self.source_topics, partitions)
+        revoked = self.topology.group_by_task(partitions)
         log.info("revoking tasks %s", ",".join(revoked))
         waiting = []
         for slot in host.slots.values():
@@ -219,7 +224,7 @@ class Assignment:
         owned = set(slot.tasks)
         for topic, part, offset in offsets:
             key = (str(topic), int(part))  # type: ignore[call-overload]
-            tasks = group_by_task(self.source_topics, [key])
+            tasks = self.topology.group_by_task([key])
             if key in self.offsets and owned.intersection(tasks) and int(offset) >= self.offsets[key]:  # type: ignore[call-overload]
                 self.offsets[key] = int(offset)  # type: ignore[call-overload]
 

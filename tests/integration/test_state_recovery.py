@@ -102,14 +102,15 @@ def test_lost_group_offsets_restore_the_tables_instead_of_wiping_them(broker, pr
     no_offset = OFFSET_INVALID  # what the group hands out when nothing is committed
     states = task_states(prefix, broker, sup.datadir)
     try:
-        assert states.open("0_1", 1, no_offset) == offset
+        tp = (f"{prefix}-in", 1)
+        assert states.open("0_1", {tp: no_offset}) == {tp: offset}
     finally:
         states.close_all()
     assert stored_counts(sup.datadir, prefix, "0_1") == (before, offset)
     shutil.rmtree(task_dir(sup.datadir, prefix, "0_1"))  # and now without local state
     states = task_states(prefix, broker, sup.datadir)
     try:
-        resumed = states.open("0_1", 1, no_offset)
+        resumed = states.open("0_1", {(f"{prefix}-in", 1): no_offset})[(f"{prefix}-in", 1)]
     finally:
         states.close_all()
     # the last batches' records name an earlier durable position than the stop's
@@ -150,7 +151,7 @@ def test_lost_offsets_never_resume_past_a_batch_that_reached_only_some_changelog
     datadir = str(tmp_path / "d")
     states = task_states(prefix, broker, datadir)
     try:
-        assert states.open("0_1", 1, OFFSET_INVALID) == 1000
+        assert states.open("0_1", {(f"{prefix}-in", 1): OFFSET_INVALID}) == {(f"{prefix}-in", 1): 1000}
         assert states.tasks["0_1"].store.get("counts", b'"u1"') == b"4"
         assert states.tasks["0_1"].store.get("sums", b'"u1"') == b"12"
     finally:

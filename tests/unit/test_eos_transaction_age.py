@@ -146,16 +146,18 @@ class RestoringState:
     """Stands in for TaskStates: records, at each restore, whether a transaction was open."""
 
     enabled = True
-    source = "in"
 
     def __init__(self, transactions: Transactions) -> None:
         self.transactions = transactions
         self.open_during_restore: List[bool] = []
 
-    def open(self, task: str, partition: int, offset: int, **kwargs: Any) -> int:
+    def holds_tables(self, task: str) -> bool:
+        return True
+
+    def open(self, task: str, starts: Dict[Any, int], **kwargs: Any) -> Dict[Any, int]:
         self.open_during_restore.append(
             any(txn.open for txn in self.transactions.by_task.values()))
-        return offset
+        return starts
 
     def drain(self, positions: Any) -> List[Any]:
         return []

@@ -13,6 +13,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 import shardworker
 from shardworker.protocol import EXIT_BROKER_UNAVAILABLE, Message, Stats, decode
+from shardworker.topology import Topology
 from supervisor.dump import dump_report
 from supervisor.children import (BACKOFF_MAX, CRASHED, FAILED, OUTAGE, RESTART, ChildSlot,
                                  RestartPolicy)
@@ -224,7 +225,8 @@ def test_the_snapshot_shows_restoring_and_failed_tasks() -> None:
 
 def test_the_dump_lists_each_childs_tasks_and_offsets(tmp_path) -> None:
     slots = [ChildSlot(1, ["0_1", "0_3"]), ChildSlot(0, ["0_0"]), ChildSlot(2, [])]
-    report = dump_report("proj", str(tmp_path), slots, {("in", 0): 5, ("in", 1): 9}, ["in"])
+    report = dump_report("proj", str(tmp_path), slots, {("in", 0): 5, ("in", 1): 9},
+                         Topology.of_sources(["in"]))
     assert report.startswith("shardsup traceback report — app proj, supervisor pid ")
     children = report.split("== child ")[1:]
     assert [c.splitlines()[:3] for c in children] == [

@@ -24,27 +24,27 @@ def worker_with_channel() -> "tuple[Worker, Channel]":
 @pytest.mark.timeout(10)
 def test_a_restore_is_told_to_stop_by_a_revoke_of_its_partition_only_and_by_stop():
     worker, supervisor = worker_with_channel()
-    assert not worker._told_to_let_go("in", 1)
+    assert not worker._told_to_let_go([("in", 1)])
     supervisor.send(Revoke([["in", 2], ["in", 3]]))
-    assert not worker._told_to_let_go("in", 1)
-    assert worker._told_to_let_go("in", 3)
+    assert not worker._told_to_let_go([("in", 1)])
+    assert worker._told_to_let_go([("in", 3)])
     # the messages stay queued, in order, for handle_control
     assert [m.op for m in worker.control] == ["revoke"]
     worker.control.clear()  # handle_control acted on them
-    assert not worker._told_to_let_go("in", 3)
+    assert not worker._told_to_let_go([("in", 3)])
     supervisor.send(Stop())
-    assert worker._told_to_let_go("in", 1)
+    assert worker._told_to_let_go([("in", 1)])
     assert [m.op for m in worker.control] == ["stop"]
     worker.control.clear()
     worker.stopping = True  # TERM
-    assert worker._told_to_let_go("in", 1)
+    assert worker._told_to_let_go([("in", 1)])
 
 
 @pytest.mark.timeout(10)
 def test_a_restore_stops_when_the_supervisor_has_gone():
     worker, supervisor = worker_with_channel()
     supervisor.close()
-    assert worker._told_to_let_go("in", 0)
+    assert worker._told_to_let_go([("in", 0)])
 
 
 @pytest.mark.timeout(10)
@@ -56,4 +56,4 @@ def test_a_stop_read_together_with_the_assign_still_interrupts_its_restore():
     supervisor.send(Stop())
     worker.control.extend(worker.channel.receive())  # what handle_control does
     assert worker.control.popleft().op == "assign"  # ... and acts on: the restore runs
-    assert worker._told_to_let_go("in", 1)
+    assert worker._told_to_let_go([("in", 1)])

@@ -11,7 +11,7 @@ from shardworker.app import bootstrap_servers
 from shardworker.codecs import get_codec
 from shardworker.loader import AppNotFound, load_app
 from shardworker.protocol import Channel, ChannelClosed, Offsets
-from shardworker.topology import group_by_task, task_partitions, task_sort_key
+from shardworker.topology import Topology, task_sort_key
 from supervisor.placement import place_tasks
 
 pytestmark = pytest.mark.timeout(10)
@@ -42,9 +42,9 @@ def test_cap_reached_later_starts_the_missing_children():
 
 def test_task_ids_follow_source_topic_order():
     sources = ["orders", "clicks"]
-    assert group_by_task(sources, [("clicks", 3), ("orders", 0), ("other", 1)]) == {
+    assert Topology.of_sources(sources).group_by_task([("clicks", 3), ("orders", 0), ("other", 1)]) == {
         "1_3": [("clicks", 3)], "0_0": [("orders", 0)]}
-    assert task_partitions(sources, "1_3") == [("clicks", 3)]
+    assert Topology.of_sources(sources).task_partitions("1_3") == [("clicks", 3)]
     assert sorted(["0_10", "0_2", "1_0"], key=task_sort_key) == ["0_2", "0_10", "1_0"]
 
 
