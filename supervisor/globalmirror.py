@@ -66,6 +66,8 @@ class TableCopy:
         #: while catching up: the partitions not there yet → the end each must reach
         #: (None: not known until a fetch answered); None: the partitions are not known
         self.waiting: Optional[Dict[int, Optional[int]]] = None
+        #: every partition of the topic known so far
+        self.partitions: List[int] = []
         self.caught_up = False
         self.applied = 0
         self.keyless = 0
@@ -86,6 +88,7 @@ class TableCopy:
     def add_partitions(self, partitions: Iterable[int]) -> None:
         """The topic's partitions (all of them at start, new ones later): while catching
         up, each must reach its end too."""
+        self.partitions = sorted(set(self.partitions).union(partitions))
         if self.caught_up:
             return
         if self.waiting is None:
@@ -128,13 +131,13 @@ class TableCopy:
         done = set()
         if self.waiting is not None:
             for partition, end in self.waiting.items():
-                if partition in ends or (end is not None and positions.get(partition, -1) >= end):
+                if partition in ends or (end is not None and positions.get(partition, 0) >= end):
                     done.add(partition)
         completes = (not self.caught_up and self.waiting is not None and bool(self.waiting)
                      and done == set(self.waiting))
         meta = None
         if completes:
-            reached = {str(p): positions.get(p, 0) for p in sorted(self.waiting or {})}
+            reached = {str(p): positions.get(p, 0) for p in self.partitions}
             meta = {META_CAUGHT_UP: json.dumps({"ends": reached}, sort_keys=True).encode()}
         if writes or moved or meta:
             self.store.commit({self.name: writes} if writes else {},

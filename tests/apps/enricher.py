@@ -4,6 +4,8 @@ its country as the global table ``countries`` holds it (None for a country it la
 Topic and group names come from ``SHARDSUP_TEST_PREFIX`` so tests never share them.
 """
 import os
+import sys
+import time
 
 import shardworker
 
@@ -22,3 +24,21 @@ countries = app.global_table("countries", topic=countries_topic)
 async def enrich(stream):
     async for order in stream:
         yield {"order": order["id"], "country": countries.get(order["country"])}
+
+
+HOLD = os.environ.get("SHARDSUP_TEST_HOLD_CATCH_UP")
+if HOLD and "supervisor.globalmirror" in sys.modules:
+    # Fault injection, in the supervisor only: its mirror writes nothing of the catch-up
+    # until the test creates the file HOLD, so the children get their tasks and see the
+    # orders while the copy is still empty (an event, not a delay: DESIGN.md, "Tests and
+    # the broker").
+    from supervisor import globalmirror
+
+    _apply = globalmirror.TableCopy.apply
+
+    def _held_apply(self, records, ends={}):  # type: ignore[no-untyped-def]
+        while not self.caught_up and not os.path.exists(HOLD):
+            time.sleep(0.05)
+        return _apply(self, records, ends)
+
+    globalmirror.TableCopy.apply = _held_apply
