@@ -43,8 +43,9 @@ Record = Tuple[int, int, Optional[bytes], Optional[bytes]]
 
 
 class TopicRewound(RuntimeError):
-    """A partition gave a record below the copy's stored position: the topic was deleted
-    and created again, or truncated (the consumer fell back to its earliest offset)."""
+    """A partition gave a record, or ended, below the copy's stored position: the topic
+    was deleted and created again (a fresh embedded broker, say), or truncated; the
+    consumer fell back to its earliest offset."""
 
     def __init__(self, topic: str, text: str) -> None:
         super().__init__(text)
@@ -98,9 +99,11 @@ class TableCopy:
 
     def observe_end(self, partition: int, end: int) -> None:
         """The high watermark a fetch of ``partition`` reported: the first one seen after
-        start is what the catch-up must reach (the end then, or later)."""
-        if self.waiting is not None and end >= 0 and partition in self.waiting \
-                and self.waiting[partition] is None:
+        start is what the catch-up must reach (the end then, or later).  One below the
+        copy's position is not taken (a topic created again, or a stale answer): the
+        end-of-partition event, or a later fetch, decides."""
+        if self.waiting is not None and end >= self.positions.get(partition, 0) \
+                and partition in self.waiting and self.waiting[partition] is None:
             self.waiting[partition] = end
 
     def unknown_ends(self) -> List[int]:
@@ -125,8 +128,11 @@ class TableCopy:
                 writes[key] = value
             moved[partition] = offset + 1
         for partition, end in ends.items():
-            if end > moved.get(partition, self.positions.get(partition, -1)):
-                moved[partition] = end
+            expected = moved.get(partition, self.positions.get(partition, -1))
+            if end < expected:  # the end never goes back: the topic is not the one we read
+                raise TopicRewound(self.topic, f"{self.topic}[{partition}] ends at {end}, below "
+                                   f"the copy's position {expected}")
+            moved[partition] = end
         positions = {**self.positions, **moved}
         done = set()
         if self.waiting is not None:
@@ -163,6 +169,29 @@ class TableCopy:
         self.begin_catch_up()
 
 
+def topic_ids(app: App, bootstrap: str, topics: Sequence[str], timeout: float = 10.0) -> Dict[str, str]:
+    """Each topic's id (a topic deleted and created again has a new one, as has every
+    topic of a fresh embedded broker, whose cluster id never changes).  A topic the broker
+    does not describe is left out, and its copy kept as it is: logged."""
+    if not topics:
+        return {}
+    from confluent_kafka import TopicCollection
+
+    from .broker import admin_client
+
+    ids: Dict[str, str] = {}
+    admin = admin_client(app, bootstrap)  # alive until the answers came
+    futures = admin.describe_topics(TopicCollection(list(topics)), request_timeout=timeout)
+    for name, future in futures.items():
+        try:
+            ids[name] = str(future.result(timeout).topic_id)
+        except Exception as exc:  # noqa: BLE001 - an old broker, an outage: not fatal
+            ids.pop(name, None)
+            log.warning("global tables: topic %s not described (%s): its copy is kept without "
+                        "checking that it is the same topic", name, exc)
+    return ids
+
+
 class GlobalMirror:
     """Mirrors every global table of ``app`` in a thread of the supervisor."""
 
@@ -183,14 +212,17 @@ class GlobalMirror:
     def start(self) -> None:
         """Opens each copy (wiping one made from another cluster or topic), clears its
         caught-up mark and starts the thread.  Call it before any child is spawned."""
+        ids = topic_ids(self.app, self.bootstrap, [t.topic.name for t in self.app.global_tables])
         for table in self.app.global_tables:
             path = global_dir(self.datadir, self.app.id, table.name)
             store = TaskStore(path, [table.name])
             try:
-                if store.ensure_identity(self.cluster_id, table.topic.name):
+                topic = table.topic.name
+                source = f"{topic} {ids[topic]}" if topic in ids else None
+                if source is not None and store.ensure_identity(self.cluster_id, source):
                     log.warning("global table %s: the copy at %s came from another cluster or "
-                                "topic; reading topic %s from the beginning", table.name, path,
-                                table.topic.name)
+                                "another topic %s (deleted and created again since); reading "
+                                "it from the beginning", table.name, path, topic)
                 copy = TableCopy(table, store)
                 copy.begin_catch_up()
             except BaseException:

@@ -103,9 +103,13 @@ def test_a_restart_resumes_from_the_stored_offsets_and_clears_the_mark(tmp_path)
         again.begin_catch_up()  # a new supervisor run: children wait for the new end
         assert caught_up_info(store) is None
         again.add_partitions([0])
+        again.observe_end(0, 0)  # an end below the position is no target: it proves nothing
+        assert not again.apply([]) and again.unknown_ends() == [0]
         with pytest.raises(TopicRewound):  # offsets below the stored position: recreated topic
             again.apply([(0, 0, b"a", j(9))])
         assert store.get("countries", b"a") == j(2), "nothing of a rewound batch is written"
+        with pytest.raises(TopicRewound):  # an empty topic of that name (a fresh broker)
+            again.apply([], ends={0: 0})
         store.set_identity("cluster", "countries")
         again.rewind()
         assert again.positions == {} and store.get("countries", b"a") is None
