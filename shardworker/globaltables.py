@@ -251,7 +251,3 @@ def check_new_name(app: Any, name: str) -> None:
     if any(t.name == name for t in app.tables) or any(t.name == name for t in app.global_tables):
         raise ValueError(f"two tables named {name!r}")
 
-
-def topics_mirrored(tables: Sequence[GlobalTable]) -> List[str]:
-    """The topics the global tables mirror, each once, in declaration order."""
-    return list(dict.fromkeys(t.topic.name for t in tables))

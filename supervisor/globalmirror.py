@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from shardworker.app import App
-from shardworker.globaltables import META_CAUGHT_UP, GlobalTable, global_dir, topics_mirrored
+from shardworker.globaltables import META_CAUGHT_UP, GlobalTable, global_dir
 from shardworker.store import TaskStore
 
 log = logging.getLogger("supervisor.globalmirror")
@@ -206,6 +206,8 @@ class GlobalMirror:
         self._stop = threading.Event()
         self._partitions: Dict[str, List[int]] = {}
         self._last_metadata = 0.0
+        #: the consumer must be assigned again, from the copies' positions
+        self._resync = False
         self._warned: Dict[str, float] = {}
 
     # -- in the supervisor's main thread ------------------------------------------------
@@ -266,10 +268,6 @@ class GlobalMirror:
             copy.store.close()
         self.copies = []
 
-    @property
-    def caught_up(self) -> bool:
-        return all(copy.caught_up for copy in self.copies)
-
     # -- the thread ---------------------------------------------------------------------
     def _run(self) -> None:
         consumer = self.consumer
@@ -277,30 +275,43 @@ class GlobalMirror:
         try:
             while not self._stop.is_set():
                 try:
-                    self._refresh_partitions(consumer)
-                    self._step(consumer)
-                except TopicRewound as exc:
-                    self._rewind(consumer, exc)
+                    self.turn(consumer)
                 except Exception:  # noqa: BLE001 - log, wait, go on from what LMDB holds
-                    log.exception("global tables' mirror: batch failed; reading again from "
+                    log.exception("global tables' mirror: a batch failed; reading again from "
                                   "the stored offsets in 1s")
                     self._stop.wait(1.0)
-                    self._assign(consumer, reassign=True)
+                    self._resync = True
         finally:
             try:
                 consumer.close()
             except Exception:  # noqa: BLE001 - shutting down anyway
                 log.exception("closing the global tables' consumer")
 
+    def turn(self, consumer: Consumer) -> None:
+        """One turn of the thread: (re)assign what needs it, then one batch."""
+        if self._resync:
+            self._assign(consumer)
+        self._refresh_partitions(consumer)
+        try:
+            self._step(consumer)
+        except TopicRewound as exc:
+            log.warning("global tables: %s (the topic was deleted and created again, or "
+                        "truncated); reading it again from the beginning", exc)
+            self._resync = True
+            for copy in self.copies:
+                if copy.topic == exc.topic:
+                    copy.rewind()
+                    copy.add_partitions(self._partitions.get(exc.topic, []))
+
     def _refresh_partitions(self, consumer: Consumer) -> None:
         """Learns each mirrored topic's partitions (at start, then every
         :data:`METADATA_EVERY` seconds for added ones) and assigns the new ones."""
         now = time.monotonic()
-        known = len(self._partitions) == len(topics_mirrored([c.table for c in self.copies]))
-        if known and now - self._last_metadata < METADATA_EVERY:
+        topics = [c.topic for c in self.copies]
+        if len(self._partitions) == len(topics) and now - self._last_metadata < METADATA_EVERY:
             return
         self._last_metadata = now
-        for topic in topics_mirrored([c.table for c in self.copies]):
+        for topic in topics:
             try:
                 meta = consumer.list_topics(topic, timeout=5).topics.get(topic)
             except KafkaException as exc:
@@ -312,28 +323,22 @@ class GlobalMirror:
                 self._warn(f"metadata {topic}", f"global tables: topic {topic} not available "
                            f"({meta.error if meta is not None else 'unknown'})")
                 continue
-            parts = sorted(meta.partitions)
-            new = [p for p in parts if p not in self._partitions.get(topic, [])]
-            if not new:
-                continue
-            self._partitions[topic] = parts
-            for copy in self.copies:
-                if copy.topic == topic:
-                    copy.add_partitions(new)
-            consumer.incremental_assign([TopicPartition(topic, p, self._start_offset(topic, p))
-                                         for p in new])
+            new = [p for p in sorted(meta.partitions) if p not in self._partitions.get(topic, [])]
+            if new:
+                self._partitions[topic] = sorted(meta.partitions)
+                for copy in self.copies:
+                    if copy.topic == topic:
+                        copy.add_partitions(new)
+                self._resync = True
+        if self._resync:
+            self._assign(consumer)
 
-    def _start_offset(self, topic: str, partition: int) -> int:
-        """Where a partition is read from: the position of its copy (one per topic)."""
-        copy = next(c for c in self.copies if c.topic == topic)
-        return copy.positions.get(partition, OFFSET_BEGINNING)
-
-    def _assign(self, consumer: Consumer, reassign: bool) -> None:
-        """Reads every known partition again from what the copies hold."""
-        if reassign:
-            consumer.unassign()
-        consumer.assign([TopicPartition(topic, p, self._start_offset(topic, p))
+    def _assign(self, consumer: Consumer) -> None:
+        """Reads every known partition from where its copy is (what LMDB holds)."""
+        positions = {c.topic: c.positions for c in self.copies}
+        consumer.assign([TopicPartition(topic, p, positions[topic].get(p, OFFSET_BEGINNING))
                          for topic, parts in self._partitions.items() for p in parts])
+        self._resync = False
 
     def _step(self, consumer: Consumer) -> None:
         """One batch: records and end-of-partition events, applied to each copy."""
@@ -363,15 +368,6 @@ class GlobalMirror:
             if copy.keyless:
                 self._warn(f"keyless {copy.name}", f"global table {copy.name}: records of topic "
                            f"{copy.topic} without a key are ignored ({copy.keyless} so far)")
-
-    def _rewind(self, consumer: Consumer, why: TopicRewound) -> None:
-        log.warning("global tables: %s (the topic was deleted and created again, or "
-                    "truncated); reading it again from the beginning", why)
-        for copy in self.copies:
-            if copy.topic == why.topic:
-                copy.rewind()
-                copy.add_partitions(self._partitions.get(topic, []))
-        self._assign(consumer, reassign=True)
 
     def _warn(self, what: str, text: str) -> None:
         """Logs ``text`` unless a warning about ``what`` was logged lately."""

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterator, Tuple
+from types import SimpleNamespace
+from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 
 from shardworker import App
 from shardworker.globaltables import (META_CAUGHT_UP, CatchUpGate, GlobalTable, GlobalTableError,
                                       ReadOnlyTableError, caught_up_info, global_dir, open_copy)
 from shardworker.store import TaskStore
 from shardworker.tablecli import TableReadError, key_serializer, read_table
-from supervisor.globalmirror import TableCopy, TopicRewound
+from supervisor.globalmirror import GlobalMirror, TableCopy, TopicRewound
+from tests.unit.fakes import Message
 
 
 def make_app() -> Tuple[App, GlobalTable]:
@@ -230,3 +233,68 @@ def test_declaration_errors_are_one_line() -> None:
     assert [t.name for t in app.tables] == ["counts"]
     by_name = app.global_table("by_name", topic="other")
     assert by_name.topic is app.topics["other"]
+
+
+class EndOfPartition(Message):
+    """The event a consumer with ``enable.partition.eof`` gives at a partition's end."""
+
+    def error(self) -> KafkaError:  # type: ignore[override]
+        return KafkaError(KafkaError._PARTITION_EOF)
+
+
+class ScriptedConsumer:
+    """Stands in for the mirror's consumer: two partitions, scripted batches, the high
+    watermarks the test sets; records what it was assigned."""
+
+    def __init__(self, topic: str, batches: List[List[Message]], high: Dict[int, int]) -> None:
+        self.topic = topic
+        self.batches = batches
+        self.high = high
+        self.assigned: List[List[Tuple[int, int]]] = []
+
+    def list_topics(self, topic: str, timeout: float) -> Any:
+        meta = SimpleNamespace(partitions={0: None, 1: None}, error=None)
+        return SimpleNamespace(topics={self.topic: meta})
+
+    def assign(self, tps: List[TopicPartition]) -> None:
+        self.assigned.append([(tp.partition, tp.offset) for tp in tps])
+
+    def consume(self, count: int, timeout: float) -> List[Message]:
+        return self.batches.pop(0) if self.batches else []
+
+    def get_watermark_offsets(self, tp: TopicPartition, cached: bool = False) -> Tuple[int, int]:
+        return 0, self.high.get(tp.partition, -1001)
+
+
+@pytest.mark.timeout(20)
+def test_the_mirror_turns_batches_into_the_copy_and_rewinds_a_recreated_topic(tmp_path) -> None:
+    app, table = make_app()
+    mirror = GlobalMirror(app, "127.0.0.1:9", str(tmp_path), "cluster")
+    store = TaskStore(global_dir(str(tmp_path), "g", "countries"), ["countries"])
+    copy = TableCopy(table, store)
+    copy.begin_catch_up()
+    mirror.copies.append(copy)
+    t = "countries"
+    consumer = ScriptedConsumer(t, [
+        [Message(t, 0, 0, j(1), key=b"a"), Message(t, 1, 0, j(2), key=b"b")],
+        [Message(t, 0, 1, None, key=b"a"), EndOfPartition(t, 1, 1)],
+        [Message(t, 0, 2, j(3), key=b"c")],                 # live, after the catch-up
+        [Message(t, 0, 0, j(9), key=b"z")],                 # below the position: recreated
+        [Message(t, 0, 0, j(9), key=b"z"), EndOfPartition(t, 0, 1), EndOfPartition(t, 1, 0)],
+    ], high={0: 2})
+    try:
+        mirror.turn(consumer)  # type: ignore[arg-type]
+        assert consumer.assigned == [[(0, OFFSET_BEGINNING), (1, OFFSET_BEGINNING)]]
+        assert not copy.caught_up and copy.unknown_ends() == [1]
+        mirror.turn(consumer)  # type: ignore[arg-type]
+        assert copy.caught_up and caught_up_info(store) == {"ends": {"0": 2, "1": 1}}
+        assert store.get(t, b"a") is None and store.get(t, b"b") == j(2)
+        mirror.turn(consumer)  # type: ignore[arg-type]
+        assert store.get(t, b"c") == j(3) and copy.positions == {0: 3, 1: 1}
+        mirror.turn(consumer)  # type: ignore[arg-type]
+        assert not copy.caught_up and caught_up_info(store) is None and store.count(t) == 0
+        mirror.turn(consumer)  # type: ignore[arg-type]
+        assert consumer.assigned[-1] == [(0, OFFSET_BEGINNING), (1, OFFSET_BEGINNING)]
+        assert copy.caught_up and dict(store.items(t)) == {b"z": j(9)}
+    finally:
+        store.close()
