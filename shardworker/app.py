@@ -167,6 +167,7 @@ class App:
         self.agents: List[Agent] = []
         self.timers: List[Timer] = []
         self.tables: List[Any] = []   # shardworker.tables.Table, in declaration order
+        self.global_tables: List[Any] = []   # shardworker.globaltables.GlobalTable
         self._producer: Any = None
         self._topology: Optional["Topology"] = None
         #: in a worker: the origin header of a record sent to a topic (shardworker.origins)
@@ -241,16 +242,31 @@ class App:
         """Declares a table: a dict per task, kept in LMDB and in the compacted changelog
         topic ``<app id>-<name>-changelog``, partitioned like the topics of the
         sub-topology whose agents use it (:mod:`shardworker.graph`)."""
+        from .globaltables import check_new_name
         from .tables import Table
 
-        if any(t.name == name for t in self.tables):
-            raise ValueError(f"two tables named {name!r}")
+        check_new_name(self, name)
         table = Table(name, default, key_serializer, value_serializer, app_id=self.id)
         self.tables.append(table)
         return table
 
     #: Faust's spelling
     Table = table
+
+    def global_table(self, name: str, topic: Union[Topic, str],
+                     default: Optional[Callable[[], Any]] = None) -> Any:
+        """Declares a global table: a read-only dict over every key of ``topic`` (its last
+        value per key; a None value deletes), one copy per supervisor that every task
+        reads (DESIGN.md, "Global tables").  ``topic`` must be declared on this app."""
+        from .globaltables import GlobalTable, check_new_name, declared_topic
+
+        check_new_name(self, name)
+        table = GlobalTable(name, declared_topic(self, name, topic), default)
+        self.global_tables.append(table)
+        return table
+
+    #: Faust's spelling
+    GlobalTable = global_table
 
     def timer(self, interval: float, name: Optional[str] = None
               ) -> Callable[[Callable[[], Any]], Callable[[], Any]]:

@@ -33,6 +33,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from .agents import AgentRunner, AsyncAgentRunner, SyncAgentRunner
 from .app import Agent, App
 from .committers import Committer, Processed, make_committer
+from .globaltables import CatchUpGate
 from .logs import set_role
 from .produce import (DEFAULT_MESSAGE_MAX_BYTES, RecordTooLarge, fit_dead_letter, is_too_large,
                       message_max_bytes, produce)
@@ -109,6 +110,8 @@ class Worker:
         #: seconds between drains of the tables' changes, at least once (exactly-once
         #: drains every chunk: a transaction holds exactly its records' effects)
         self.drain_interval = float(app.settings["commit_interval"])
+        #: no record before every global table's copy caught up (DESIGN.md, "Global tables")
+        self.global_tables = CatchUpGate(app.global_tables, datadir, app.id)
 
     # -- set-up ---------------------------------------------------------------------
     def setup(self) -> None:
@@ -185,6 +188,9 @@ class Worker:
         try:
             while not self.stopping:
                 self.handle_control(timeout=0)
+                if not self.global_tables.wait(0.1):
+                    self.report(force=False)  # the heartbeat while the copies catch up
+                    continue
                 records = self.consumer.consume(self.batch_size, 0.1) if self.positions else None
                 if records:
                     self.process(records)

@@ -27,6 +27,7 @@ from .broker import EmbeddedBroker, check_reachable, ensure_topics
 from .children import CRASHED, FAILED, FAILED_RETRY, OUTAGE, RESTART, ChildSlot, RestartPolicy
 from .descendants import end_orphans
 from .dump import collect_trace, dump_report, latest_dump_path, trace_path
+from .globalmirror import GlobalMirror
 from .guard import start_guard
 from .membership import GroupMember
 from .pidfile import PidFile
@@ -105,6 +106,7 @@ class Arbiter:
         self.pidfile = PidFile(datadir)
         self.guard_fd: Optional[int] = None
         self.guard_pid: Optional[int] = None
+        self.mirror: Optional[GlobalMirror] = None   # the global tables' copies
 
     # -- start-up -------------------------------------------------------------------
     def run(self) -> int:
@@ -129,6 +131,9 @@ class Arbiter:
                          + (f" (tables {','.join(sub.tables)})" if sub.tables else "")
                          for sub in self.topology.subtopologies),
                      self.max_children, self.app.settings["processing_guarantee"])
+            # before any child: children wait until the copies caught up (DESIGN.md, "Global tables")
+            self.mirror = GlobalMirror(self.app, self.bootstrap, self.datadir, cluster)
+            self.mirror.start()
             a = self.assignment
             self.member = GroupMember(self.app, self.bootstrap, a.on_assign, a.on_revoke, a.on_lost)
             self.member.subscribe(self.topology.leaders)
@@ -140,6 +145,8 @@ class Arbiter:
             if self.guard_fd is not None:
                 os.close(self.guard_fd)  # the guard sweeps (nothing left by now) and exits
                 self.wait_for_guard()
+            if self.mirror is not None:
+                self.mirror.stop()
             if self.web is not None:
                 self.web.stop()
             if self.status_server is not None:

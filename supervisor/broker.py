@@ -157,7 +157,9 @@ def ensure_topics(app: App, bootstrap: str, timeout: float = 15.0) -> Dict[str, 
                                 f"declares {partitions}")
             continue
         count = partitions or default_partitions or -1  # -1: the broker's default
-        config = {"cleanup.policy": "compact"} if name in compacted else {}
+        # a global table's topic holds the last value per key too (DESIGN.md, "Global tables")
+        keyed = name in compacted or any(g.topic.name == name for g in app.global_tables)
+        config = {"cleanup.policy": "compact"} if keyed else {}
         missing.append(NewTopic(name, num_partitions=count, replication_factor=-1, config=config))
     if problems:
         raise UsageError("; ".join(problems))

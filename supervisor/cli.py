@@ -275,12 +275,12 @@ def status(datadir: Optional[str], app_spec: Optional[str], as_json: bool,
 def table(app_spec: str, datadir: Optional[str], name: str, key: Optional[str]) -> None:
     """Print table NAME (or the value of KEY) as JSON, from the LMDB files of a running or
     stopped worker: LMDB lets other processes read while the worker writes."""
-    from shardworker.tablecli import TableReadError, read_table
+    from shardworker.tablecli import TableReadError, key_serializer, read_table
 
     app = load(app_spec)
     try:
         result = read_table(app, datadir or f"{app.id}-data", name,
-                            None if key is None else _parse(key, "json"))
+                            None if key is None else _parse(key, key_serializer(app, name)))
     except TableReadError as exc:
         fail(str(exc))
     click.echo(json.dumps(result, sort_keys=True))
