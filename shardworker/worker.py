@@ -24,7 +24,6 @@ import os
 import select
 import signal
 import time
-import traceback
 from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
@@ -35,8 +34,9 @@ from .app import Agent, App
 from .committers import Committer, Processed, make_committer
 from .globaltables import CatchUpGate
 from .logs import set_role
-from .produce import (DEFAULT_MESSAGE_MAX_BYTES, RecordTooLarge, fit_dead_letter, is_too_large,
-                      message_max_bytes, produce)
+from .deadletters import dead_letter, log_failure
+from .produce import (DEFAULT_MESSAGE_MAX_BYTES, RecordTooLarge, is_too_large, message_max_bytes,
+                      produce)
 from .protocol import (Assign, Bye, Channel, ChannelClosed, Group, Offsets, Ready, Revoke,
                        Revoked, Stats, Stop, Timers)
 from .protocol import Message as ChannelMessage
@@ -362,9 +362,11 @@ class Worker:
         if is_too_large(err) and agent.on_error != "crash":
             if not self.committer.will_read_again(source):
                 self.errors += 1
-                self.log_agent_error(agent, source, RecordTooLarge(f"{msg.topic()}: {err.str()}"))
+                log_failure(agent, source, RecordTooLarge(f"{msg.topic()}: {err.str()}"))
                 if agent.on_error == "dlq":
-                    self.dead_letter(agent, source, RecordTooLarge(f"{msg.topic()}: {err.str()}"))
+                    dead_letter(self.committer.producer_for(source), agent, source,
+                                RecordTooLarge(f"{msg.topic()}: {err.str()}"),
+                                self.max_message_bytes)
                 return
         self._delivery_errors.append(f"{msg.topic()}: {err.str()}")
 
@@ -376,48 +378,11 @@ class Worker:
         if self.state.enabled:
             self.state.rollback_record(msg)
         self.errors += 1
-        self.log_agent_error(agent, msg, exc)
+        log_failure(agent, msg, exc)
         if agent.on_error == "crash":
             raise exc
         if agent.on_error == "dlq":
-            self.dead_letter(agent, msg, exc)
-
-    @staticmethod
-    def log_agent_error(agent: Agent, msg: Message, exc: BaseException) -> None:
-        """One line per failed record: where, what, and what its policy does with it."""
-        where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
-        if agent.on_error == "crash":
-            log.error("agent %s failed on %s: %r; stopping the child", agent.name, where, exc)
-            return
-        log.error("agent %s failed on %s: %s: %s (%s)", agent.name, where, type(exc).__name__,
-                  exc, "dead-lettered to " + agent.dlq_topic if agent.on_error == "dlq" else "skipped")
-
-    def dead_letter(self, agent: Agent, msg: Message, exc: BaseException) -> None:
-        """Sends ``msg`` to the agent's dead-letter topic with the error in its headers.
-        A dead letter too large for ``message.max.bytes`` goes with its payload truncated
-        (header ``shardsup.truncated``: the original length); one that cannot fit even
-        then (a huge key) is logged and dropped: never a crash loop (DESIGN.md, "Bad input
-        and errors")."""
-        headers = list(msg.headers() or ()) + [
-            ("shardsup.error", f"{type(exc).__name__}: {exc}".encode()[:4000]),
-            ("shardsup.traceback", "".join(traceback.format_exception(
-                type(exc), exc, exc.__traceback__)).encode()[-8000:]),
-            ("shardsup.agent", agent.name.encode()),
-            ("shardsup.topic", msg.topic().encode()),
-            ("shardsup.partition", str(msg.partition()).encode()),
-            ("shardsup.offset", str(msg.offset()).encode()),
-        ]
-        producer = self.committer.producer_for(msg)
-        try:
-            produce(producer, agent.dlq_topic, msg.value(), msg.key(), headers)
-            return
-        except RecordTooLarge:
-            value, headers = fit_dead_letter(msg.value(), msg.key(), headers, self.max_message_bytes)
-        try:
-            produce(producer, agent.dlq_topic, value, msg.key(), headers)
-        except RecordTooLarge as exc2:
-            log.error("dead letter of %s[%d]@%d dropped: %s", msg.topic(), msg.partition(),
-                      msg.offset(), exc2)
+            dead_letter(self.committer.producer_for(msg), agent, msg, exc, self.max_message_bytes)
 
     def on_consume_error(self, msg: Message) -> None:
         err = msg.error()
