@@ -50,6 +50,9 @@ class Stream:
         #: the record the agent is processing now (its key goes with what it yields)
         self.current: Optional["Message"] = None
         self._decode_key = agent.topic.decode_key
+        #: an agent of several topics decodes each record's key with its own topic's codec
+        self._key_decoders: Optional[Dict[str, Callable[[Any], Any]]] = (
+            {t.name: t.decode_key for t in agent.topics} if len(agent.topics) > 1 else None)
         #: after ``group_by``/``through``: the topic the agent reads on from
         self.regrouped: Optional[str] = None
         #: ``group_by``'s key function (None for ``through``: the key stays)
@@ -127,6 +130,7 @@ class Stream:
                                "named with literals)")
         self.regrouped = regroup.topic
         self._decode_key = self.agent.app.topics[regroup.topic].decode_key
+        self._key_decoders = None
 
     # (key, value) pairs and events
     def items(self) -> "_Items":
@@ -143,13 +147,18 @@ class Stream:
         assert msg is not None
         kind, stamp = msg.timestamp()
         headers = dict(msg.headers() or ())
-        return Event(self._decode_key(msg.key()), value, msg.topic(), msg.partition(),
+        return Event(self._key_of(msg), value, msg.topic(), msg.partition(),
                      msg.offset(), stamp / 1000.0 if kind else None, headers)
 
     def current_key(self) -> Any:
         """The decoded key of the record in hand."""
         assert self.current is not None
-        return self._decode_key(self.current.key())
+        return self._key_of(self.current)
+
+    def _key_of(self, msg: "Message") -> Any:
+        if self._key_decoders is None:
+            return self._decode_key(msg.key())
+        return self._key_decoders[msg.topic()](msg.key())
 
 
 class _Items:

@@ -31,6 +31,7 @@ class AckingProducer:
 
     def __init__(self, failing: Callable[[str], bool] = lambda topic: False) -> None:
         self.records: List[Tuple[str, Any, Any]] = []
+        self.headers: List[Any] = []
         self.pending: List[Tuple[str, Optional[Callable[..., None]]]] = []
         self.failing = failing
         self.default_report: Optional[Callable[..., None]] = None
@@ -38,6 +39,7 @@ class AckingProducer:
     def produce(self, topic: str, value: Any = None, key: Any = None, partition: int = -1,
                 headers: Any = None, on_delivery: Optional[Callable[..., None]] = None) -> None:
         self.records.append((topic, key, value))
+        self.headers.append(headers)
         self.pending.append((topic, on_delivery))
 
     def flush(self, timeout: float = 0) -> int:
@@ -128,3 +130,44 @@ def test_a_bad_record_is_dead_lettered_and_its_offset_still_counts(worker: Worke
     assert producer.records[0][2] == b"not json" and worker.errors == 1
     worker.settle(block=True)
     assert worker.positions == {("in", 0): 3}
+
+
+@pytest.mark.timeout(20)
+def test_a_re_keying_agent_forwards_its_source_and_runs_its_loop_on_the_repartition_topic():
+    """``group_by``: records of the source topic are forwarded (new key, value bytes as
+    they were, their origin in a header) and never reach the loop; the loop takes the
+    repartition topic's records, keyed by the new key."""
+    from shardworker.origins import origin_of
+
+    app = App("u", broker="kafka://127.0.0.1:9")
+    orders, out = app.topic("orders"), app.topic("out")
+    seen: List[Any] = []
+
+    @app.agent(orders, sink=[out])
+    def per_user(stream):  # type: ignore[no-untyped-def]
+        for key, order in stream.group_by("user", name="by-user").items():
+            seen.append((key, order["n"]))
+            yield order["n"]
+
+    previous = signal.getsignal(signal.SIGTERM)
+    worker = Worker(app, channel=SentToSupervisor(), bootstrap="127.0.0.1:9", index=0)  # type: ignore[arg-type]
+    worker.setup()
+    producer = AckingProducer()
+    producer.default_report = worker.committer.on_delivery
+    worker.committer.producer = producer  # type: ignore[attr-defined]
+    try:
+        value = b'{"user": "ann", "n": 7}'
+        worker.process_chunk([Message("orders", 2, 40, value, key=b"order-1")])
+        assert seen == []
+        assert producer.records == [("u-by-user-repartition", b"ann", value)]
+        assert origin_of(producer.headers[0]) == ("per_user|orders|2", (40, 0))
+        worker.process_chunk([Message("u-by-user-repartition", 1, 0, value, key=b"ann",
+                                      headers=producer.headers[0])])
+        assert seen == [("ann", 7)]
+        assert producer.records[1][:2] == ("out", b"ann")  # outputs keyed by the new key
+        assert app.topology.task_id("u-by-user-repartition", 1) == "1_1"
+    finally:
+        for runner in worker.runners:
+            runner.stop()
+        worker.consumer.close()
+        signal.signal(signal.SIGTERM, previous)
