@@ -1,5 +1,6 @@
 """Test app: one table fed by two topics that declare no partition count (so the broker's
-topics decide; the co-partitioning check at start is what guards them)."""
+topics decide; the co-partitioning check at start is what guards them), and an agent
+that moves its loop to another topic with ``through``."""
 import os
 
 import shardworker
@@ -16,3 +17,15 @@ seen = app.table("seen", default=int)
 async def count(stream):
     async for key, _value in stream.items():
         seen[key] += 1
+
+
+# `through`: the loop goes on with the records on the tasks of a topic the app names
+events = app.topic(f"{P}-events", key_serializer="str")
+audited = app.topic(f"{P}-audited", key_serializer="str")
+audit_counts = app.table("audit_counts", default=int)
+
+
+@app.agent(events)
+async def audit(stream):
+    async for key, _value in stream.through(audited).items():
+        audit_counts[key] += 1

@@ -182,3 +182,36 @@ def test_start_is_refused_for_topics_that_are_not_co_partitioned(broker, prefix,
     assert code != 0
     assert len(lines) == 1 and f"{prefix}-clicks[3], {prefix}-views[2]" in lines[0], \
         sup.output()[-2000:]
+
+
+@pytest.mark.timeout(120)
+def test_a_table_fed_by_two_topics_and_a_loop_moved_through_a_topic_are_exact(
+        broker, prefix, start_supervisor):
+    from tests.conftest import create_topic
+
+    create_topic(broker, f"{prefix}-clicks", 3)
+    create_topic(broker, f"{prefix}-views", 3)
+    sup = start_supervisor("tests.apps.two_feeds", "-c", "2")
+    sup.wait_for(lambda: "sub-topologies" in sup.output(), 60, "the supervisor to start")
+    clicks = [(f"k{n % 10}".encode(), b"{}") for n in range(300)]
+    views = [(f"k{n % 7}".encode(), b"{}") for n in range(200)]
+    events = [(f"e{n % 5}".encode(), b"{}") for n in range(100)]
+    produce_default(broker, f"{prefix}-clicks", clicks)
+    produce_default(broker, f"{prefix}-views", views)
+    produce_default(broker, f"{prefix}-events", events)
+    expected: Dict[str, int] = {}
+    for key, _v in clicks + views:
+        expected[key.decode()] = expected.get(key.decode(), 0) + 1
+    audited = {f"e{k}": 20 for k in range(5)}
+
+    def read(name: str) -> Dict:
+        result = subprocess.run([sys.executable, "-m", "supervisor", "table", "-A",
+                                 "tests.apps.two_feeds", "--datadir", sup.datadir, name],
+                                cwd=ROOT, capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "SHARDSUP_TEST_PREFIX": prefix})
+        return json.loads(result.stdout) if result.returncode == 0 else {}
+
+    sup.wait_for(lambda: read("seen") == expected, 90, f"seen == {expected}")
+    sup.wait_for(lambda: read("audit_counts") == audited, 60, f"audit_counts == {audited}")
+    assert "(tables seen)" in sup.output() and f"{prefix}-audited" in sup.output()
+    assert sup.stop() == 0
