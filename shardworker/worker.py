@@ -78,6 +78,9 @@ class Worker:
         self.topology = app.topology
         #: topics the app reads: what it sends to them carries its origin (.origins)
         self.self_fed = frozenset(self.topology.source_topics)
+        #: of those, the topics of tasks with tables: where origins are looked for
+        self.deduplicated = frozenset(t for sub in self.topology.subtopologies if sub.tables
+                                      for t in sub.sources)
         self.stamper = OriginStamper()
         #: the agent running now (step 2), whose record in hand is what it sends' origin
         self.current: Optional[AgentRunner] = None
@@ -221,7 +224,7 @@ class Worker:
         when due (:meth:`drain`)."""
         positions: Dict[TopicPartitionKey, int] = {}
         routes = self.routes
-        self_fed = self.self_fed
+        deduplicated = self.deduplicated
         # 1. decode each record and queue it for the agents of its topic (a record the app
         #    sent itself and this task applied already is skipped: .origins); re-keying
         #    agents forward it to the topic they read on from
@@ -232,8 +235,12 @@ class Worker:
             topic = msg.topic()
             positions[(topic, msg.partition())] = msg.offset() + 1
             route = routes.get(topic)
-            if route is None or (topic in self_fed and self.applied_before(msg)):
+            if route is None:
                 continue
+            if topic in deduplicated:  # a record without headers (from outside): one call
+                headers = msg.headers()
+                if headers is not None and self.applied_before(msg, headers):
+                    continue
             try:
                 value = route.decode(msg.value())
             except Exception as exc:  # noqa: BLE001 - a bad record, not a bad worker
@@ -290,14 +297,14 @@ class Worker:
             # 6. the offsets count as processed (reported to the supervisor)
             self.positions.update(positions)
 
-    def applied_before(self, msg: Message) -> bool:
-        """True when ``msg`` came from this app and its task applied its origin already
-        (an upstream batch processed again: :mod:`.origins`).  Tasks with tables keep
-        their origins with their state; others keep none."""
+    def applied_before(self, msg: Message, headers: List[Tuple[str, bytes]]) -> bool:
+        """True when ``msg`` (with ``headers``) came from this app and its task applied
+        its origin already (an upstream batch processed again: :mod:`.origins`).  Tasks
+        with tables keep their origins with their state; others keep none."""
         tables = self.state.by_partition.get((msg.topic(), msg.partition()))
         if tables is None:
             return False
-        origin = origin_of(msg.headers())
+        origin = origin_of(headers)
         return origin is not None and not tables.origins.admit(*origin)
 
     def origin_header(self, topic: str) -> Optional[Tuple[str, bytes]]:
