@@ -166,6 +166,12 @@ def test_a_re_keying_agent_forwards_its_source_and_runs_its_loop_on_the_repartit
         assert seen == [("ann", 7)]
         assert producer.records[1][:2] == ("out", b"ann")  # outputs keyed by the new key
         assert app.topology.task_id("u-by-user-repartition", 1) == "1_1"
+        # a record that cannot be decoded, or whose key function raises, is dead-lettered
+        worker.process_chunk([Message("orders", 2, 41, b"{not json", key=b"order-2"),
+                              Message("orders", 2, 42, b'{"n": 1}', key=b"order-3")])
+        assert [r[:2] for r in producer.records[2:]] == [("u-per_user-dlq", b"order-2"),
+                                                         ("u-per_user-dlq", b"order-3")]
+        assert worker.errors == 2 and seen == [("ann", 7)]
     finally:
         for runner in worker.runners:
             runner.stop()
