@@ -3,6 +3,7 @@ agent, outputs) and 4-6 (acknowledged → offsets count), and what a failed deli
 bad record does to them.  No broker: the producer never connects."""
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 from typing import Any, Callable, Iterator, List, Optional, Tuple
@@ -70,6 +71,13 @@ def worker() -> Iterator[Worker]:
         for value in stream:
             yield {"n": value["n"] * 2}
 
+    with running(app) as started:
+        yield started
+
+
+@contextlib.contextmanager
+def running(app: App) -> Iterator[Worker]:
+    """A set-up worker of ``app``, its producer replaced by an :class:`AckingProducer`."""
     previous = signal.getsignal(signal.SIGTERM)
     worker = Worker(app, channel=SentToSupervisor(), bootstrap="127.0.0.1:9", index=0)  # type: ignore[arg-type]
     worker.setup()
@@ -149,13 +157,8 @@ def test_a_re_keying_agent_forwards_its_source_and_runs_its_loop_on_the_repartit
             seen.append((key, order["n"]))
             yield order["n"]
 
-    previous = signal.getsignal(signal.SIGTERM)
-    worker = Worker(app, channel=SentToSupervisor(), bootstrap="127.0.0.1:9", index=0)  # type: ignore[arg-type]
-    worker.setup()
-    producer = AckingProducer()
-    producer.default_report = worker.committer.on_delivery
-    worker.committer.producer = producer  # type: ignore[attr-defined]
-    try:
+    with running(app) as worker:
+        producer = worker.committer.producer  # type: ignore[attr-defined]
         value = b'{"user": "ann", "n": 7}'
         worker.process_chunk([Message("orders", 2, 40, value, key=b"order-1")])
         assert seen == []
@@ -172,8 +175,3 @@ def test_a_re_keying_agent_forwards_its_source_and_runs_its_loop_on_the_repartit
         assert [r[:2] for r in producer.records[2:]] == [("u-per_user-dlq", b"order-2"),
                                                          ("u-per_user-dlq", b"order-3")]
         assert worker.errors == 2 and seen == [("ann", 7)]
-    finally:
-        for runner in worker.runners:
-            runner.stop()
-        worker.consumer.close()
-        signal.signal(signal.SIGTERM, previous)
