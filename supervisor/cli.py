@@ -5,7 +5,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional
 
 import click
 
@@ -44,7 +44,26 @@ def cli() -> None:
     """
 
 
-@cli.command()
+class SectionedCommand(click.Command):
+    """A command whose ``--help`` lists its options in sections, as Faust's worker does
+    (``sections``: title → option names, in order; the rest under "Other options")."""
+
+    sections: Dict[str, List[str]] = {}
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        params = {p.name: p for p in self.get_params(ctx)}
+        sections = list(self.sections.items())
+        sections.append(("Other options", [n for n in params if not any(
+            n in names for _t, names in sections)]))
+        for title, names in sections:
+            rows = [params[n].get_help_record(ctx) for n in names if n in params]
+            rows = [r for r in rows if r]
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+@cli.command(cls=SectionedCommand)
 @click.option("-A", "--app", "app_spec", required=True, metavar="MODULE[:ATTR]",
               help="The app: a module with one shardworker.App, or module:attribute.")
 @click.option("-c", "--concurrency", type=click.IntRange(min=1), default=None,
@@ -284,6 +303,35 @@ def table(app_spec: str, datadir: Optional[str], name: str, key: Optional[str]) 
     except TableReadError as exc:
         fail(str(exc))
     click.echo(json.dumps(result, sort_keys=True))
+
+
+start.sections = {  # type: ignore[attr-defined]
+    "App and broker": ["app_spec", "broker", "concurrency", "datadir"],
+    "Supervision": ["shutdown_timeout", "child_timeout", "max_restarts", "restart_window",
+                    "failed_retry", "exit_on_task_failure"],
+    "Web server": ["web_port", "web_host"],
+    "Logging": ["loglevel", "logfile", "log_format"],
+    "Help": ["help"],
+}
+
+
+def envvar_of(option: click.Option) -> str:
+    """``--shutdown-timeout`` → ``SHARDSUP_SHUTDOWN_TIMEOUT``: every option can come from
+    the environment (a systemd unit's ``Environment=``, a container's), the same name in
+    every command."""
+    longest = max(option.opts, key=len).lstrip("-")
+    return "SHARDSUP_" + longest.upper().replace("-", "_")
+
+
+def _give_options_envvars(group: click.Group) -> None:
+    for command in group.commands.values():
+        for param in command.params:
+            if isinstance(param, click.Option) and param.envvar is None:
+                param.envvar = envvar_of(param)
+                param.show_envvar = True
+
+
+_give_options_envvars(cli)
 
 
 def main() -> None:
