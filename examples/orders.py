@@ -6,12 +6,16 @@ table; it feeds itself, so it runs anywhere.
 A timer (run by exactly one child) sends each user's tier to the ``tiers`` topic once
 and a few random orders, keyed by order id, every half second.  ``per_user`` re-keys the
 orders by user (``group_by``: through the topic ``orders-demo-by-user-repartition``), so
-each user's count and sum live in one task's tables, and joins each order with the
-user's tier from the global table ``tiers``.  ``report`` prints one line per order, so
-you can watch the children share the work: ``shardsup status`` shows the sub-topologies
-(0: orders, forwarded; 1: the repartition topic with the tables; 2: totals), and
+each user's count, sum and orders per minute (a tumbling window) live in one task's
+tables, and joins each order with the user's tier from the global table ``tiers``.
+``report`` logs one line per order, with the child (its tasks and pid) that printed it,
+so you can watch the children share the work.  In a second terminal,
+``shardsup status -A examples.orders`` shows the sub-topologies (0: orders, forwarded;
+1: the repartition topic with the tables; 2: totals) and the children, and
 ``shardsup table -A examples.orders spent`` the sums.
 """
+import logging
+import os
 import random
 import uuid
 
@@ -24,6 +28,10 @@ totals = app.topic("totals", partitions=4, key_serializer="str", value_serialize
 tiers = app.global_table("tiers", topic=tiers_topic)
 spent = app.table("spent", default=int)
 counted = app.table("counted", default=int)
+#: orders per user and minute (a tumbling window of the record's timestamp)
+per_minute = app.table("per_minute", default=int).tumbling(60.0, expires=600.0)
+#: each line says which child printed it: ``[child <its tasks>]`` and its pid
+log = logging.getLogger("demo")
 
 USERS = [f"u{i}" for i in range(8)]
 _tiers_sent = False
@@ -49,13 +57,15 @@ async def per_user(stream):
         user = order["user"]
         spent[user] += order["amount"]
         counted[user] += 1
+        per_minute[user] += 1
         yield {"user": user, "tier": tiers.get(user), "orders": counted[user],
-               "spent": spent[user]}
+               "spent": spent[user], "this_minute": per_minute[user].current()}
 
 
 @app.agent(totals)
 async def report(stream):
     async for event in stream.events():
         total = event.value
-        print(f"{event.topic}[{event.partition}]@{event.offset} {total['user']} "
-              f"({total['tier']}): orders={total['orders']} spent={total['spent']}", flush=True)
+        log.info("pid %d: %s[%d]@%d %s (%s): orders=%d spent=%d this minute=%d", os.getpid(),
+                 event.topic, event.partition, event.offset, total["user"], total["tier"],
+                 total["orders"], total["spent"], total["this_minute"])
