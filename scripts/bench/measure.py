@@ -86,7 +86,8 @@ ChangelogRow = Tuple[int, int, bytes, Optional[bytes], Optional[int], Optional[i
 
 
 def is_state_kind(kind: str) -> bool:
-    return kind.startswith("state-")
+    """A run of the stateful workloads: ``state-*`` and the two-stage ``twostage-cN``."""
+    return kind.startswith(("state-", "twostage-"))
 
 
 def state_truth(n: int, keys: int) -> Tuple[Dict[str, int], Dict[str, int]]:

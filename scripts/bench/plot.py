@@ -13,7 +13,8 @@ import sys
 from typing import Any, Dict, List
 
 WORKLOADS = (("stateless", "stateless (json → ~20 µs work → produce)"),
-             ("stateful", "count and sum per key"))
+             ("stateful", "count and sum per key"),
+             ("twostage", "group_by (repartition topic), then count and sum"))
 
 
 def draw(rows: List[Dict[str, Any]], title: str, out: str) -> None:
@@ -22,8 +23,10 @@ def draw(rows: List[Dict[str, Any]], title: str, out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
-    for ax, (key, name) in zip(axes, WORKLOADS):
+    # a panel per workload measured
+    panels = [(key, name) for key, name in WORKLOADS if any(r.get(key) for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.2), squeeze=False)
+    for ax, (key, name) in zip(axes[0], panels):
         shown = [(r["system"], r[key]) for r in rows if r.get(key)]
         xs = list(range(len(shown)))
         rates = [w["rate"] or 0 if not w["unavailable"] else 0 for _s, w in shown]
@@ -37,6 +40,11 @@ def draw(rows: List[Dict[str, Any]], title: str, out: str) -> None:
                         ha="center", va="bottom", fontsize=8,
                         rotation=90 if w["unavailable"] or not w["rate"] else 0)
         ax.set_xticks(xs, [s for s, _w in shown], rotation=30, ha="right", fontsize=8)
+        if key == "twostage":
+            ratios = [f"{r['system'].replace('shardsup ', '')}: {r['twostage_vs_count']:.2f}×"
+                      for r in rows if r.get("twostage_vs_count")]
+            if ratios:
+                name += "\n(÷ one-stage count: " + ", ".join(ratios) + ")"
         ax.set_title(name, fontsize=10)
         ax.set_ylabel("records/s (steady)")
         ax.grid(axis="y", alpha=0.3)

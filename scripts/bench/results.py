@@ -118,7 +118,8 @@ def summarize_state(results: Dict[str, List[Dict[str, Any]]], args: argparse.Nam
     raw_rate = med("state-raw", "rate")
     print()
     print(f"stateful results ({n:,} JSON records, {args.keys:,} keys, {args.partitions} "
-          f"partitions, count and sum per key in two tables, {os.cpu_count()} CPUs"
+          f"partitions, count and sum per key in two tables (twostage-cN: per new key, "
+          f"after group_by), {os.cpu_count()} CPUs"
           + (f", median of {args.repeat}" if args.repeat > 1 else "") + ")")
     header = (f"{'run':<13} {'startup s':>9} {'steady rec/s':>12} {'mid80 rec/s':>11} "
               f"{'µs/rec':>7} {'vs raw':>6} {'cpu s':>6} {'child cpu µs/rec':>16} "
@@ -237,6 +238,20 @@ def summarize_state(results: Dict[str, List[Dict[str, Any]]], args: argparse.Nam
               f"{'met' if c1 >= scaled else 'NOT met'} (state-c1 = {c1 / raw_rate:.2f}× state-raw)")
     if c1 and c2:
         print(f"state-c2/state-c1 = {c2 / c1:.2f} ({os.cpu_count()} CPUs; the broker shares them)")
+    for kind in kinds:
+        if kind.startswith("twostage-"):
+            one_kind = "state-" + kind[len("twostage-"):]
+            two, one = med(kind, "rate"), med(one_kind, "rate")
+            fwd = med(kind, "from_forward_rate")
+            cpu1, cpu2 = med(one_kind, "child_cpu_s"), med(kind, "child_cpu_s")
+            print(f"{kind}/{one_kind} = " + (f"{two / one:.2f}" if two and one else "-")
+                  + f" (two-stage {fmt(two, ',.0f')} rec/s: re-key through the repartition "
+                    f"topic, then count; one-stage {fmt(one, ',.0f')} rec/s"
+                  + ("" if one_kind in args.runs else f"; {one_kind} was not run") + "); "
+                  f"timed from stage 1's first forward instead: {fmt(fwd, ',.0f')} rec/s"
+                  + (f" = {fwd / one:.2f}× {one_kind}" if fwd and one else "")
+                  + (f"; child CPU {1e6 * cpu2 / n:.1f} against {1e6 * cpu1 / n:.1f} µs/record "
+                     f"= {cpu1 / cpu2:.2f}× the records per CPU second" if cpu1 and cpu2 else ""))
     for eos_kind, alo_kind in (("state-eos-c1", "state-c1"), ("state-eos-c2", "state-c2")):
         if eos_kind not in args.runs:
             continue
@@ -281,26 +296,35 @@ def summarize_state(results: Dict[str, List[Dict[str, Any]]], args: argparse.Nam
 
 
 # -- records/s per workload and system --------------------------------------------------------
-#: (system label, stateless run, stateful run)
+#: the comparison's workloads: (key in a row, its column in the printed table)
+WORKLOADS = (("stateless", "stateless rec/s"), ("stateful", "count rec/s"),
+             ("twostage", "2-stage rec/s"))
+
+
+#: (system label, stateless run, stateful run, two-stage run); only shardsup has a
+#: two-stage run (the peers' and the raw loop's are not written: docs/benchmark.md)
 def systems(args: argparse.Namespace) -> List[tuple]:
-    rows = [("raw loop", "raw", "state-raw")]
+    rows = [("raw loop", "raw", "state-raw", None)]
     conc = sorted({int(k[1:]) for k in args.runs if k[:1] == "c" and k[1:].isdigit()}
                   | {int(k[7:]) for k in args.runs
-                     if k.startswith("state-c") and k[7:].isdigit()})
-    rows += [(f"shardsup -c {c}", f"c{c}", f"state-c{c}") for c in conc]
+                     if k.startswith("state-c") and k[7:].isdigit()}
+                  | {int(k[10:]) for k in args.runs
+                     if k.startswith("twostage-c") and k[10:].isdigit()})
+    rows += [(f"shardsup -c {c}", f"c{c}", f"state-c{c}", f"twostage-c{c}") for c in conc]
     conc = sorted({int(k[11:]) for k in args.runs if k.startswith("state-eos-c")})
-    rows += [(f"shardsup eos -c {c}", None, f"state-eos-c{c}") for c in conc]
-    rows += [(peers.LABELS[p], p, f"state-{p}") for p in peers.PEERS]
-    return [r for r in rows if r[1] in args.runs or r[2] in args.runs]
+    rows += [(f"shardsup eos -c {c}", None, f"state-eos-c{c}", None) for c in conc]
+    rows += [(peers.LABELS[p], p, f"state-{p}", None) for p in peers.PEERS]
+    return [r for r in rows if any(k in args.runs for k in r[1:])]
 
 
 def comparison(results: Results, args: argparse.Namespace) -> List[Dict[str, Any]]:
     """One row per system: steady rec/s and startup s of each workload (medians), or why
-    it was not measured."""
+    it was not measured; with both counts measured, ``twostage_vs_count`` = the two-stage
+    rate / the one-stage count's."""
     out = []
-    for label, less, full in systems(args):
+    for label, less, full, twostage in systems(args):
         row: Dict[str, Any] = {"system": label}
-        for workload, kind in (("stateless", less), ("stateful", full)):
+        for workload, kind in (("stateless", less), ("stateful", full), ("twostage", twostage)):
             if kind is None or kind not in args.runs:
                 continue
             rs = results.get(kind, [])
@@ -311,6 +335,15 @@ def comparison(results: Results, args: argparse.Namespace) -> List[Dict[str, Any
                 "timing": (rs[0].get("timing") if rs else "") or default_timing(kind),
                 "ok": bool(rs) and all(r.get("ok") for r in rs),
                 "unavailable": unavailable(rs)}
+        one, two = row.get("stateful"), row.get("twostage")
+        if one and two and one["rate"] and two["rate"]:
+            row["twostage_vs_count"] = two["rate"] / one["rate"]
+        if one and two:
+            # the same ratio by the children's CPU per record: less noisy than rates
+            cpu1 = median_of(results, one["run"], "child_cpu_s")
+            cpu2 = median_of(results, two["run"], "child_cpu_s")
+            if cpu1 and cpu2:
+                row["twostage_cpu_vs_count"] = cpu1 / cpu2
         out.append(row)
     return out
 
@@ -318,7 +351,7 @@ def comparison(results: Results, args: argparse.Namespace) -> List[Dict[str, Any
 def default_timing(kind: str) -> str:
     if kind == "state-raw":
         return "own clock"
-    return "changelog" if kind.startswith("state-") else "outputs"
+    return "changelog" if is_state_kind(kind) else "outputs"
 
 
 def print_comparison(rows: List[Dict[str, Any]], args: argparse.Namespace) -> None:
@@ -327,30 +360,38 @@ def print_comparison(rows: List[Dict[str, Any]], args: argparse.Namespace) -> No
     print()
     print(f"records/s per workload and system ({args.records:,} records, {args.partitions} "
           f"partitions, {os.cpu_count()} CPUs; steady rate, startup = launch → first result)")
-    head = (f"{'system':<20} {'stateless rec/s':>15} {'startup s':>9}   "
-            f"{'count rec/s':>12} {'startup s':>9}  timing (stateless / count)")
+    shown = [(key, col) for key, col in WORKLOADS if any(row.get(key) for row in rows)]
+    head = (f"{'system':<20} "
+            + "   ".join(f"{col:>15} {'startup s':>9}" for _key, col in shown)
+            + (f"   {'2-stage/count':>13}" if any(r.get("twostage") for r in rows) else "")
+            + f"  timing ({' / '.join(col.rsplit(' ', 1)[0] for _key, col in shown)})")
     print(head)
     print("-" * len(head))
     for row in rows:
         cells, timing = [], []
-        for workload in ("stateless", "stateful"):
+        for workload, _col in shown:
             w = row.get(workload)
             if not w:
-                cells.append(f"{'':>15} {'':>9}" if workload == "stateless" else f"{'':>12} {'':>9}")
+                cells.append(f"{'':>15} {'':>9}")
                 timing.append("-")
             elif w["unavailable"]:
-                width = 25 if workload == "stateless" else 22
-                cells.append(f"{'unavailable':>{width}}")
+                cells.append(f"{'unavailable':>25}")
                 timing.append(w["unavailable"][:60])
             else:
-                width = 15 if workload == "stateless" else 12
                 rate = fmt(w["rate"], ",.0f") + ("" if w["ok"] else "!")
-                cells.append(f"{rate:>{width}} {fmt(w['startup_s'], '.2f'):>9}")
+                cells.append(f"{rate:>15} {fmt(w['startup_s'], '.2f'):>9}")
                 timing.append(w["timing"] or "-")
-        print(f"{row['system']:<20} {cells[0]}   {cells[1]}  {' / '.join(timing)}")
+        ratio = ""
+        if any(r.get("twostage") for r in rows):
+            ratio = f"   {fmt(row.get('twostage_vs_count'), '.2f'):>13}"
+        print(f"{row['system']:<20} {'   '.join(cells)}{ratio}  {' / '.join(timing)}")
     print("!: the run was not complete or not exact (see its note).  timing: outputs = the "
           "output records' CreateTime (first → last result); changelog = shardsup's changelog "
           "records; own clock = the process's clock, first record → last record applied.")
+    if any(r.get("twostage") for r in rows):
+        print("2-stage: re-key with group_by through a repartition topic, then count and sum "
+              "per new key (twostage-cN); 2-stage/count: its rate / the one-stage count's "
+              "(state-cN) in this run.")
 
 
 def write_json(results: Results, args: argparse.Namespace, meta: Dict[str, Any],

@@ -23,12 +23,17 @@ from .workloads.kill import KillRun
 from .workloads.restore import RestoreRun
 from .workloads.stateful import StateRun, print_profiles
 from .workloads.stateless import Run
+from .workloads.twostage import TwoStageRun
 
 
 STATELESS_RUNS = "raw,c1,c2"
-STATEFUL_RUNS = "state-raw,state-c1,state-c2,state-eos-c1,state-eos-c2,state-restore,state-kill"
+STATEFUL_RUNS = ("state-raw,state-c1,state-c2,twostage-c1,twostage-c2,state-eos-c1,state-eos-c2,"
+                 "state-restore,state-kill")
+#: the one-stage count beside the two-stage one (re-key, then count), -c 1 and -c 2
+TWOSTAGE_RUNS = "state-c1,twostage-c1,state-c2,twostage-c2"
 PEER_NAMES = "|".join(peers.PEERS)
 RUN_NAME = re.compile(r"^(raw|c[1-9][0-9]*|state-raw|state-c[1-9][0-9]*|state-eos-c[1-9][0-9]*"
+                      r"|twostage-c[1-9][0-9]*"
                       rf"|state-restore|state-kill|(state-)?({PEER_NAMES}))$")
 
 
@@ -44,6 +49,8 @@ def make_run(kind: str, args: argparse.Namespace, broker: Any, iters: int, workd
         return RestoreRun(kind, args, broker.bootstrap, pid, workdir, truth)
     if kind == "state-kill":
         return KillRun(kind, args, broker.bootstrap, pid, workdir, truth)
+    if kind.startswith("twostage-"):
+        return TwoStageRun(kind, args, broker.bootstrap, pid, workdir)
     if is_state_kind(kind):
         return StateRun(kind, args, broker.bootstrap, pid, workdir, truth)
     return Run(kind, args, broker.bootstrap, pid, iters, workdir)
@@ -56,12 +63,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "doing the same work, and against other stream processors, in one run.",
         epilog="docs/benchmark.md describes the workloads, the systems and the columns.")
     parser.add_argument("--records", type=int, default=300_000, help="input records per run")
-    parser.add_argument("--workload", choices=["stateless", "stateful", "all"], default="all",
+    parser.add_argument("--workload", choices=["stateless", "stateful", "twostage", "all"],
+                        default="all",
                         help=f"which runs --runs defaults to: stateless ({STATELESS_RUNS}), "
-                             f"stateful ({STATEFUL_RUNS}) or all (both; the default)")
+                             f"stateful ({STATEFUL_RUNS}), twostage ({TWOSTAGE_RUNS}: the "
+                             "one-stage and the two-stage count only) or all (stateless and "
+                             "stateful; the default)")
     parser.add_argument("--runs", default=None,
                         help="comma-separated run names (overrides --workload): raw, cN "
                              "(stateless, shardsup -c N), state-raw, state-cN, state-eos-cN, "
+                             "twostage-cN (re-key with group_by, then count and sum), "
                              "state-restore, state-kill; peers: quix, faust, bytewax, "
                              "pathway (stateless) and state-<peer> (count and sum per key)")
     parser.add_argument("--peers", nargs="?", const=",".join(peers.PEERS), default="",
@@ -108,6 +119,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if args.runs is None:
         args.runs = {"stateless": STATELESS_RUNS, "stateful": STATEFUL_RUNS,
+                     "twostage": TWOSTAGE_RUNS,
                      "all": f"{STATELESS_RUNS},{STATEFUL_RUNS}"}[args.workload]
     args.runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     chosen = [p.strip() for p in args.peers.split(",") if p.strip()]
@@ -123,7 +135,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for r in args.runs:
         if not RUN_NAME.match(r):
             parser.error(f"unknown run {r!r}: use raw, cN, state-raw, state-cN, state-eos-cN, "
-                         "state-restore, state-kill, a peer or state-<peer>")
+                         "twostage-cN, state-restore, state-kill, a peer or state-<peer>")
     if len(set(args.runs)) != len(args.runs):
         parser.error("a run is named twice in --runs")
     if args.records < 1 or args.partitions < 1 or args.repeat < 1 or args.keys < 1 \
@@ -228,6 +240,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                           f"(mid80 {fmt(res.get('mid_rate'), ',.0f')}"
                           + (f", commit-sampled {fmt(res.get('commit_rate'), ',.0f')}"
                              if kind != "state-raw" else "")
+                          + (f", from stage 1's first forward "
+                             f"{fmt(res.get('from_forward_rate'), ',.0f')}"
+                             if kind.startswith("twostage-") else "")
                           + f"), startup {fmt(res.get('startup_s'), '.2f')} s, "
                           f"{res.get('received', 0):,}/{args.records:,} records, "
                           f"longest pause {fmt(res.get('pause_s'), '.2f')} s after "

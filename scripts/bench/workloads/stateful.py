@@ -39,7 +39,11 @@ REFERENCE = ("raw dict loop ≈ 500,000; Quix Streams with RocksDB state ≈ 40,
 class StateRun:
     """One stateful run: ``state-raw`` (two dicts in one process), ``state-cN`` (shardsup
     -c N, at-least-once), ``state-eos-cN`` (the same with exactly-once); ``state-restore`` and
-    ``state-kill`` subclass it (restore.py, kill.py), the peers too (systems/peers.py)."""
+    ``state-kill`` subclass it (restore.py, kill.py), the two-stage workload (twostage.py)
+    and the peers too (systems/peers.py)."""
+
+    #: the app module shardsup starts (``-A``), with ``scripts/`` as the current directory
+    APP = "bench_state_app"
 
     def __init__(self, kind: str, args: argparse.Namespace, bootstrap: str, broker_pid: int,
                  workdir: str, truth: Tuple[Dict[str, int], Dict[str, int]]) -> None:
@@ -61,6 +65,7 @@ class StateRun:
     def env(self, stats: bool = True) -> Dict[str, str]:
         env = {**os.environ, "BENCH_PREFIX": self.prefix,
                "BENCH_PARTITIONS": str(self.args.partitions),
+               "BENCH_KEYS": str(self.args.keys),
                "BENCH_GUARANTEE": "exactly_once" if self.eos else "at_least_once"}
         env.pop("BENCH_STATS_DIR", None)
         env.pop("BENCH_PROFILE", None)
@@ -72,7 +77,7 @@ class StateRun:
 
     def start_supervisor(self, concurrency: int, log: Any, loglevel: str, json_logs: bool,
                          stats: bool) -> subprocess.Popen:
-        cmd = shardsup.start_command("bench_state_app", self.bootstrap, self.datadir,
+        cmd = shardsup.start_command(self.APP, self.bootstrap, self.datadir,
                                      concurrency, loglevel, json_logs)
         return subprocess.Popen(cmd, cwd=SCRIPTS, env=self.env(stats), stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=log)
@@ -91,8 +96,8 @@ class StateRun:
         return time.monotonic() - stop0, proc.returncode
 
     def table_cli(self, name: str) -> Dict[str, Any]:
-        """``shardsup table -A bench_state_app --datadir D NAME``: the table from LMDB."""
-        return shardsup.read_table("bench_state_app", self.datadir, name, self.env(False))
+        """``shardsup table -A <app> --datadir D NAME``: the table from LMDB."""
+        return shardsup.read_table(self.APP, self.datadir, name, self.env(False))
 
     def log_tail(self, log_path: str) -> str:
         with open(log_path, encoding="utf-8", errors="replace") as f:
@@ -177,21 +182,12 @@ class StateRun:
         watcher = Consumer({"bootstrap.servers": self.bootstrap, "group.id": self.prefix,
                             "enable.auto.commit": False})
         samples: List[Tuple[float, int]] = []
-        done = False
         cpu = self._cpu_start()
         launch = time.time()
         proc = self.start_supervisor(concurrency, log, args.loglevel, json_logs=False, stats=True)
         try:
-            # 1. wait (cheaply) until the group's committed offsets reach the end offsets of
-            #    the input (the supervisor commits only after the state is committed)
-            deadline = time.monotonic() + args.timeout
-            while time.monotonic() < deadline and proc.poll() is None:
-                got = committed_offsets(watcher, self.in_topic, parts)
-                samples.append((time.time(), sum(got.values())))
-                if all(got.get(p, 0) >= ends.get(p, 0) for p in range(parts)):
-                    done = True
-                    break
-                time.sleep(0.25)
+            # 1. wait (cheaply) until every record is processed
+            done = self.wait_processed(watcher, proc, ends, samples)
         finally:
             # 2. stop what we started
             exited_early = proc.poll() is not None
@@ -223,6 +219,7 @@ class StateRun:
         res.update(curve_rates(points, n))
         if points:
             res["startup_s"] = points[0][0] - launch
+            res["first_changelog_at"] = points[0][0]  # epoch s, for twostage.py
             res["received"] = points[-1][1]
             if points[-1][1] != n:
                 res["note"] += f"the changelog headers account for {points[-1][1]} of {n} records; "
@@ -254,6 +251,22 @@ class StateRun:
         res["profiles"] = [os.path.join(self.stats_dir, name) for name in
                            sorted(os.listdir(self.stats_dir)) if name.startswith("profile-")]
         return res
+
+    def wait_processed(self, watcher: Consumer, proc: subprocess.Popen, ends: Dict[int, int],
+                       samples: List[Tuple[float, int]]) -> bool:
+        """Waits until the group's committed offsets reach the end offsets of the input (the
+        supervisor commits only after the state is committed); appends ``(time, records
+        committed)`` to ``samples`` every 0.25 s.  False: the timeout or the supervisor's
+        exit came first."""
+        parts = self.args.partitions
+        deadline = time.monotonic() + self.args.timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            got = committed_offsets(watcher, self.in_topic, parts)
+            samples.append((time.time(), sum(got.values())))
+            if all(got.get(p, 0) >= ends.get(p, 0) for p in range(parts)):
+                return True
+            time.sleep(0.25)
+        return False
 
     def measure_restore(self, expect_tasks: int, verify: bool) -> None:
         """Deletes the datadir, starts ``shardsup start -c 1 -l info`` on the same group and
