@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import logging
 import shutil
 import tempfile
 import threading
@@ -51,8 +50,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["AgentTestContext", "TestAgent", "SyncTestAgent", "Output", "Failure",
            "CollectingProducer"]
-
-log = logging.getLogger("shardworker.testing")
 
 #: confluent_kafka's TIMESTAMP_CREATE_TIME: the producer set the record's timestamp
 _CREATE_TIME = 1
@@ -212,7 +209,8 @@ class _LocalCommitter(AtLeastOnce):
     drains_every_chunk = True
 
     def __init__(self, producer: CollectingProducer, delivery_errors: List[str],
-                 state: TaskStates) -> None:  # noqa: D107 - no Kafka producer to make
+                 state: TaskStates) -> None:
+        # Committer's set-up only: AtLeastOnce's would make a Kafka producer
         super(AtLeastOnce, self).__init__(delivery_errors, lambda: None)
         self.on_record = state.on_record if state.enabled else None
         self.producer = producer  # type: ignore[assignment]

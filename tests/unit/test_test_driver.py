@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import sys
 import threading
+from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable, List
 
 import pytest
 
@@ -27,7 +30,7 @@ def run(test: Callable[[], Awaitable[None]]) -> None:
 
 # -- the README's example ------------------------------------------------------------------
 def readme_app(kind: str) -> SimpleNamespace:
-    """The app of the README's "Testing your agents" section, its agent async or plain."""
+    """An app like the README's "Testing your agents" example, its agent async or plain."""
     app = shardworker.App("proj", broker="kafka://127.0.0.1:9")
     orders = app.topic("orders", key_serializer="str", value_serializer="json")
     totals = app.topic("totals", key_serializer="str", value_serializer="json")
@@ -49,23 +52,36 @@ def readme_app(kind: str) -> SimpleNamespace:
     return SimpleNamespace(app=app, count=count, counts=counts)
 
 
+def readme_blocks() -> List[str]:
+    """The python blocks of the README's "Testing your agents" section (app, test)."""
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    section = text.split("## Testing your agents", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
 @pytest.mark.parametrize("kind", KINDS)
-def test_the_readme_example(kind: str) -> None:
-    proj = readme_app(kind)
-    count, counts = proj.count, proj.counts
+def test_the_readme_example_as_written(kind: str, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's app and test, as files, run as they are (the graph reads the agent's
+    source, so they are modules, not exec'd strings); for ``sync`` the agent is made a
+    plain ``def`` (``async def`` → ``def``, ``async for`` → ``for``) and the test is
+    unchanged."""
+    app_block, test_block = readme_blocks()
+    if kind == "sync":
+        app_block = app_block.replace("async def", "def").replace("async for", "for")
+    (tmp_path / "proj.py").write_text(
+        'import shardworker\napp = shardworker.App("proj", broker="kafka://127.0.0.1:9")\n'
+        + app_block)
+    (tmp_path / "test_proj.py").write_text(test_block)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        import test_proj  # type: ignore[import-not-found]
 
-    async def test_count() -> None:
-        async with count.test_context() as agent:
-            event = await agent.put({"amount": 3}, key="u1")
-            await agent.put({"amount": 4}, key="u1")
-            await agent.put({"amount": 5}, key="u2")
-            assert counts["u1"] == 7 and counts["u2"] == 5
-            assert agent.results == [{"user": "u1", "total": 3}, {"user": "u1", "total": 7},
-                                     {"user": "u2", "total": 5}]
-            assert (event.key, event.value, event.offset) == ("u1", {"amount": 3}, 0)
-            assert agent.dead_letters == []
-
-    run(test_count)
+        assert sys.modules["proj"].count.is_async is (kind == "async")
+        test_proj.test_count()
+    finally:
+        for name in ("proj", "test_proj"):
+            sys.modules.pop(name, None)
 
 
 @pytest.mark.parametrize("kind", KINDS)
