@@ -142,6 +142,14 @@ class Agent:
         """``await agent.send(key=..., value=...)``: a record for the agent's topic."""
         self.topic.send_soon(key, value, headers, partition)
 
+    def test_context(self) -> Any:
+        """``async with agent.test_context() as agent: await agent.put(value, key=...)``
+        (or a plain ``with``): runs this agent alone over the records put, with no broker
+        and no child process (Faust's ``test_context``; :mod:`shardworker.testing`)."""
+        from .testing import AgentTestContext
+
+        return AgentTestContext(self)
+
 
 @dataclass
 class Timer:
