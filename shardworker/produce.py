@@ -46,15 +46,19 @@ def is_too_large(error: Optional[KafkaError]) -> bool:
 def produce(producer: Producer, topic: str, value: Optional[bytes], key: Optional[bytes],
             headers: Optional[Headers] = None,
             on_delivery: Optional[Callable[[Any, Any], None]] = None,
-            partition: int = UNASSIGNED) -> None:
-    """Queues one record (``partition``: as the partitioner says unless given), waiting
-    (serving delivery reports) while the local queue is full.  Raises
-    :class:`RecordTooLarge` for a record over ``message.max.bytes``; any other refusal
-    propagates as librdkafka raised it."""
+            partition: int = UNASSIGNED, timestamp: int = 0) -> None:
+    """Queues one record (``partition``: as the partitioner says unless given;
+    ``timestamp``: epoch ms, 0 for now), waiting (serving delivery reports) while the
+    local queue is full.  Raises :class:`RecordTooLarge` for a record over
+    ``message.max.bytes``; any other refusal propagates as librdkafka raised it."""
     while True:
         try:
-            producer.produce(topic, value, key, partition=partition, headers=headers,
-                             on_delivery=on_delivery)
+            if timestamp:
+                producer.produce(topic, value, key, partition=partition, headers=headers,
+                                 on_delivery=on_delivery, timestamp=timestamp)
+            else:
+                producer.produce(topic, value, key, partition=partition, headers=headers,
+                                 on_delivery=on_delivery)
             return
         except BufferError:
             producer.poll(BACKPRESSURE_POLL)  # queue full: let deliveries drain, then retry

@@ -319,7 +319,8 @@ class Worker:
     def forward(self, runner: AgentRunner, msg: Message, value: Any) -> None:
         """Sends a record of a re-keying agent's source topic to the topic it reads on
         from (``group_by``: keyed by the agent's key function, ``through``: as it is),
-        with its origin; the rest of the agent runs on the tasks of that topic.  Part of
+        with its origin and its timestamp; the rest of the agent runs on the tasks of that
+        topic.  Part of
         ``msg``'s batch: committed with its offset (exactly-once: in its transaction)."""
         agent = runner.agent
         target = self.app.topics[agent.regroup.topic]
@@ -335,7 +336,9 @@ class Worker:
             data = (msg.value() if source.value_serializer == target.value_serializer
                     else target.encode_value(value))
             header = self.stamper.header(agent.name, msg.topic(), msg.partition(), msg.offset())
-            produce(self.committer.producer_for(msg), target.name, data, key, [header])
+            kind, stamp = msg.timestamp()  # event time goes on with the record (windows)
+            produce(self.committer.producer_for(msg), target.name, data, key, [header],
+                    timestamp=stamp if kind and stamp > 0 else 0)
         except Exception as exc:  # noqa: BLE001 - the agent's error policy decides
             self.on_agent_error(agent, msg, exc)
 

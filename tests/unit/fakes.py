@@ -34,6 +34,10 @@ class Message:
     def headers(self) -> Optional[list]:
         return self._headers
 
+    def timestamp(self) -> tuple:
+        """(TIMESTAMP_CREATE_TIME, epoch ms): a fixed time, 2026-01-01."""
+        return 1, 1_767_225_600_000
+
     def error(self) -> None:
         return None
 

@@ -33,14 +33,17 @@ class AckingProducer:
     def __init__(self, failing: Callable[[str], bool] = lambda topic: False) -> None:
         self.records: List[Tuple[str, Any, Any]] = []
         self.headers: List[Any] = []
+        self.timestamps: List[int] = []
         self.pending: List[Tuple[str, Optional[Callable[..., None]]]] = []
         self.failing = failing
         self.default_report: Optional[Callable[..., None]] = None
 
     def produce(self, topic: str, value: Any = None, key: Any = None, partition: int = -1,
-                headers: Any = None, on_delivery: Optional[Callable[..., None]] = None) -> None:
+                headers: Any = None, on_delivery: Optional[Callable[..., None]] = None,
+                timestamp: int = 0) -> None:
         self.records.append((topic, key, value))
         self.headers.append(headers)
+        self.timestamps.append(timestamp)
         self.pending.append((topic, on_delivery))
 
     def flush(self, timeout: float = 0) -> int:
@@ -164,6 +167,7 @@ def test_a_re_keying_agent_forwards_its_source_and_runs_its_loop_on_the_repartit
         assert seen == []
         assert producer.records == [("u-by-user-repartition", b"ann", value)]
         assert origin_of(producer.headers[0]) == ("per_user|orders|2", (40, 0))
+        assert producer.timestamps[0] == 1_767_225_600_000  # event time goes on with it
         worker.process_chunk([Message("u-by-user-repartition", 1, 0, value, key=b"ann",
                                       headers=producer.headers[0])])
         assert seen == [("ann", 7)]
