@@ -12,7 +12,7 @@ Avro included) carries the dict; this module turns it into the record and back:
   failure is a :class:`RecordError` naming the field (``Order.amount: expected int, got
   str``), which the agent's error policy dead-letters.  Keys that are not fields are
   ignored (a newer producer may add fields).
-* encoding takes an instance of the type (``dataclasses.asdict``, or ``model_dump``) or
+* encoding takes an instance of the type (``dataclasses.asdict``'s dict, or ``model_dump``) or
   a dict, which must make a valid record (so ``shardsup send`` works on typed topics).
 """
 from __future__ import annotations
@@ -148,6 +148,63 @@ def builder(cls: type) -> Callable[[Any, str], Any]:
     return build
 
 
+_DUMPERS: Dict[type, Callable[[Any], Dict[str, Any]]] = {}
+
+
+def dumper(cls: type) -> Callable[[Any], Dict[str, Any]]:
+    """A function ``record -> dict`` for a dataclass: what ``dataclasses.asdict`` gives
+    for the annotations :func:`checker` knows, without its deep copy (several times
+    faster); values of other annotations go through ``asdict``'s rules."""
+    cached = _DUMPERS.get(cls)
+    if cached is not None:
+        return cached
+    fields: Tuple[Tuple[str, Optional[Callable[[Any], Any]]], ...] = ()
+
+    def dump(obj: Any) -> Dict[str, Any]:
+        return {name: value if convert is None else convert(value)  # type: ignore[misc]
+                for name, convert in fields for value in (getattr(obj, name),)}
+
+    _DUMPERS[cls] = dump
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - an unresolvable name: copy as asdict does
+        hints = {}
+    fields = tuple((f.name, _converter(hints.get(f.name, Any))) for f in dataclasses.fields(cls))
+    return dump
+
+
+def _converter(annotation: Any) -> Optional[Callable[[Any], Any]]:
+    """None when the value is written as it is (scalars, containers of scalars)."""
+    if annotation in _NAMES:
+        return None
+    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+        dump = dumper(annotation)
+        return lambda value: None if value is None else dump(value)
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if (origin is typing.Union or _is_union_type(origin)) and type(None) in args and len(args) == 2:
+        return _converter(next(a for a in args if a is not type(None)))
+    if origin is list and args:
+        item = _converter(args[0])
+        return None if item is None else (lambda value: [item(v) for v in value])
+    if origin is dict and len(args) == 2:
+        item = _converter(args[1])
+        return None if item is None else (lambda value: {k: item(v) for k, v in value.items()})
+    return _as_plain
+
+
+def _as_plain(value: Any) -> Any:
+    """A value of an annotation the records module does not know, as ``asdict`` does it."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_as_plain(v) for v in value) if not hasattr(value, "_fields") \
+            else type(value)(*(_as_plain(v) for v in value))
+    if isinstance(value, dict):
+        return {k: _as_plain(v) for k, v in value.items()}
+    return value
+
+
 def is_pydantic_model(cls: Any) -> bool:
     """A pydantic v2 model class, told without importing pydantic."""
     return isinstance(cls, type) and callable(getattr(cls, "model_validate", None)) and \
@@ -170,6 +227,7 @@ class RecordCodec:
         self._label = value_type.__name__
         self._pydantic = is_pydantic_model(value_type)
         self._build = None if self._pydantic else builder(value_type)
+        self._dump = None if self._pydantic else dumper(value_type)
         self._inner_dumps = inner.dumps
         self._inner_loads = inner.loads
         self._inner_none = bool(getattr(inner, "handles_none", False))
@@ -189,7 +247,7 @@ class RecordCodec:
     def as_dict(self, obj: Any) -> Any:
         """A record (or a dict that makes a valid one) as the dict the codec writes."""
         if isinstance(obj, self.value_type):
-            return obj.model_dump(mode="json") if self._pydantic else dataclasses.asdict(obj)
+            return obj.model_dump(mode="json") if self._dump is None else self._dump(obj)
         if isinstance(obj, dict):
             return self.as_dict(self.record(obj))
         raise RecordError(f"{self._label}: expected a {self._label} or a dict, got {_kind(obj)}")

@@ -3,6 +3,7 @@ what a declaration accepts, the exact bytes keys and tables keep, and a bad type
 dead-lettered with its field named.  No broker."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ import pytest
 
 from shardworker import App, codecs
 from shardworker.codecs import CodecError, JsonCodec, get_codec, register, resolve
-from shardworker.records import RecordCodec, RecordError
+from shardworker.records import RecordCodec, RecordError, dumper
 from shardworker.tables import Table
 from tests.unit.fakes import Message
 from tests.unit.test_worker_loop import running
@@ -185,6 +186,21 @@ def test_a_bad_record_names_the_field_that_failed(payload, error):
         order_codec().loads(payload)
     assert str(raised.value) == error
     assert isinstance(raised.value, CodecError)
+
+
+@dataclass
+class Loose:
+    anything: Any
+    line: Optional[Line] = None
+    by_name: Dict[str, Line] = field(default_factory=dict)
+
+
+def test_encoding_writes_what_dataclasses_asdict_writes():
+    order = Order("o1", 3, lines=[Line("a"), Line("b", 2)], extra={"x": 1})
+    assert dumper(Order)(order) == dataclasses.asdict(order)
+    loose = Loose([Line("c"), {"k": Line("d")}], Line("e"), {"f": Line("f")})
+    assert dumper(Loose)(loose) == dataclasses.asdict(loose)
+    assert dumper(Loose)(Loose(None)) == dataclasses.asdict(Loose(None))
 
 
 def test_a_post_init_refusal_is_a_record_error():
