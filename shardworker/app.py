@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 
 from .codecs import Serializer, get_codec
 from .produce import UNASSIGNED, produce
+from .records import typed_codec
 
 if TYPE_CHECKING:  # pragma: no cover
     from .topology import Topology
@@ -55,8 +56,6 @@ class Topic:
     def __init__(self, app: "App", name: str, partitions: Optional[int] = None,
                  key_serializer: Serializer = "raw", value_serializer: Serializer = "json",
                  like: Optional[str] = None, value_type: Optional[type] = None) -> None:
-        from .records import typed_codec
-
         self.app = app
         self.name = name
         self.partitions = partitions

@@ -35,7 +35,7 @@ KEY_MEMO_SIZE = 100_000
 class Table:
     """A dict-like table over the CURRENT task's partition of the data (Faust's
     ``app.Table``).  Keys and values are serialized with ``key_serializer`` and
-    ``value_serializer`` (``json`` by default, also ``raw`` and ``str``).
+    ``value_serializer`` (``json`` by default, also ``raw``, ``str`` or any registered codec).
 
     * ``t[k]`` (missing: ``default()`` when a default is given, else KeyError; the
       default is NOT stored until assigned, so ``t[k] += 1`` with ``default=int`` works),
