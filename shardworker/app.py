@@ -7,8 +7,9 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from .codecs import get_codec
+from .codecs import Serializer, get_codec
 from .produce import UNASSIGNED, produce
+from .records import typed_codec
 
 if TYPE_CHECKING:  # pragma: no cover
     from .topology import Topology
@@ -53,8 +54,8 @@ class Topic:
     """A Kafka topic the app reads or writes, with its key and value serializers."""
 
     def __init__(self, app: "App", name: str, partitions: Optional[int] = None,
-                 key_serializer: str = "raw", value_serializer: str = "json",
-                 like: Optional[str] = None) -> None:
+                 key_serializer: Serializer = "raw", value_serializer: Serializer = "json",
+                 like: Optional[str] = None, value_type: Optional[type] = None) -> None:
         self.app = app
         self.name = name
         self.partitions = partitions
@@ -62,8 +63,11 @@ class Topic:
         self.like = like
         self.key_serializer = key_serializer
         self.value_serializer = value_serializer
-        self.encode_key, self.decode_key = get_codec(key_serializer)
-        self.encode_value, self.decode_value = get_codec(value_serializer)
+        #: values are records of this dataclass (or pydantic model): shardworker.records
+        self.value_type = value_type
+        self.encode_key, self.decode_key = get_codec(key_serializer, name, "key")
+        self.encode_value, self.decode_value = get_codec(
+            typed_codec(value_serializer, value_type, name), name, "value")
 
     def __repr__(self) -> str:
         return f"<Topic {self.name}>"
@@ -197,20 +201,25 @@ class App:
 
     # -- declarations -------------------------------------------------------------
     def topic(self, name: str, *more: str, partitions: Optional[int] = None,
-              key_serializer: str = "raw", value_serializer: str = "json",
-              internal_like: Optional[str] = None) -> Any:
+              key_serializer: Serializer = "raw", value_serializer: Serializer = "json",
+              internal_like: Optional[str] = None, value_type: Optional[type] = None) -> Any:
         """Declares a topic; it is created when the app starts if the broker lacks it.
         With several names (``app.topic("a", "b")``): a :class:`Topics` for an agent
-        that reads them all, each declared with the same settings."""
+        that reads them all, each declared with the same settings.  Serializers are
+        registered names or codec objects (:mod:`shardworker.codecs`); ``value_type``
+        (a dataclass or pydantic model) makes values typed records
+        (:mod:`shardworker.records`)."""
         if more:
             return Topics([self.topic(n, partitions=partitions, key_serializer=key_serializer,
-                                      value_serializer=value_serializer) for n in (name, *more)])
+                                      value_serializer=value_serializer, value_type=value_type)
+                           for n in (name, *more)])
         if name in self.topics:
             existing = self.topics[name]
             if partitions is not None and existing.partitions not in (None, partitions):
                 raise ValueError(f"topic {name!r} declared twice with different partitions")
             return existing
-        topic = Topic(self, name, partitions, key_serializer, value_serializer, internal_like)
+        topic = Topic(self, name, partitions, key_serializer, value_serializer, internal_like,
+                      value_type)
         self.topics[name] = topic
         return topic
 
@@ -246,7 +255,7 @@ class App:
         return decorate
 
     def table(self, name: str, default: Optional[Callable[[], Any]] = None,
-              key_serializer: str = "json", value_serializer: str = "json") -> Any:
+              key_serializer: Serializer = "json", value_serializer: Serializer = "json") -> Any:
         """Declares a table: a dict per task, kept in LMDB and in the compacted changelog
         topic ``<app id>-<name>-changelog``, partitioned like the topics of the
         sub-topology whose agents use it (:mod:`shardworker.graph`)."""

@@ -239,7 +239,8 @@ def _declare_regroup_topic(app: "App", agent: "Agent", regroup: Regroup) -> None
     key_serializer = regroup.key_serializer or (
         "str" if source.key_serializer == "raw" else source.key_serializer)
     app.topic(regroup.topic, partitions=regroup.partitions, key_serializer=key_serializer,
-              value_serializer=source.value_serializer, internal_like=source.name)
+              value_serializer=source.value_serializer, internal_like=source.name,
+              value_type=source.value_type)
 
 
 def check_copartitioned(topology: Topology, partitions: Dict[str, int]) -> Optional[str]:

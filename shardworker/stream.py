@@ -105,13 +105,15 @@ class Stream:
     def group_by(self, key: Union[Callable[[Any], Any], str], name: str,
                  partitions: Optional[int] = None, key_serializer: Optional[str] = None
                  ) -> "Stream":
-        """Re-keys the stream by ``key`` (a function of the value, or a field name):
+        """Re-keys the stream by ``key`` (a function of the value, or a field name: a
+        dict's key or a typed record's attribute):
         records go to the topic ``<app>-<name>-repartition`` and the agent's loop goes on
         with them on the tasks that own the new key's partition, so its table writes
         are local to the new key.  ``name`` (and ``partitions``, ``key_serializer``) must
         be literals: the topic is known before the app starts (:mod:`.graph`)."""
         self._regroup("group_by", name)
-        self.rekey = key if callable(key) else (lambda value, field=key: value[field])
+        self.rekey = key if callable(key) else (
+            lambda value, field=key: value[field] if isinstance(value, dict) else getattr(value, field))
         return self
 
     def through(self, topic: Any) -> "Stream":

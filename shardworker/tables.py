@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
-from .codecs import get_codec
+from .codecs import Serializer, get_codec, roundtrip_types
 from .tasktables import (CONTEXT, MISSING, NoCurrentRecordError, TableContext, TableError,
                          TaskTables)
 from .windows import Seconds, Window, WindowedTable
@@ -31,19 +31,11 @@ _MEMO_KEY_TYPES = (str, int)
 #: serialized keys a table remembers before it starts over
 KEY_MEMO_SIZE = 100_000
 
-_ROUNDTRIP_TYPES = {
-    # types whose values decode back to an equal object of the same type: the write
-    # cache hands them back without a decode
-    "json": (int, float, str, bool),
-    "raw": (bytes,),
-    "str": (str,),
-}
-
 
 class Table:
     """A dict-like table over the CURRENT task's partition of the data (Faust's
     ``app.Table``).  Keys and values are serialized with ``key_serializer`` and
-    ``value_serializer`` (``json`` by default, also ``raw`` and ``str``).
+    ``value_serializer`` (``json`` by default, also ``raw``, ``str`` or any registered codec).
 
     * ``t[k]`` (missing: ``default()`` when a default is given, else KeyError; the
       default is NOT stored until assigned, so ``t[k] += 1`` with ``default=int`` works),
@@ -58,7 +50,7 @@ class Table:
     """
 
     def __init__(self, name: str, default: Optional[Callable[[], Any]] = None,
-                 key_serializer: str = "json", value_serializer: str = "json", *,
+                 key_serializer: Serializer = "json", value_serializer: Serializer = "json", *,
                  app_id: Optional[str] = None, context: Optional[TableContext] = None,
                  help: str = "") -> None:
         if not name or name.startswith("__") or "/" in name:
@@ -67,9 +59,12 @@ class Table:
         self.default = default
         self.key_serializer = key_serializer
         self.value_serializer = value_serializer
-        self._encode_key, self._decode_key = get_codec(key_serializer)
-        self._encode_value, self._decode_value = get_codec(value_serializer)
-        self._roundtrip = _ROUNDTRIP_TYPES.get(value_serializer, ())
+        # topic None: a table's stored bytes (json: the exact encoder, codecs.JsonCodec)
+        self._encode_key, self._decode_key = get_codec(key_serializer, None, "key")
+        self._encode_value, self._decode_value = get_codec(value_serializer, None, "value")
+        #: types whose values decode back to an equal object of the same type: the write
+        #: cache hands them back without a decode
+        self._roundtrip = roundtrip_types(value_serializer)
         #: serialized keys of recent str/int keys: a hot key is encoded once, not per access
         self._key_memo: Dict[Any, bytes] = {}
         self.app_id = app_id

@@ -31,6 +31,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from .agents import AgentRunner, AsyncAgentRunner, SyncAgentRunner
 from .app import Agent, App
+from .codecs import CodecUnavailable
 from .committers import Committer, Processed, make_committer
 from .globaltables import CatchUpGate
 from .logs import set_role
@@ -382,8 +383,9 @@ class Worker:
 
     # -- errors -----------------------------------------------------------------------
     def on_agent_error(self, agent: Agent, msg: Optional[Message], exc: BaseException) -> None:
-        """A record could not be decoded, or the agent raised on it: apply its policy."""
-        if msg is None:
+        """A record could not be decoded, or the agent raised on it: apply its policy.  An
+        unreachable Schema Registry is not the record's fault: it stops the child."""
+        if msg is None or isinstance(exc, CodecUnavailable):
             raise exc
         if self.state.enabled:
             self.state.rollback_record(msg)
