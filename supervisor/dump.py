@@ -109,12 +109,18 @@ def subtopology_lines(topology: Topology, kinds: Mapping[str, str]) -> List[str]
 def task_offset_lines(tasks: Sequence[str], offsets: Mapping[TopicPartitionKey, int],
                       topology: Topology) -> List[str]:
     """``offsets:`` then a line per task: its sub-topology and each of its partitions'
-    reported offset (``?``: none reported yet)."""
+    offset (``?``: unknown to the supervisor; ``-``: none yet, a logical offset such as
+    "the group's committed one" that nothing has replaced)."""
     if not tasks:
         return ["offsets: -"]
+
+    def shown(key: TopicPartitionKey) -> str:
+        offset = offsets.get(key)
+        return "?" if offset is None else "-" if offset < 0 else str(offset)
+
     return ["offsets:"] + [
         f"  {task} (sub-topology {topology.subtopology(task).index}): " + ", ".join(
-            f"{t}[{p}]={offsets.get((t, p), '?')}" for t, p in topology.task_partitions(task))
+            f"{t}[{p}]={shown((t, p))}" for t, p in topology.task_partitions(task))
         for task in tasks]
 
 
