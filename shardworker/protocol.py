@@ -111,6 +111,20 @@ class Stats(Message):
     #: task → records behind the end of its partitions (None: not known yet)
     lag: Dict[str, Optional[int]] = field(default_factory=dict)
     restoring: bool = False
+    #: task → source topic → records behind the end of the task's partition of it, so
+    #: status can show a repartition topic's lag (``lag`` is the sum per task)
+    topic_lag: Dict[str, Dict[str, Optional[int]]] = field(default_factory=dict)
+
+
+def lag_total(per_topic: Dict[str, Optional[int]]) -> Optional[int]:
+    """A task's lag over all its topics (:attr:`Stats.lag` from :attr:`Stats.topic_lag`):
+    None when one of them is not known yet."""
+    total = 0
+    for lag in per_topic.values():
+        if lag is None:
+            return None
+        total += lag
+    return total
 
 
 @dataclass(frozen=True)
@@ -126,12 +140,15 @@ MESSAGES: Dict[str, Type[Message]] = {cls.op: cls for cls in (
 
 
 def decode(obj: Dict[str, Any]) -> Message:
-    """The message a received JSON object holds (ValueError for an unknown ``op``)."""
+    """The message a received JSON object holds (ValueError for an unknown ``op``).
+    Fields this version does not know are ignored, so a child started from newer code
+    (a HUP after an upgrade) can still talk to this supervisor."""
     fields = dict(obj)
     kind = MESSAGES.get(fields.pop("op", None))  # type: ignore[arg-type]
     if kind is None:
         raise ValueError(f"unknown message {obj.get('op')!r}")
-    return kind(**fields)
+    known = {f.name for f in dataclasses.fields(kind)}  # type: ignore[arg-type]
+    return kind(**{k: v for k, v in fields.items() if k in known})
 
 
 class ChannelClosed(EOFError):

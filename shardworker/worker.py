@@ -39,7 +39,7 @@ from .deadletters import dead_letter, log_failure
 from .produce import (DEFAULT_MESSAGE_MAX_BYTES, RecordTooLarge, is_too_large, message_max_bytes,
                       produce)
 from .protocol import (Assign, Bye, Channel, ChannelClosed, Group, Offsets, Ready, Revoke,
-                       Revoked, Stats, Stop, Timers)
+                       Revoked, Stats, Stop, Timers, lag_total)
 from .protocol import Message as ChannelMessage
 from .state import TaskStates
 from .origins import OriginStamper, origin_of
@@ -523,26 +523,27 @@ class Worker:
             self._last_report = now
         if now - self._last_stats >= STATS_INTERVAL:
             restoring = self.state.restoring
+            lag = {} if restoring else self.lag()
             self.channel.send(Stats(self.processed, self.errors, self.tasks,
-                                    {} if restoring else self.lag(), restoring))
+                                    {task: lag_total(per) for task, per in lag.items()},
+                                    restoring, topic_lag=lag))
             self._last_stats = now
 
-    def lag(self) -> Dict[str, Optional[int]]:
-        """Records behind the end of each task's partitions.  The end is the high watermark
-        of the last fetch response (right on Kafka and tansu alike; tansu's ListOffsets is
-        not), so it is unknown (None) until a first fetch answered."""
-        lags: Dict[str, Optional[int]] = {}
+    def lag(self) -> Dict[str, Dict[str, Optional[int]]]:
+        """Records behind the end of each task's partition of each of its topics (task →
+        topic → records).  The end is the high watermark of the last fetch response (right
+        on Kafka and tansu alike; tansu's ListOffsets is not), so it is unknown (None)
+        until a first fetch answered."""
+        lags: Dict[str, Dict[str, Optional[int]]] = {}
         for task, parts in self.topology.group_by_task(self.positions).items():
-            total: Optional[int] = 0
+            per: Dict[str, Optional[int]] = {}
+            lags[task] = per
             for topic, part in parts:
                 low, high = self.consumer.get_watermark_offsets(TopicPartition(topic, part),
                                                                 cached=True)
                 position = self.positions[(topic, part)]
-                if high < 0 or total is None:
-                    total = None
-                    continue
-                total += max(0, high - (position if position >= 0 else max(low, 0)))
-            lags[task] = total
+                per[topic] = (None if high < 0 else
+                              max(0, high - (position if position >= 0 else max(low, 0))))
         return lags
 
     @staticmethod

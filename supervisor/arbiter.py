@@ -34,6 +34,7 @@ from .pidfile import PidFile
 from .placement import choose_timer_owner
 from .rebalance import Assignment
 from .snapshot import snapshot, status_line
+from .subtopologies import topic_kinds
 from .status import StatusServer
 from .web import WebServer
 
@@ -93,6 +94,7 @@ class Arbiter:
         self._notified_ready = False
         self._last_status_line = ""
         self.topology = app.topology
+        self.topic_kinds = topic_kinds(app)  # which sources are repartition topics (status, dumps)
         self.SIG_QUEUE: List[int] = []
         self.PIPE: List[int] = []
         self.slots: Dict[int, ChildSlot] = {}
@@ -282,7 +284,7 @@ class Arbiter:
         """Tracebacks of every thread of the supervisor and of every child, with each
         child's tasks and offsets, in one report: logged and written under the datadir."""
         report = dump_report(self.app.id, self.datadir, self.slots.values(),
-                             self.assignment.offsets, self.topology)
+                             self.assignment.offsets, self.topology, self.topic_kinds)
         log.warning("traceback report (also in %s):\n%s", latest_dump_path(self.datadir), report)
 
     # -- children -------------------------------------------------------------------
@@ -450,7 +452,8 @@ class Arbiter:
         """Everything ``shardsup status``, ``/status``, ``/metrics`` and ``/health`` show."""
         return snapshot(self.slots.values(), app_id=self.app.id, broker=self.bootstrap,
                         datadir=self.datadir, started_at=self.started_at, state=self.state,
-                        group=self.member.group_state() if self.member is not None else None)
+                        group=self.member.group_state() if self.member is not None else None,
+                        topology=self.topology, kinds=self.topic_kinds)
 
     # -- shutdown -------------------------------------------------------------------
     def shutdown(self) -> int:

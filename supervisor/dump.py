@@ -3,7 +3,7 @@
 Children register ``faulthandler`` for USR1 with a trace file under the datadir, so a
 child answers even when its agent is stuck in a long call: the handler writes from the
 signal itself.  The supervisor sends USR1, reads what each file gained, and adds its own
-threads and what it knows of each child (tasks, offsets).
+threads, the app's sub-topologies and what it knows of each child (tasks, offsets).
 
 Every file here is private (0600, in 0700 folders) and written without following a
 symbolic link: a link planted in the place of a trace or dump file is removed and a new
@@ -17,12 +17,13 @@ import sys
 import threading
 import time
 import traceback
-from typing import Dict, Iterable, Mapping, Sequence
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 from shardworker.logs import open_private
 from shardworker.topology import TopicPartitionKey, Topology
 
 from .children import ChildSlot
+from .subtopologies import SOURCE, describe
 
 TRACE_WAIT = 1.0  # seconds to wait for a child's handler to write
 
@@ -99,11 +100,37 @@ def own_threads() -> str:
     return "\n".join(parts)
 
 
+def subtopology_lines(topology: Topology, kinds: Mapping[str, str]) -> List[str]:
+    """A line per sub-topology: its topics (repartition ones marked) and tables."""
+    return ["  " + describe(sub.index, [{"name": t, "kind": kinds.get(t, SOURCE)} for t in sub.sources],
+                            sub.tables) for sub in topology.subtopologies]
+
+
+def task_offset_lines(tasks: Sequence[str], offsets: Mapping[TopicPartitionKey, int],
+                      topology: Topology) -> List[str]:
+    """``offsets:`` then a line per task: its sub-topology and each of its partitions'
+    offset (``?``: unknown to the supervisor; ``-``: none yet, a logical offset such as
+    "the group's committed one" that nothing has replaced)."""
+    if not tasks:
+        return ["offsets: -"]
+
+    def shown(key: TopicPartitionKey) -> str:
+        offset = offsets.get(key)
+        return "?" if offset is None else "-" if offset < 0 else str(offset)
+
+    return ["offsets:"] + [
+        f"  {task} (sub-topology {topology.subtopology(task).index}): " + ", ".join(
+            f"{t}[{p}]={shown((t, p))}" for t, p in topology.task_partitions(task))
+        for task in tasks]
+
+
 def dump_report(app_id: str, datadir: str, slots: Iterable[ChildSlot],
-                offsets: Mapping[TopicPartitionKey, int], topology: Topology) -> str:
-    """Gathers the report (the supervisor's threads; per child its state, tasks, the
-    ``offsets`` it reported and its threads), writes it under ``datadir`` (one file per
-    dump plus ``dump-latest.txt``) and returns it."""
+                offsets: Mapping[TopicPartitionKey, int], topology: Topology,
+                kinds: Optional[Mapping[str, str]] = None) -> str:
+    """Gathers the report (the supervisor's threads; the sub-topologies, with ``kinds``
+    naming repartition topics (:func:`supervisor.subtopologies.topic_kinds`); per child
+    its state, tasks, the ``offsets`` it reported per task and its threads), writes it
+    under ``datadir`` (one file per dump plus ``dump-latest.txt``) and returns it."""
     slots = list(slots)
     starts = {s.trace_path: _size(s.trace_path) for s in slots if s.pid is not None and s.trace_path}
     for slot in slots:
@@ -112,14 +139,13 @@ def dump_report(app_id: str, datadir: str, slots: Iterable[ChildSlot],
     supervisor_threads = own_threads()
     traces = _read_growth(starts) if starts else {}
     lines = [f"shardsup traceback report — app {app_id}, supervisor pid {os.getpid()}, "
-             f"{time.strftime('%Y-%m-%d %H:%M:%S')}", "",
+             f"{time.strftime('%Y-%m-%d %H:%M:%S')}", "", "sub-topologies:",
+             *subtopology_lines(topology, kinds or {}), "",
              f"== supervisor (pid {os.getpid()}) ==", supervisor_threads]
     for slot in sorted(slots, key=lambda s: s.index):
-        positions = ", ".join(
-            f"{t}[{p}]={offsets.get((t, p), '?')}"
-            for task in slot.tasks for t, p in topology.task_partitions(task))
         lines += ["", f"== child {slot.index} (pid {slot.pid}, state {slot.state}) ==",
-                  f"tasks: {','.join(slot.tasks) or '-'}", f"offsets: {positions or '-'}",
+                  f"tasks: {','.join(slot.tasks) or '-'}",
+                  *task_offset_lines(slot.tasks, offsets, topology),
                   traces.get(slot.trace_path, "(not running)") if slot.pid else "(not running)"]
     report = "\n".join(lines) + "\n"
     folder = os.path.join(datadir, "dumps")

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, Mapping, Optional
+
+from shardworker.topology import Topology
 
 from .children import ChildSlot
+from .subtopologies import entries
 
 NOT_JOINED: Dict[str, Any] = {"state": "not joined", "generation": None, "member_id": None,
                               "rebalances": 0}
@@ -37,16 +40,21 @@ def status_line(slots: Iterable[ChildSlot]) -> str:
 
 def snapshot(slots: Iterable[ChildSlot], *, app_id: str, broker: str, datadir: str,
              started_at: float, state: str, group: Optional[Dict[str, Any]],
-             now: Optional[float] = None) -> Dict[str, object]:
+             now: Optional[float] = None, topology: Optional[Topology] = None,
+             kinds: Optional[Mapping[str, str]] = None) -> Dict[str, object]:
     """Everything ``shardsup status``, ``/status``, ``/metrics`` and ``/health`` show.
     ``group`` is the member's :meth:`~supervisor.membership.GroupMember.group_state`
-    (None before there is a member)."""
+    (None before there is a member).  With the app's ``topology`` (and ``kinds``:
+    :func:`supervisor.subtopologies.topic_kinds`) each task also carries its
+    ``subtopology`` and ``topic_lag`` (source topic → lag), and ``subtopologies`` lists
+    them with their topics' lag over this supervisor's tasks."""
     now = time.monotonic() if now is None else now
     children = []
     tasks: Dict[str, Dict[str, Any]] = {}
     for slot in sorted(slots, key=lambda s: s.index):
         usage = slot.usage()
         lag = slot.stats.lag if slot.alive else {}
+        topic_lag = slot.stats.topic_lag if slot.alive else {}
         shown = shown_state(slot)
         children.append({
             "index": slot.index, "pid": slot.pid, "tasks": list(slot.tasks), "state": shown,
@@ -60,11 +68,18 @@ def snapshot(slots: Iterable[ChildSlot], *, app_id: str, broker: str, datadir: s
         children[-1]["retry_in_s"] = retry_in
         for task in slot.tasks:
             tasks[task] = {"child": slot.index, "state": shown, "lag": lag.get(task)}
+            if topology is not None:
+                per = topic_lag.get(task) or {}
+                tasks[task].update(subtopology=topology.subtopology(task).index, topic_lag={
+                    topic: per.get(topic) for topic, _p in topology.task_partitions(task)})
             if slot.state == "failed":
                 tasks[task].update(last_error=slot.last_error, retry_in_s=retry_in)
-    return {
+    doc: Dict[str, object] = {
         "supervisor": {"pid": os.getpid(), "app": app_id, "broker": broker,
                        "datadir": os.path.abspath(datadir),
                        "uptime_s": round(now - started_at, 3), "state": state,
                        "group": group if group is not None else dict(NOT_JOINED)},
         "children": children, "tasks": tasks}
+    if topology is not None:
+        doc["subtopologies"] = entries(topology, kinds or {}, tasks)
+    return doc

@@ -30,6 +30,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 from .errors import UsageError
+from .subtopologies import format_groups
 
 log = logging.getLogger("supervisor.status")
 
@@ -339,7 +340,9 @@ ERROR_WIDTH = 60
 
 
 def format_status(snapshot: Dict[str, Any]) -> str:
-    """The snapshot as a human-readable block: the supervisor, then one row per child.
+    """The snapshot as a human-readable block: the supervisor, one row per child, the
+    tasks' states, then the tasks grouped by sub-topology with their lag and the lag of
+    each repartition topic (:func:`supervisor.subtopologies.format_groups`).
 
     Tolerates missing keys (a client may talk to a supervisor of another version): what
     is absent shows as ``-``.
@@ -397,6 +400,9 @@ def format_status(snapshot: Dict[str, Any]) -> str:
             if (info or {}).get("state") == "failed":
                 lines.append(f"FAILED      {task_id}: {_one_line(info.get('last_error'), 200)} "
                              f"(tried again in {format_duration(info.get('retry_in_s'))})")
+    groups = format_groups(snapshot)
+    if groups:
+        lines += [""] + groups
     return "\n".join(lines)
 
 

@@ -136,6 +136,13 @@ def render_metrics(snapshot: Dict[str, Any]) -> str:
                   "minus processed offset); absent while unknown.")
     for task_id, t in sorted(tasks.items()):
         lag.add(t.get("lag"), task=task_id, child=t.get("child", ""))
+    topic_lag = _Family("shardsup_task_topic_lag", "gauge",
+                        "Records in the task's partition of one source topic not yet processed "
+                        "(sum by topic for a repartition topic's lag); absent while unknown.")
+    for task_id, t in sorted(tasks.items()):
+        for topic, value in sorted((t.get("topic_lag") or {}).items()):
+            topic_lag.add(value, task=task_id, topic=topic, subtopology=t.get("subtopology", ""),
+                          child=t.get("child", ""))
 
     up = _Family("shardsup_child_up", "gauge",
                  "1 while the child process exists (starting, restoring, running or "
@@ -162,7 +169,7 @@ def render_metrics(snapshot: Dict[str, Any]) -> str:
             errors.add(child.get("errors_total"), child=index, tasks=child_tasks)
 
     out: List[str] = []
-    for family in (info, sup_uptime, rebalances, generation, records, errors, lag, up,
+    for family in (info, sup_uptime, rebalances, generation, records, errors, lag, topic_lag, up,
                    restarts, rss, cpu, uptime):
         family.render(out)
     return "\n".join(out) + "\n"

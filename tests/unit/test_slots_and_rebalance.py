@@ -229,10 +229,13 @@ def test_the_dump_lists_each_childs_tasks_and_offsets(tmp_path) -> None:
                          Topology.of_sources(["in"]))
     assert report.startswith("shardsup traceback report — app proj, supervisor pid ")
     children = report.split("== child ")[1:]
-    assert [c.splitlines()[:3] for c in children] == [
-        ["0 (pid None, state down) ==", "tasks: 0_0", "offsets: in[0]=5"],
-        ["1 (pid None, state down) ==", "tasks: 0_1,0_3", "offsets: in[1]=9, in[3]=?"],
-        ["2 (pid None, state down) ==", "tasks: -", "offsets: -"]]
+    assert "\nsub-topologies:\n  sub-topology 0: in\n" in report
+    assert [c.splitlines()[:5] for c in children] == [
+        ["0 (pid None, state down) ==", "tasks: 0_0", "offsets:", "  0_0 (sub-topology 0): in[0]=5",
+         "(not running)"],
+        ["1 (pid None, state down) ==", "tasks: 0_1,0_3", "offsets:",
+         "  0_1 (sub-topology 0): in[1]=9", "  0_3 (sub-topology 0): in[3]=?"],
+        ["2 (pid None, state down) ==", "tasks: -", "offsets: -", "(not running)"]]
     assert (tmp_path / "dump-latest.txt").read_text() == report
     assert len(list((tmp_path / "dumps").iterdir())) == 1
 
