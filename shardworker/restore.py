@@ -66,6 +66,9 @@ class Restorer:
         self._restore_consumer: Optional[Consumer] = None
         #: True while a restore runs (the worker reports it and skips lag then)
         self.restoring = False
+        #: task → changelog records read while restoring it, in this process (a metric)
+        self.restored: Dict[str, int] = {}
+        self._task = ""
 
     def close(self) -> None:
         if self._restore_consumer is not None:
@@ -194,6 +197,8 @@ class Restorer:
         changelog offset reached, so an interrupted restore (``should_stop()`` turned
         True, a crash) goes on from there."""
         self.restoring = True
+        self.restored.setdefault(task, 0)
+        self._task = task
         began = time.monotonic()
         consumer = self._consumer()
         total_applied = total_skipped = 0
@@ -247,7 +252,10 @@ class Restorer:
             if should_stop is not None and should_stop():
                 raise RestoreInterrupted("the task was revoked or the child stops")
             # a short timeout: consume() waits it out even after the end-of-partition event
-            for msg in consumer.consume(RESTORE_BATCH, 0.05):
+            batch = consumer.consume(RESTORE_BATCH, 0.05)
+            # progress, per fetch (not per record); the end-of-partition event is no record
+            self.restored[self._task] += len(batch) - (1 if batch and batch[-1].error() else 0)
+            for msg in batch:
                 err = msg.error()
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:
