@@ -245,4 +245,22 @@ class MetricRegistry:
         return out
 
 
-__all__ = ["Counter", "Gauge", "Histogram", "MetricRegistry", "DEFAULT_BUCKETS"]
+def own_metrics() -> MetricRegistry:
+    """shardsup's own counters in a child: records per partition (counted once per
+    chunk) and changelog records read per task while restoring (restore progress)."""
+    registry = MetricRegistry(reserved_prefix=None)
+    per_partition = ("topic", "partition")
+    for name, doc, labels in (
+            ("shardsup_records_processed", "Records processed (decoded and given to the agents).",
+             per_partition),
+            ("shardsup_records_dead_lettered", "Records that failed and went to the agent's "
+             "dead-letter topic.", per_partition),
+            ("shardsup_records_skipped", "Records that failed and were dropped (on_error=skip).",
+             per_partition),
+            ("shardsup_records_restored", "Changelog records read to restore a task's tables "
+             "(restore progress).", ("task",))):
+        registry.register(Counter(name, doc, labels))
+    return registry
+
+
+__all__ = ["Counter", "Gauge", "Histogram", "MetricRegistry", "DEFAULT_BUCKETS", "own_metrics"]

@@ -37,7 +37,7 @@ from .codecs import CodecUnavailable
 from .committers import Committer, Processed, make_committer
 from .globaltables import CatchUpGate
 from .logs import set_role
-from .metrics import Counter, MetricRegistry
+from .metrics import own_metrics
 from .deadletters import dead_letter, log_failure
 from .produce import (DEFAULT_MESSAGE_MAX_BYTES, RecordTooLarge, is_too_large, message_max_bytes,
                       produce)
@@ -122,22 +122,12 @@ class Worker:
         self.global_tables = CatchUpGate(app.global_tables, datadir, app.id)
         #: shardsup's own per-partition counters, sent with the app's metrics in each
         #: heartbeat (DESIGN.md, "Metrics")
-        self.own_metrics = MetricRegistry(reserved_prefix=None)
-        per_partition = ("topic", "partition")
-        self.processed_by = self._own_counter("shardsup_records_processed", "Records processed "
-                                              "(decoded and given to the agents).", per_partition)
-        self.dead_lettered_by = self._own_counter(
-            "shardsup_records_dead_lettered", "Records that failed and went to the agent's "
-            "dead-letter topic.", per_partition)
-        self.skipped_by = self._own_counter(
-            "shardsup_records_skipped", "Records that failed and were dropped (on_error=skip).",
-            per_partition)
-        self.restored_by = self._own_counter(
-            "shardsup_records_restored", "Changelog records read to restore a task's tables "
-            "(restore progress).", ("task",))
-
-    def _own_counter(self, name: str, doc: str, labels: Tuple[str, ...]) -> Counter:
-        return self.own_metrics.register(Counter(name, doc, labels))  # type: ignore[return-value]
+        self.own_metrics = own_metrics()
+        counters: Dict[str, Any] = self.own_metrics.metrics
+        self.processed_by = counters["shardsup_records_processed"]
+        self.dead_lettered_by = counters["shardsup_records_dead_lettered"]
+        self.skipped_by = counters["shardsup_records_skipped"]
+        self.restored_by = counters["shardsup_records_restored"]
 
     # -- set-up ---------------------------------------------------------------------
     def setup(self) -> None:

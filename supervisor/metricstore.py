@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from shardworker.metrics import Metric
+from shardworker.metrics import Metric, own_metrics
 
 LabelValues = Tuple[str, ...]
 Family = Dict[str, Any]
@@ -105,10 +105,14 @@ TaskOf = Callable[[str, int], str]
 
 def families(totals: MetricTotals, children: Iterable[Tuple[int, IncarnationMetrics]],
              own: Sequence[Metric] = (), task_of: Optional[TaskOf] = None) -> List[Family]:
-    """The snapshot's ``metrics``: the totals, each live child's gauges (label
-    ``child``), and the supervisor's ``own`` metrics.  With ``task_of`` a family
+    """The snapshot's ``metrics``: the totals (shardsup's own counters even before a
+    child counted anything), each live child's gauges (label ``child``), and the
+    supervisor's ``own`` metrics.  With ``task_of`` a family
     labelled ``topic`` and ``partition`` also gets the ``task`` label."""
     out: List[Family] = []
+    for metric in own_metrics().metrics.values():  # shown before a child counted anything
+        if metric.name not in totals.meta:
+            out.append(_family(metric.name, metric.meta(), list(metric.labelnames), [], task_of))
     for name in sorted(totals.meta):
         meta = totals.meta[name]
         out.append(_family(name, meta, list(meta.get("labels") or []),
