@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from .codecs import Serializer, get_codec
+from .metrics import DEFAULT_BUCKETS, Counter, Gauge, Histogram, MetricRegistry
 from .produce import UNASSIGNED, produce
 from .records import typed_codec
 
@@ -185,6 +186,8 @@ class App:
         #: in a worker: the origin header of a record sent to a topic (shardworker.origins)
         self._origin_header: Optional[Callable[[str], Optional[Tuple[str, bytes]]]] = None
         self._producer_errors: Optional[List[str]] = None  # None: a worker's producer
+        #: user metrics (app.counter, app.histogram, app.gauge): shardworker.metrics
+        self.metrics = MetricRegistry()
         if self.settings["processing_guarantee"] not in GUARANTEES:
             raise ValueError(f"processing_guarantee {self.settings['processing_guarantee']!r}: "
                              f"use one of {', '.join(map(repr, GUARANTEES))}")
@@ -295,6 +298,22 @@ class App:
             return fn
 
         return decorate
+
+    # -- user metrics (shardworker.metrics; DESIGN.md, "Metrics") ----------------------
+    def counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+        """A counter for agents (``.inc(n)``, ``.labels(k=v).inc()``), summed over the
+        children on the supervisor's ``/metrics`` as ``<name>_total``."""
+        return self.metrics.register(Counter(name, doc, labels))  # type: ignore[return-value]
+
+    def histogram(self, name: str, doc: str, labels: Sequence[str] = (),
+                  buckets: Sequence[float] = DEFAULT_BUCKETS) -> Histogram:
+        """A histogram for agents (``.observe(v)``), merged over the children."""
+        return self.metrics.register(  # type: ignore[return-value]
+            Histogram(name, doc, labels, buckets=buckets))
+
+    def gauge(self, name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
+        """A gauge for agents (``.set``, ``.inc``, ``.dec``), one series per child."""
+        return self.metrics.register(Gauge(name, doc, labels))  # type: ignore[return-value]
 
     # -- derived facts ------------------------------------------------------------
     @property
