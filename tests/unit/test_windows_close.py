@@ -257,3 +257,23 @@ def test_json_aggregates_update_through_the_write_cache_by_reassignment(tmp_path
     assert seen["k"].current() == [1, 2]
     task.close()
     task2.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_re_keyed_record_carries_the_event_time_extracted_from_its_source():
+    app, _sink = app_and_sink()
+    orders = app.topic("orders", partitions=2, key_serializer="str",
+                       timestamp=lambda v: datetime.fromtimestamp(v["at"], timezone.utc))
+    per_customer = app.table("per_customer", default=int).tumbling(10)
+
+    @app.agent(orders)
+    def spend(stream):  # type: ignore[no-untyped-def]
+        for order in stream.group_by(lambda o: o["customer"], name="by-customer"):
+            per_customer[order["customer"]] += order["amount"]
+            yield per_customer[order["customer"]].current()
+
+    with spend.test_context() as agent:
+        agent.put({"at": S0 + 1, "customer": "c", "amount": 2}, key="o1", timestamp=S0 + 99)
+        agent.put({"at": S0 + 12, "customer": "c", "amount": 3}, key="o2", timestamp=S0 + 5)
+        assert agent.results == [2, 3]  # [T0, T0+10) then [T0+10, T0+20), by "at"
+        assert per_customer["c"].delta(12) == 2
