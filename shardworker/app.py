@@ -11,6 +11,7 @@ from .codecs import Serializer, get_codec
 from .metrics import DEFAULT_BUCKETS, Counter, Gauge, Histogram, MetricRegistry
 from .produce import UNASSIGNED, produce
 from .records import typed_codec
+from .windows import event_time_ms
 
 if TYPE_CHECKING:  # pragma: no cover
     from .topology import Topology
@@ -56,8 +57,12 @@ class Topic:
 
     def __init__(self, app: "App", name: str, partitions: Optional[int] = None,
                  key_serializer: Serializer = "raw", value_serializer: Serializer = "json",
-                 like: Optional[str] = None, value_type: Optional[type] = None) -> None:
+                 like: Optional[str] = None, value_type: Optional[type] = None,
+                 timestamp: Optional[Callable[[Any], Any]] = None) -> None:
         self.app = app
+        #: ``fn(value)`` -> the record's event time (seconds since the epoch or a
+        #: datetime); None: the Kafka timestamp (DESIGN.md, "Windows and time")
+        self.timestamp = timestamp
         self.name = name
         self.partitions = partitions
         #: an internal topic created with ``like``'s partition count when none is given
@@ -72,6 +77,11 @@ class Topic:
 
     def __repr__(self) -> str:
         return f"<Topic {self.name}>"
+
+    def event_time_ms(self, value: Any) -> int:
+        """The event time (epoch ms) of a record's decoded ``value``, by the topic's
+        ``timestamp`` function; raises when it has none or gives no time."""
+        return event_time_ms(self.timestamp(value))  # type: ignore[misc]
 
     def send_soon(self, key: Any = None, value: Any = None,
                   headers: Optional[Dict[str, Union[str, bytes]]] = None,
@@ -205,24 +215,30 @@ class App:
     # -- declarations -------------------------------------------------------------
     def topic(self, name: str, *more: str, partitions: Optional[int] = None,
               key_serializer: Serializer = "raw", value_serializer: Serializer = "json",
-              internal_like: Optional[str] = None, value_type: Optional[type] = None) -> Any:
+              internal_like: Optional[str] = None, value_type: Optional[type] = None,
+              timestamp: Optional[Callable[[Any], Any]] = None) -> Any:
         """Declares a topic; it is created when the app starts if the broker lacks it.
         With several names (``app.topic("a", "b")``): a :class:`Topics` for an agent
         that reads them all, each declared with the same settings.  Serializers are
         registered names or codec objects (:mod:`shardworker.codecs`); ``value_type``
         (a dataclass or pydantic model) makes values typed records
-        (:mod:`shardworker.records`)."""
+        (:mod:`shardworker.records`); ``timestamp`` (``fn(value)`` -> seconds since the
+        epoch or a datetime) gives records their event time for windows (else the Kafka
+        timestamp; a record it fails on is dead-lettered like a decode error)."""
         if more:
             return Topics([self.topic(n, partitions=partitions, key_serializer=key_serializer,
-                                      value_serializer=value_serializer, value_type=value_type)
+                                      value_serializer=value_serializer, value_type=value_type,
+                                      timestamp=timestamp)
                            for n in (name, *more)])
         if name in self.topics:
             existing = self.topics[name]
             if partitions is not None and existing.partitions not in (None, partitions):
                 raise ValueError(f"topic {name!r} declared twice with different partitions")
+            if timestamp is not None:
+                existing.timestamp = timestamp
             return existing
         topic = Topic(self, name, partitions, key_serializer, value_serializer, internal_like,
-                      value_type)
+                      value_type, timestamp)
         self.topics[name] = topic
         return topic
 

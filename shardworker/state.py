@@ -11,14 +11,14 @@ reports the offsets.  :meth:`TaskStates.open` runs when a task is assigned.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from confluent_kafka import Consumer, Message, Producer
 
 from .app import App
 from .changelog import produce_batch
 from .partitioner import key_partitioner
-from .produce import message_max_bytes
+from .produce import message_max_bytes, produce
 from .restore import Restorer
 from .store import TaskStore
 from .tasktables import CONTEXT, DrainedBatch, TaskTables
@@ -55,6 +55,10 @@ class TaskStates:
         #: partitions per sub-topology (of its leader topic): the tables' key partitioner
         self._partitions: Dict[int, int] = {}
         self.restorer = Restorer(app, consumer_config, heartbeat)
+        #: event times (epoch ms) the worker extracted from the values of the records of
+        #: the chunk in hand, by ``(topic, partition, offset)``: topics declared with
+        #: ``timestamp=fn`` (DESIGN.md, "Windows and time")
+        self.event_times: Dict[Tuple[str, int, int], int] = {}
 
     @property
     def enabled(self) -> bool:
@@ -147,7 +151,9 @@ class TaskStates:
         """Makes ``msg`` the record the tables see (its task, offset, timestamp)."""
         tables = self.by_partition.get((msg.topic(), msg.partition()))
         if tables is not None:
-            CONTEXT.set_message(tables, msg)
+            event_times = self.event_times
+            CONTEXT.set_message(tables, msg, event_times.get(
+                (msg.topic(), msg.partition(), msg.offset())) if event_times else None)
         else:
             CONTEXT.clear()
 
@@ -164,9 +170,17 @@ class TaskStates:
         for task, offsets in touched.items():
             tables = self.tasks[task]
             batch = tables.drain(offsets)
-            produce_batch(self.producer_for(task), batch, self.delivery_errors)
+            producer = self.producer_for(task)
+            produce_batch(producer, batch, self.delivery_errors)
+            for final in batch.finals:  # windows the batch closed (on_close)
+                produce(producer, final.topic, final.value, final.key)
             batches.append(batch)
         return batches
+
+    def late_counts(self) -> Dict[str, Dict[str, int]]:
+        """Late records per task and table since each task opened (writes to closed
+        windows, not applied)."""
+        return {task: dict(tables.late) for task, tables in self.tasks.items() if tables.late}
 
     def dirty_keys(self) -> int:
         """Keys changed in every task's write cache since the last drain."""

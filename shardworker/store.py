@@ -228,6 +228,24 @@ class TaskStore:
                 more = cursor.next()
         return out
 
+    def range_items(self, table: str, lo: bytes, hi: bytes) -> List[Tuple[bytes, bytes]]:
+        """The (key, value) pairs of ``table`` with ``lo <= key < hi``, in key order (the
+        windows of a time-first key range: closing windows)."""
+        db = self._db(table)
+        out: List[Tuple[bytes, bytes]] = []
+        if db is None:
+            return out
+        with self._read_txn() as txn:
+            cursor = txn.cursor(db=db)
+            more = cursor.set_range(lo)
+            while more:
+                key = cursor.key()
+                if key >= hi:
+                    break
+                out.append((key, cursor.value()))
+                more = cursor.next()
+        return out
+
     def count(self, table: str) -> int:
         """Number of entries in ``table``."""
         db = self._db(table)

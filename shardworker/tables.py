@@ -72,6 +72,12 @@ class Table:
         self._context = context or CONTEXT
         #: the window, once :meth:`tumbling` or :meth:`hopping` made this table windowed
         self.window: Optional[Window] = None
+        #: a windowed table's ``on_close`` (:mod:`shardworker.windowclose`), if any
+        self.closer: Optional[Any] = None
+        #: what a record for a closed window does besides being dropped: "drop", "dlq"
+        self.on_late = "drop"
+        #: records found late for this table in this process (every task together)
+        self.late_count = 0
 
     def __repr__(self) -> str:
         kind = f" {self.window}" if self.window else ""
@@ -91,19 +97,29 @@ class Table:
         return f"{self.app_id}-{self.name}-changelog"
 
     # -- windowing --------------------------------------------------------------------
-    def tumbling(self, size: Seconds, expires: Optional[Seconds] = None) -> "WindowedTable":
-        """Windowed view with tumbling windows of ``size`` seconds (epoch-aligned)."""
-        return self._windowed(Window(size, size, expires))
+    def tumbling(self, size: Seconds, expires: Optional[Seconds] = None, *,
+                 grace: Optional[Seconds] = None, on_late: str = "drop") -> "WindowedTable":
+        """Windowed view with tumbling windows of ``size`` seconds (epoch-aligned).  A
+        window closes when the task's stream time reaches its end + ``grace`` (None:
+        when it expires); a record for a closed window is late: counted and dropped,
+        with ``on_late="dlq"`` also dead-lettered.  DESIGN.md, "Windows and time"."""
+        return self._windowed(Window(size, size, expires, grace), on_late)
 
-    def hopping(self, size: Seconds, step: Seconds,
-                expires: Optional[Seconds] = None) -> "WindowedTable":
-        """Windowed view with windows of ``size`` seconds every ``step`` seconds."""
-        return self._windowed(Window(size, step, expires))
+    def hopping(self, size: Seconds, step: Seconds, expires: Optional[Seconds] = None, *,
+                grace: Optional[Seconds] = None, on_late: str = "drop") -> "WindowedTable":
+        """Windowed view with windows of ``size`` seconds every ``step`` seconds
+        (``grace`` and ``on_late``: as :meth:`tumbling`)."""
+        return self._windowed(Window(size, step, expires, grace), on_late)
 
-    def _windowed(self, window: "Window") -> "WindowedTable":
+    def _windowed(self, window: "Window", on_late: str = "drop") -> "WindowedTable":
+        from .windowclose import LATE_POLICIES
+
         if self.window is not None:
             raise TableError(f"table {self.name} is windowed already ({self.window})")
+        if on_late not in LATE_POLICIES:
+            raise ValueError(f"on_late must be one of {LATE_POLICIES}, not {on_late!r}")
         self.window = window
+        self.on_late = on_late
         return WindowedTable(self, window)
 
     # -- internals --------------------------------------------------------------------

@@ -58,6 +58,7 @@ from .store import TaskStore, stream_time_meta
 
 if TYPE_CHECKING:
     from .tables import Table
+    from .windowclose import FinalRecord
 
 __all__ = ["CONTEXT", "MISSING", "TableContext", "TaskTables", "DrainedBatch", "TableError",
            "NoCurrentRecordError"]
@@ -121,12 +122,17 @@ class TableContext:
         self.writable = task.observe(topic, partition, offset, timestamp_ms)
         task.undo.clear()
 
-    def set_message(self, task: "TaskTables", msg: Any) -> None:
+    def set_message(self, task: "TaskTables", msg: Any, event_ms: Optional[int] = None) -> None:
         """:meth:`set_record` from a confluent_kafka ``Message`` (the same steps, inline:
-        this runs for every record)."""
-        kind, stamp = msg.timestamp()
-        if not kind or stamp is None or stamp < 0:
-            stamp = int(time.time() * 1000)
+        this runs for every record).  ``event_ms``: the record's event time when its
+        topic extracts one from the value (``app.topic(..., timestamp=fn)``), else the
+        Kafka timestamp is used."""
+        if event_ms is not None:
+            stamp = event_ms
+        else:
+            kind, stamp = msg.timestamp()
+            if not kind or stamp is None or stamp < 0:
+                stamp = int(time.time() * 1000)
         topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
         self.task = task
         self.topic = topic
@@ -168,8 +174,12 @@ class DrainedBatch:
                  writes: Dict[str, Dict[bytes, Optional[bytes]]],
                  input_offsets: Dict[TP, int], latest_ms: Optional[int],
                  values: Optional[Dict[str, Dict[bytes, Any]]] = None,
-                 origins: Optional[Dict[str, Tuple[int, int]]] = None) -> None:
+                 origins: Optional[Dict[str, Tuple[int, int]]] = None,
+                 finals: Optional[List["FinalRecord"]] = None) -> None:
         self.task = task
+        #: the final records of the windows the batch closed (``on_close``), produced
+        #: with :attr:`records` on the task's producer (DESIGN.md, "Windows and time")
+        self.finals: List["FinalRecord"] = finals or []
         #: the origin marks the batch advanced (:mod:`shardworker.origins`)
         self.origins = origins or {}
         self.records = records
@@ -188,7 +198,7 @@ class DrainedBatch:
     @property
     def empty(self) -> bool:
         """True when the batch changed no table (its offsets may still be worth storing)."""
-        return not self.records
+        return not self.records and not self.finals
 
     def commit(self, changelog_offsets: Optional[Mapping[str, int]] = None) -> None:
         """Commits the batch to LMDB (state + input offsets + the changelog offsets:
@@ -241,6 +251,12 @@ class TaskTables:
         #: stream time before the current record moved it (taken back if it fails)
         self._time_before: Tuple[Optional[int], Optional[TP]] = (self.latest_ms, None)
         self._expired_upto: Dict[str, int] = {}
+        #: stream time at the last drain: the windows closed up to it have had their
+        #: final records (a function of stream time alone, so a restored task agrees)
+        self._closed_time: Optional[int] = self.latest_ms
+        #: records found late per table since the task opened (a write to a closed window)
+        self.late: Dict[str, int] = {}
+        self._last_late: Optional[Tuple[str, Optional[str], int, int]] = None
         self.inflight: List[DrainedBatch] = []
         #: table → key bytes → (Python value or MISSING, serialized value or None): what
         #: LMDB holds, for keys read or committed lately (only :meth:`_commit` writes LMDB
@@ -323,6 +339,21 @@ class TaskTables:
                 self._cache[table][kb] = before
         self.undo.clear()
 
+    def note_late(self, table: "Table", ctx: TableContext) -> None:
+        """The current record wrote to a closed window of ``table``: counted once per
+        record and table; raises :class:`~shardworker.windowclose.LateRecordError` when
+        the table dead-letters late records (DESIGN.md, "Windows and time")."""
+        mark = (table.name, ctx.topic, ctx.partition, ctx.offset)
+        if mark != self._last_late:
+            self._last_late = mark
+            self.late[table.name] = self.late.get(table.name, 0) + 1
+            table.late_count += 1
+        if table.on_late == "dlq":
+            from .windowclose import LateRecordError
+
+            raise LateRecordError(f"table {table.name}: the record's window is closed "
+                                  f"(stream time {self.latest_ms} ms)")
+
     def check_key(self, table: "Table", key: Any, kb: bytes,
                   record_key: Optional[bytes] = None) -> None:
         """Raises unless ``key`` fits LMDB; warns once per table about a key that is
@@ -380,6 +411,7 @@ class TaskTables:
         for tp, nxt in (input_offsets or {}).items():
             if offsets.get(tp, -1) < nxt:
                 offsets[tp] = nxt
+        finals = self._close()
         self._expire()
         headers: Dict[TP, List[Tuple[str, bytes]]] = {}
         origins = self.origins.drain()
@@ -411,10 +443,55 @@ class TaskTables:
             writes[name] = table_writes
             values[name] = table_values
             self._cache[name] = {}
-        batch = DrainedBatch(self, records, writes, offsets, self.latest_ms, values, origins)
+        batch = DrainedBatch(self, records, writes, offsets, self.latest_ms, values, origins,
+                             finals)
         self.pending = {}
         self.inflight.append(batch)
         return batch
+
+    def _close(self) -> List["FinalRecord"]:
+        """The final records of every window of a table with ``on_close`` that closed
+        since the last drain: those starting in ``[close_bound(stream time at the last
+        drain), close_bound(stream time now))``, in storage-key order (start, then key),
+        with their values as this batch leaves them.  Each closed window not written in
+        this batch is written again (same value, or its expiry's tombstone): the batch's
+        changelog records then carry its stream time, so a task restored from the
+        changelog knows these windows are closed and emits them never again."""
+        from .windows import split_window_key, window_key
+
+        finals: List["FinalRecord"] = []
+        latest = self.latest_ms
+        for name, table in self.tables.items():
+            window, closer = table.window, table.closer
+            if window is None or closer is None:
+                continue
+            lo = window.close_bound(self._closed_time)
+            hi = window.close_bound(latest)
+            if hi <= lo:
+                continue
+            lo_key, hi_key = window_key(lo, b""), window_key(hi, b"")
+            found: Dict[bytes, Optional[bytes]] = dict(self.store.range_items(name, lo_key, hi_key))
+            for batch in self.inflight:
+                for kb, raw in batch.writes.get(name, {}).items():
+                    if lo_key <= kb < hi_key:
+                        found[kb] = raw
+            cache = self._cache[name]
+            for kb, entry in cache.items():
+                if lo_key <= kb < hi_key:
+                    found[kb] = entry[1]
+            tp = self._latest_tp or next(iter(self.pending), None) or next(iter(self.stored), ("", 0))
+            for kb in sorted(found):
+                raw = found[kb]
+                if raw is None:
+                    continue
+                start, keyb = split_window_key(kb)
+                value = table._decode_value(raw)
+                finals.extend(closer.finals(table._decode_key(keyb), start,
+                                            start + window.size_ms, value))
+                if kb not in cache:
+                    cache[kb] = (value, raw, tp)
+        self._closed_time = latest
+        return finals
 
     def _expire(self) -> None:
         """Turns every window that expired (its end + ``expires`` <= the latest timestamp
@@ -488,6 +565,7 @@ class TaskTables:
         self.inflight = []
         self._expired_upto = {}
         self.latest_ms = self.store.stream_time()
+        self._closed_time = self.latest_ms
         self.origins.abort()
 
     def close(self) -> None:

@@ -43,6 +43,7 @@ from .state import TaskStates
 from .store import TaskStore
 from .stream import Event
 from .tasktables import CONTEXT
+from .windowclose import LateRecordError
 from .worker import Worker
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -298,6 +299,7 @@ class AgentTestContext:
         self._datadir: Optional[str] = None
         self._offsets: Dict[Tuple[str, int], int] = {}
         self._last: Optional[Any] = None
+        self._last_ms: Optional[int] = None
         self._saved: Tuple[Any, ...] = ()
         self._globals: List[Any] = []
         self.worker: Optional[_DriverWorker] = None
@@ -383,6 +385,7 @@ class AgentTestContext:
             self._last = msg
             if on_record is not None:
                 on_record(msg)
+                self._last_ms = CONTEXT.timestamp_ms  # the event time, when extracted
 
         runner.stream.on_record = seen
         worker.runners.append(runner)  # stopped at exit even if it fails to start
@@ -512,7 +515,7 @@ class AgentTestContext:
         letters = [r for r in produced if r.topic == agent.dlq_topic]
         failure = Failure(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(),
                           exc, dict(letters[-1].headers) if letters else {})
-        if agent.on_error == "dlq":
+        if agent.on_error == "dlq" or isinstance(exc, LateRecordError):
             self.dead_letters.append(failure)
         elif agent.on_error == "skip":
             self.skipped.append(failure)
@@ -526,7 +529,7 @@ class AgentTestContext:
         last = self._last
         if last is not None:
             topic, partition, offset = last.topic(), last.partition(), last.offset()
-            stamp: Optional[int] = last.timestamp()[1]
+            stamp: Optional[int] = self._last_ms or last.timestamp()[1]
         else:
             regroup = self.agent.regroup
             topic = regroup.topic if regroup is not None else self.agent.topic.name

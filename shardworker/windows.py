@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Tuple, Union
 
 from .tasktables import MISSING, TableContext, TaskTables
@@ -19,7 +19,8 @@ from .tasktables import MISSING, TableContext, TaskTables
 if TYPE_CHECKING:
     from .tables import Table
 
-__all__ = ["Seconds", "Window", "WindowedTable", "WindowSet", "window_key", "split_window_key"]
+__all__ = ["Seconds", "Window", "WindowedTable", "WindowSet", "window_key", "split_window_key",
+           "event_time_ms"]
 
 Seconds = Union[int, float, timedelta]
 _START = struct.Struct(">Q")
@@ -33,24 +34,62 @@ def _ms(value: Seconds) -> int:
 class Window:
     """Epoch-aligned windows of ``size`` every ``step`` (tumbling: step == size), as in
     Kafka Streams: window ``[start, start + size)`` with ``start`` a multiple of
-    ``step``; windows starting before the epoch do not exist.  ``expires``: how long
-    after its end (relative to the latest record timestamp the task saw) a window is
-    kept; None keeps windows forever."""
+    ``step``; windows starting before the epoch do not exist.
 
-    def __init__(self, size: Seconds, step: Seconds, expires: Optional[Seconds] = None) -> None:
+    Times are relative to the task's stream time (the latest event time it processed):
+
+    * ``grace``: a window *closes* once stream time reaches its end + ``grace``; a record
+      for a closed window is late (not added).  None: a window closes when it expires
+      (and never when it does not expire).
+    * ``expires``: how long after its end a window is kept; None keeps windows forever.
+      It must be at least ``grace`` (a window is never deleted before it closed).
+
+    DESIGN.md, "Windows and time"."""
+
+    def __init__(self, size: Seconds, step: Seconds, expires: Optional[Seconds] = None,
+                 grace: Optional[Seconds] = None) -> None:
         self.size_ms = _ms(size)
         self.step_ms = _ms(step)
         self.expires_ms = None if expires is None else _ms(expires)
+        self.grace_ms = None if grace is None else _ms(grace)
         if self.size_ms <= 0 or self.step_ms <= 0:
             raise ValueError("window size and step must be positive")
         if self.step_ms > self.size_ms:
             raise ValueError("a hopping window's step must not exceed its size (gaps)")
         if self.expires_ms is not None and self.expires_ms < 0:
             raise ValueError("expires must not be negative")
+        if self.grace_ms is not None and self.grace_ms < 0:
+            raise ValueError("grace must not be negative")
+        if (self.grace_ms is not None and self.expires_ms is not None
+                and self.expires_ms < self.grace_ms):
+            raise ValueError("expires must be at least grace (a window would be deleted "
+                             "before it closed)")
 
     def __repr__(self) -> str:
         kind = "tumbling" if self.step_ms == self.size_ms else f"hopping step={self.step_ms}ms"
-        return f"<Window {kind} size={self.size_ms}ms expires={self.expires_ms}>"
+        return (f"<Window {kind} size={self.size_ms}ms grace={self.grace_ms} "
+                f"expires={self.expires_ms}>")
+
+    @property
+    def close_after_ms(self) -> Optional[int]:
+        """How long after its end a window closes: ``grace``, else ``expires`` (None:
+        windows never close)."""
+        return self.grace_ms if self.grace_ms is not None else self.expires_ms
+
+    def closed(self, start_ms: int, latest_ms: Optional[int]) -> bool:
+        """True when the window starting at ``start_ms`` is closed at stream time
+        ``latest_ms`` (its end + grace <= stream time): records for it are late."""
+        after = self.close_after_ms
+        return (after is not None and latest_ms is not None
+                and start_ms + self.size_ms + after <= latest_ms)
+
+    def close_bound(self, latest_ms: Optional[int]) -> int:
+        """At stream time ``latest_ms``: every window starting before the returned start
+        is closed (0: none is; windows before the epoch do not exist)."""
+        after = self.close_after_ms
+        if after is None or latest_ms is None:
+            return 0
+        return max(0, latest_ms - self.size_ms - after + 1)
 
     def current(self, ts_ms: int) -> int:
         """Start of the latest window containing ``ts_ms``."""
@@ -84,6 +123,23 @@ class Window:
         return upto, window_key(upto, b"")
 
 
+def event_time_ms(when: Any) -> int:
+    """Epoch milliseconds of an event time given as seconds since the epoch (int or
+    float) or a ``datetime`` (naive: UTC).  Raises ValueError for anything else, or a
+    time before the epoch: the record then fails like one that does not decode."""
+    if isinstance(when, datetime):
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = when.timestamp()
+    elif isinstance(when, (int, float)) and not isinstance(when, bool):
+        seconds = float(when)
+    else:
+        raise ValueError(f"an event time is seconds since the epoch or a datetime, not {when!r}")
+    if not seconds >= 0 or seconds == float("inf"):  # also NaN
+        raise ValueError(f"event time {when!r} is not a time since the epoch")
+    return int(round(seconds * 1000))
+
+
 def window_key(start_ms: int, kb: bytes) -> bytes:
     """Storage key of a window: 8-byte big-endian start (epoch ms), then the key bytes."""
     return _START.pack(start_ms) + kb
@@ -107,8 +163,11 @@ class WindowedTable:
       current record's timestamp unless :meth:`relative_to_now` was called (Faust's
       ``relative_to_stream()`` default); so ``value() == current()`` by default.
     * Missing windows read as ``default()`` (or None without a default).  Windows that
-      expired read as missing; late records do not change expired windows (Kafka
+      expired read as missing.  A record for a window that is closed (its end +
+      ``grace`` is past the task's stream time) is *late*: it changes nothing, it is
+      counted (:meth:`late_records`) and, with ``on_late="dlq"``, dead-lettered (Kafka
       Streams drops records past the grace period in the same way).
+    * :meth:`on_close`: each window's final value goes to a topic once it closes.
     """
 
     def __init__(self, table: Table, window: Window, relative_to_now: bool = False) -> None:
@@ -156,9 +215,36 @@ class WindowedTable:
 
     def _set(self, ctx: TableContext, task: TaskTables, key: Any, kb: bytes, start: int,
              value: Any) -> None:
-        if self.window.expired(start, task.latest_ms):
+        if self.window.closed(start, task.latest_ms):
+            if ctx.writable:  # a record read again after its batch committed is not late
+                task.note_late(self.table, ctx)
             return
         task.write(self.table, window_key(start, kb), key, value, ctx)
+
+    def on_close(self, target: Any, sink: Any = ()) -> "WindowedTable":
+        """When a window closes (stream time passed its end + grace), its final value
+        is produced once: ``on_close(topic)`` sends ``{"start": s, "end": e, "value":
+        v}`` (seconds) keyed by the table key; ``on_close(fn, sink=topic or [topics])``
+        calls ``fn(key, (start, end), value)`` and sends what it returns (a value, a
+        list of values) or yields.  Declare it with the table, before the app starts.
+        Without ``grace`` and ``expires`` windows close at their end (grace 0); without
+        ``expires``, a window is deleted when it closes.  DESIGN.md, "Windows and time"."""
+        from .windowclose import WindowCloser
+
+        sinks = list(sink) if isinstance(sink, (list, tuple)) else [sink]
+        closer = WindowCloser(target, sinks)
+        window = self.window
+        if window.close_after_ms is None:
+            window.grace_ms = 0
+        if window.expires_ms is None:
+            window.expires_ms = window.close_after_ms
+        self.table.closer = closer
+        return self
+
+    def late_records(self) -> int:
+        """Records this child found late for this table (all its tasks, since it
+        started): a write to a closed window, not applied."""
+        return self.table.late_count
 
     # -- the mapping ------------------------------------------------------------------
     def __getitem__(self, key: Any) -> "WindowSet":
@@ -227,6 +313,13 @@ class WindowSet:
         """Value in the latest window containing ``current timestamp - seconds``."""
         ctx, _task = self.wtable._ctx()
         return self._value_at(self.wtable._timestamp(ctx) - _ms(seconds))
+
+    def apply(self, fn: Callable[[Any], Any]) -> "WindowSet":
+        """Sets every window containing the current record's timestamp to ``fn(old)``
+        (``old``: its value, or the default): an aggregate of any JSON value, e.g.
+        ``wt[k].apply(lambda a: {"n": a["n"] + 1, "sum": a["sum"] + x})``.  Each window
+        gets its own new value (hopping windows hold different aggregates)."""
+        return self._apply(lambda old, _other: fn(old), None)
 
     def _apply(self, op: Callable[[Any, Any], Any], other: Any) -> "WindowSet":
         wt = self.wtable

@@ -47,6 +47,7 @@ from .protocol import Message as ChannelMessage
 from .state import TaskStates
 from .origins import OriginStamper, origin_of
 from .topology import TopicPartitionKey, task_sort_key
+from .windowclose import LateRecordError
 
 log = logging.getLogger("shardworker.worker")
 
@@ -62,10 +63,12 @@ class Route:
     """What a source topic's records meet in this child: its value decoder, the agents
     that take them (their streams' buffers) and the agents that forward them."""
 
-    __slots__ = ("decode", "runners", "forwards")
+    __slots__ = ("decode", "event_time", "runners", "forwards")
 
-    def __init__(self, decode: Any) -> None:
-        self.decode = decode
+    def __init__(self, topic: Any) -> None:
+        self.decode = topic.decode_value
+        #: the topic's event time from the value (``timestamp=fn``), or None
+        self.event_time = topic.event_time_ms if topic.timestamp is not None else None
         self.runners: List[AgentRunner] = []
         self.forwards: List[AgentRunner] = []
 
@@ -182,10 +185,10 @@ class Worker:
             raise RuntimeError(f"agent {runner.agent.name}: {regroup.kind}() must be called on "
                                "the stream before the agent's loop takes its first record")
         for topic in runner.agent.topics:
-            route = self.routes.setdefault(topic.name, Route(topics[topic.name].decode_value))
+            route = self.routes.setdefault(topic.name, Route(topics[topic.name]))
             (route.forwards if regroup is not None else route.runners).append(runner)
         if regroup is not None:
-            route = self.routes.setdefault(regroup.topic, Route(topics[regroup.topic].decode_value))
+            route = self.routes.setdefault(regroup.topic, Route(topics[regroup.topic]))
             route.runners.append(runner)
 
     def heartbeat(self) -> None:
@@ -254,8 +257,13 @@ class Worker:
                 headers = msg.headers()
                 if headers is not None and self.applied_before(msg, headers):
                     continue
+            event_ms = None
             try:
                 value = route.decode(msg.value())
+                if route.event_time is not None:  # DESIGN.md, "Windows and time"
+                    event_ms = route.event_time(value)
+                    if self.state.enabled:
+                        self.state.event_times[(topic, msg.partition(), msg.offset())] = event_ms
             except Exception as exc:  # noqa: BLE001 - a bad record, not a bad worker
                 for runner in route.runners + route.forwards:
                     self.on_agent_error(runner.agent, msg, exc)
@@ -263,7 +271,7 @@ class Worker:
             for runner in route.runners:
                 runner.stream.buffer.append((value, msg))
             for runner in route.forwards:
-                self.forward(runner, msg, value)
+                self.forward(runner, msg, value, event_ms)
         # 2. the agents process their share (what they yield is produced to their sinks)
         for runner in self.runners:
             if runner.stream.buffer:
@@ -272,6 +280,8 @@ class Worker:
                 self.current = None
             if runner.fatal is not None:
                 raise runner.fatal
+        if self.state.enabled:
+            self.state.event_times.clear()
         self.processed += len(records)  # stats count processing; offsets wait for acks
         # per partition, counted in C (map/zip/Counter), not per record in Python
         for (topic, part), count in tally(zip(map(_TOPIC, records), map(_PARTITION, records))).items():
@@ -332,11 +342,12 @@ class Worker:
         msg = runner.stream.current
         return self.stamper.header(runner.agent.name, msg.topic(), msg.partition(), msg.offset())
 
-    def forward(self, runner: AgentRunner, msg: Message, value: Any) -> None:
+    def forward(self, runner: AgentRunner, msg: Message, value: Any,
+                event_ms: Optional[int] = None) -> None:
         """Sends a record of a re-keying agent's source topic to the topic it reads on
         from (``group_by``: keyed by the agent's key function, ``through``: as it is),
-        with its origin and its timestamp; the rest of the agent runs on the tasks of that
-        topic.  Part of
+        with its origin and its timestamp (the event time when its topic extracts one);
+        the rest of the agent runs on the tasks of that topic.  Part of
         ``msg``'s batch: committed with its offset (exactly-once: in its transaction)."""
         agent = runner.agent
         target = self.app.topics[agent.regroup.topic]
@@ -353,6 +364,8 @@ class Worker:
                     else target.encode_value(value))
             header = self.stamper.header(agent.name, msg.topic(), msg.partition(), msg.offset())
             kind, stamp = msg.timestamp()  # event time goes on with the record (windows)
+            if event_ms is not None:
+                kind, stamp = 1, event_ms
             produce(self.committer.producer_for(msg), target.name, data, key, [header],
                     timestamp=stamp if kind and stamp > 0 else 0)
         except Exception as exc:  # noqa: BLE001 - the agent's error policy decides
@@ -405,6 +418,11 @@ class Worker:
             raise exc
         if self.state.enabled:
             self.state.rollback_record(msg)
+        if isinstance(exc, LateRecordError):  # the table's on_late="dlq", not the agent's
+            log.info("agent %s: %s[%d]@%d is late: %s; dead-lettered to %s", agent.name,
+                     msg.topic(), msg.partition(), msg.offset(), exc, agent.dlq_topic)
+            dead_letter(self.committer.producer_for(msg), agent, msg, exc, self.max_message_bytes)
+            return
         self.errors += 1
         self._count_failure(agent, msg)
         log_failure(agent, msg, exc)
