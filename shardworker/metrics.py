@@ -258,7 +258,9 @@ def own_metrics() -> MetricRegistry:
             ("shardsup_records_skipped", "Records that failed and were dropped (on_error=skip).",
              per_partition),
             ("shardsup_records_restored", "Changelog records read to restore a task's tables "
-             "(restore progress).", ("task",))):
+             "(restore progress).", ("task",)),
+            ("shardsup_late_records", "Records for a window that had closed (past its grace): "
+             "not added.", ("task", "table"))):
         registry.register(Counter(name, doc, labels))
     return registry
 

@@ -131,6 +131,9 @@ class Worker:
         self.dead_lettered_by = counters["shardsup_records_dead_lettered"]
         self.skipped_by = counters["shardsup_records_skipped"]
         self.restored_by = counters["shardsup_records_restored"]
+        self.late_by = counters["shardsup_late_records"]
+        #: late records per (task, table) already counted (a reopened task counts from 0)
+        self._late_seen: Dict[Tuple[str, str], int] = {}
 
     # -- set-up ---------------------------------------------------------------------
     def setup(self) -> None:
@@ -576,6 +579,12 @@ class Worker:
         for task, count in getattr(self.state.restorer, "restored", {}).items():
             if self.restored_by.value(task) != count:
                 self.restored_by._set_total((task,), count)
+        for task, per_table in (self.state.late_counts() if self.state.enabled else {}).items():
+            for table, count in per_table.items():
+                seen = self._late_seen.get((task, table), 0)
+                if count != seen:
+                    self.late_by._inc((task, table), count - seen if count > seen else count)
+                    self._late_seen[(task, table)] = count
         return {**self.app.metrics.changed(), **self.own_metrics.changed()}
 
     def lag(self) -> Dict[str, Dict[str, Optional[int]]]:

@@ -259,3 +259,28 @@ def test_every_metric_the_grafana_dashboard_queries_is_exposed() -> None:
     queried = set().union(*(metric_names(e) for e in dashboard_exprs(dashboard)))
     assert len(queried) >= 10, queried
     assert queried <= exposed, f"the dashboard queries metrics /metrics lacks: {sorted(queried - exposed)}"
+
+
+@pytest.mark.timeout(20)
+def test_late_records_of_windowed_tables_are_counted_per_task_and_table_without_going_back():
+    """Late records (writes to closed windows) reach the heartbeat's metrics as a counter
+    per task and table; a task reopened in the same child counts from 0 again and the
+    counter still only goes up."""
+    from types import SimpleNamespace
+
+    from shardworker import App
+    from shardworker.worker import Worker
+
+    late = {"1_0": {"per_minute": 2}}
+    worker = Worker.__new__(Worker)
+    Worker.__init__(worker, App("m", broker="kafka://127.0.0.1:9"), channel=None,  # type: ignore[arg-type]
+                    bootstrap="127.0.0.1:9", index=0)
+    worker.state = SimpleNamespace(enabled=True, restorer=SimpleNamespace(restored={}),
+                                   late_counts=lambda: late)
+    sent = worker.changed_metrics()["shardsup_late_records"]["series"]
+    assert sent == [[["1_0", "per_minute"], 2]]
+    late["1_0"]["per_minute"] = 5
+    assert worker.changed_metrics()["shardsup_late_records"]["series"] == [[["1_0", "per_minute"], 5]]
+    late["1_0"]["per_minute"] = 1  # the task was reopened: 1 new late record
+    assert worker.changed_metrics()["shardsup_late_records"]["series"] == [[["1_0", "per_minute"], 6]]
+    assert "shardsup_late_records" not in worker.changed_metrics()  # nothing new
