@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 
 from .codecs import Serializer, get_codec
 from .crontab import CronExpression, Crontab, StartupTask, Zone, resolve_zone
+from .metrics import DEFAULT_BUCKETS, Counter, Gauge, Histogram, MetricRegistry
 from .produce import UNASSIGNED, produce
 from .records import typed_codec
 
@@ -188,6 +189,8 @@ class App:
         #: in a worker: the origin header of a record sent to a topic (shardworker.origins)
         self._origin_header: Optional[Callable[[str], Optional[Tuple[str, bytes]]]] = None
         self._producer_errors: Optional[List[str]] = None  # None: a worker's producer
+        #: user metrics (app.counter, app.histogram, app.gauge): shardworker.metrics
+        self.metrics = MetricRegistry()
         if self.settings["processing_guarantee"] not in GUARANTEES:
             raise ValueError(f"processing_guarantee {self.settings['processing_guarantee']!r}: "
                              f"use one of {', '.join(map(repr, GUARANTEES))}")
@@ -329,6 +332,22 @@ class App:
     def has_scheduled_work(self) -> bool:
         """Timers, crontab jobs or startup tasks: one child of the group runs them."""
         return bool(self.timers or self.crontabs or self.startup_tasks)
+
+    # -- user metrics (shardworker.metrics; DESIGN.md, "Metrics") ----------------------
+    def counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+        """A counter for agents (``.inc(n)``, ``.labels(k=v).inc()``), summed over the
+        children on the supervisor's ``/metrics`` as ``<name>_total``."""
+        return self.metrics.register(Counter(name, doc, labels))  # type: ignore[return-value]
+
+    def histogram(self, name: str, doc: str, labels: Sequence[str] = (),
+                  buckets: Sequence[float] = DEFAULT_BUCKETS) -> Histogram:
+        """A histogram for agents (``.observe(v)``), merged over the children."""
+        return self.metrics.register(  # type: ignore[return-value]
+            Histogram(name, doc, labels, buckets=buckets))
+
+    def gauge(self, name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
+        """A gauge for agents (``.set``, ``.inc``, ``.dec``), one series per child."""
+        return self.metrics.register(Gauge(name, doc, labels))  # type: ignore[return-value]
 
     # -- derived facts ------------------------------------------------------------
     @property

@@ -114,6 +114,9 @@ class Stats(Message):
     #: task → source topic → records behind the end of the task's partition of it, so
     #: status can show a repartition topic's lag (``lag`` is the sum per task)
     topic_lag: Dict[str, Dict[str, Optional[int]]] = field(default_factory=dict)
+    #: metric name → family with the series changed since the last heartbeat, cumulative
+    #: over this process (user metrics and shardsup's own: :mod:`shardworker.metrics`)
+    metrics: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
 def lag_total(per_topic: Dict[str, Optional[int]]) -> Optional[int]:

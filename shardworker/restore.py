@@ -66,6 +66,8 @@ class Restorer:
         self._restore_consumer: Optional[Consumer] = None
         #: True while a restore runs (the worker reports it and skips lag then)
         self.restoring = False
+        #: task → changelog records read while restoring it, in this process (a metric)
+        self.restored: Dict[str, int] = {}
 
     def close(self) -> None:
         if self._restore_consumer is not None:
@@ -194,6 +196,7 @@ class Restorer:
         changelog offset reached, so an interrupted restore (``should_stop()`` turned
         True, a crash) goes on from there."""
         self.restoring = True
+        self.restored.setdefault(task, 0)
         began = time.monotonic()
         consumer = self._consumer()
         total_applied = total_skipped = 0
@@ -205,7 +208,7 @@ class Restorer:
                 consumer.assign([TopicPartition(table.changelog_topic, partition, start)])
                 tail: List[int] = []
                 applied, skipped = apply_changelog(
-                    store, table.name, self._changelog(consumer, tail, should_stop), committed,
+                    store, table.name, self._changelog(consumer, tail, should_stop, task), committed,
                     batch_size=RESTORE_COMMIT_EVERY, set_offsets=False,
                     position=lambda: tail[0] if tail else None)
                 total_applied += applied
@@ -237,17 +240,21 @@ class Restorer:
         return self._restore_consumer
 
     def _changelog(self, consumer: Consumer, tail: List[int],
-                   should_stop: Optional[Callable[[], bool]] = None
+                   should_stop: Optional[Callable[[], bool]] = None, restoring: str = ""
                    ) -> Iterator[Tuple[Optional[bytes], Optional[bytes], Any]]:
         """The records of the assigned changelog partition up to its end (the high
         watermark of the fetch responses: right on Kafka and on tansu alike).  Raises
-        :class:`RestoreInterrupted` between fetches once ``should_stop()`` is True."""
+        :class:`RestoreInterrupted` between fetches once ``should_stop()`` is True.
+        ``restoring``: the task restored, whose records read are counted (a metric)."""
         last_beat = time.monotonic()
         while True:
             if should_stop is not None and should_stop():
                 raise RestoreInterrupted("the task was revoked or the child stops")
             # a short timeout: consume() waits it out even after the end-of-partition event
-            for msg in consumer.consume(RESTORE_BATCH, 0.05):
+            batch = consumer.consume(RESTORE_BATCH, 0.05)
+            if restoring:  # progress, per fetch (not per record); the end event is no record
+                self.restored[restoring] += len(batch) - (1 if batch and batch[-1].error() else 0)
+            for msg in batch:
                 err = msg.error()
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:

@@ -24,7 +24,9 @@ import os
 import select
 import signal
 import time
+from collections import Counter as tally
 from collections import deque
+from operator import methodcaller
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -36,6 +38,7 @@ from .committers import Committer, Processed, make_committer
 from .crontab import ScheduledJobs
 from .globaltables import CatchUpGate
 from .logs import set_role
+from .metrics import own_metrics
 from .deadletters import dead_letter, log_failure
 from .produce import (DEFAULT_MESSAGE_MAX_BYTES, RecordTooLarge, is_too_large, message_max_bytes,
                       produce)
@@ -50,6 +53,7 @@ log = logging.getLogger("shardworker.worker")
 
 STATS_INTERVAL = 1.0       # seconds between heartbeats with stats to the supervisor
 REPORT_INTERVAL = 0.05     # offsets are reported at most this often (and at every stop)
+_TOPIC, _PARTITION = methodcaller("topic"), methodcaller("partition")
 #: at least once, the tables' changes are drained before this many keys are dirty, even
 #: when the interval (``commit_interval``) is not over: bounds memory and changelog bursts
 MAX_DIRTY_KEYS = 20_000
@@ -119,6 +123,14 @@ class Worker:
         self.drain_interval = float(app.settings["commit_interval"])
         #: no record before every global table's copy caught up (DESIGN.md, "Global tables")
         self.global_tables = CatchUpGate(app.global_tables, datadir, app.id)
+        #: shardsup's own per-partition counters, sent with the app's metrics in each
+        #: heartbeat (DESIGN.md, "Metrics")
+        self.own_metrics = own_metrics()
+        counters: Dict[str, Any] = self.own_metrics.metrics
+        self.processed_by = counters["shardsup_records_processed"]
+        self.dead_lettered_by = counters["shardsup_records_dead_lettered"]
+        self.skipped_by = counters["shardsup_records_skipped"]
+        self.restored_by = counters["shardsup_records_restored"]
 
     # -- set-up ---------------------------------------------------------------------
     def setup(self) -> None:
@@ -264,6 +276,9 @@ class Worker:
             if runner.fatal is not None:
                 raise runner.fatal
         self.processed += len(records)  # stats count processing; offsets wait for acks
+        # per partition, counted in C (map/zip/Counter), not per record in Python
+        for (topic, part), count in tally(zip(map(_TOPIC, records), map(_PARTITION, records))).items():
+            self.processed_by._inc((topic, str(part)), count)
         self.undrained.update(positions)
         # 3. the tables' changes: one changelog record per key changed since the last drain
         if self._drain_due():
@@ -376,6 +391,7 @@ class Worker:
         if is_too_large(err) and agent.on_error != "crash":
             if not self.committer.will_read_again(source):
                 self.errors += 1
+                self._count_failure(agent, source)
                 log_failure(agent, source, RecordTooLarge(f"{msg.topic()}: {err.str()}"))
                 if agent.on_error == "dlq":
                     dead_letter(self.committer.producer_for(source), agent, source,
@@ -393,11 +409,18 @@ class Worker:
         if self.state.enabled:
             self.state.rollback_record(msg)
         self.errors += 1
+        self._count_failure(agent, msg)
         log_failure(agent, msg, exc)
         if agent.on_error == "crash":
             raise exc
         if agent.on_error == "dlq":
             dead_letter(self.committer.producer_for(msg), agent, msg, exc, self.max_message_bytes)
+
+    def _count_failure(self, agent: Agent, msg: Message) -> None:
+        """A failed record counts as dead-lettered or skipped, by the agent's policy."""
+        counter = {"dlq": self.dead_lettered_by, "skip": self.skipped_by}.get(agent.on_error)
+        if counter is not None:
+            counter._inc((msg.topic(), str(msg.partition())), 1)
 
     def on_consume_error(self, msg: Message) -> None:
         err = msg.error()
@@ -530,8 +553,16 @@ class Worker:
             lag = {} if restoring else self.lag()
             self.channel.send(Stats(self.processed, self.errors, self.tasks,
                                     {task: lag_total(per) for task, per in lag.items()},
-                                    restoring, topic_lag=lag))
+                                    restoring, topic_lag=lag, metrics=self.changed_metrics()))
             self._last_stats = now
+
+    def changed_metrics(self) -> Dict[str, Dict[str, Any]]:
+        """The app's metrics and shardsup's own whose series changed since the last
+        heartbeat, with their cumulative values (:mod:`shardworker.metrics`)."""
+        for task, count in getattr(self.state.restorer, "restored", {}).items():
+            if self.restored_by.value(task) != count:
+                self.restored_by._set_total((task,), count)
+        return {**self.app.metrics.changed(), **self.own_metrics.changed()}
 
     def lag(self) -> Dict[str, Dict[str, Optional[int]]]:
         """Records behind the end of each task's partition of each of its topics (task →

@@ -33,6 +33,7 @@ from .membership import GroupMember
 from .pidfile import PidFile
 from .placement import choose_timer_owner
 from .rebalance import Assignment
+from .metricstore import MetricTotals, families
 from .snapshot import snapshot, status_line
 from .subtopologies import topic_kinds
 from .status import StatusServer
@@ -109,6 +110,8 @@ class Arbiter:
         self.guard_fd: Optional[int] = None
         self.guard_pid: Optional[int] = None
         self.mirror: Optional[GlobalMirror] = None   # the global tables' copies
+        #: counters and histograms of every child process, summed (DESIGN.md, "Metrics")
+        self.metric_totals = MetricTotals()
 
     # -- start-up -------------------------------------------------------------------
     def run(self) -> int:
@@ -414,6 +417,7 @@ class Arbiter:
     def read_child(self, slot: ChildSlot) -> None:
         for offsets in slot.read():
             self.assignment.record_offsets(slot, offsets)
+        self.metric_totals.add(slot.take_metric_deltas())
 
     def assign_timers(self) -> None:
         """Tells exactly one child to run the app's timers: the one hosting the lowest
@@ -453,7 +457,11 @@ class Arbiter:
         return snapshot(self.slots.values(), app_id=self.app.id, broker=self.bootstrap,
                         datadir=self.datadir, started_at=self.started_at, state=self.state,
                         group=self.member.group_state() if self.member is not None else None,
-                        topology=self.topology, kinds=self.topic_kinds)
+                        topology=self.topology, kinds=self.topic_kinds,
+                        metrics=families(self.metric_totals,
+                                         [(i, s.metrics) for i, s in self.slots.items() if s.alive],
+                                         [self.member.commit_latency] if self.member else [],
+                                         self.topology.task_id))
 
     # -- shutdown -------------------------------------------------------------------
     def shutdown(self) -> int:

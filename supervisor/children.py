@@ -24,12 +24,14 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from signal import SIGKILL, SIGTERM
-from typing import Any, Container, Deque, List, Optional, Sequence, Tuple
+from typing import Any, Container, Deque, Dict, List, Optional, Sequence, Tuple
 
 import psutil
 
 from shardworker.protocol import (EXIT_BROKER_UNAVAILABLE, Bye, Channel, Failed, Message, Offsets, Ready,
                                   Revoke, Revoked, Stats, Timers)
+
+from .metricstore import IncarnationMetrics
 
 log = logging.getLogger("supervisor.children")
 
@@ -88,6 +90,9 @@ class ChildSlot:
         self._base_errors = 0
         self._rate_samples: Deque[Tuple[float, int]] = deque()
         self._psutil: Optional[psutil.Process] = None
+        #: the metrics this incarnation sent; the increments not yet taken by the arbiter
+        self.metrics = IncarnationMetrics()
+        self._metric_deltas: List[Dict[str, Dict[str, Any]]] = []
 
     @property
     def pid(self) -> Optional[int]:
@@ -126,6 +131,7 @@ class ChildSlot:
         self._rate_samples = deque([(self.started_at, self.records_total)])
         self.records_per_s = 0.0
         self._psutil = None
+        self.metrics = IncarnationMetrics()  # a new process counts from 0 again
 
     def record_stats(self, stats: Stats) -> None:
         """A heartbeat: counters of this incarnation, lag per task."""
@@ -135,6 +141,8 @@ class ChildSlot:
         if stats.processed:
             self.outage_exits = 0  # it got through to the broker again
         self.errors_total = self._base_errors + stats.errors
+        if stats.metrics:
+            self._metric_deltas.append(self.metrics.update(stats.metrics))
         # records/s over the last RATE_WINDOW seconds: a child counts its records once
         # per batch, so a shorter window would swing between 0 and a peak
         now = time.monotonic()
@@ -145,6 +153,12 @@ class ChildSlot:
         then, count = samples[0]
         if now > then:
             self.records_per_s = (self.records_total - count) / (now - then)
+
+    def take_metric_deltas(self) -> List[Dict[str, Dict[str, Any]]]:
+        """The counters' and histograms' increments since the last call, for the
+        supervisor's :class:`~supervisor.metricstore.MetricTotals`."""
+        deltas, self._metric_deltas = self._metric_deltas, []
+        return deltas
 
     def usage(self) -> Tuple[Optional[int], Optional[float]]:
         """(RSS bytes, CPU %) of the process, or (None, None) when it is not running."""

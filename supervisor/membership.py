@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 
 from confluent_kafka import (OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException,
                              TopicPartition)
 
 from shardworker.app import App
+from shardworker.metrics import Histogram
 from shardworker.topology import TopicPartitionKey
 
 log = logging.getLogger("supervisor.membership")
 
 Callback = Callable[[List[TopicPartitionKey]], None]
+#: buckets of the commit latency (seconds): a local broker answers in milliseconds
+COMMIT_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0)
 
 
 class GroupMember:
@@ -37,6 +41,13 @@ class GroupMember:
         self._last_warning = ("", 0.0)  # (text, monotonic time) of the last poll error logged
         #: offsets the broker confirmed for asynchronous commits, not yet taken
         self._acknowledged: Dict[TopicPartitionKey, int] = {}
+        #: seconds from an offset commit sent to the broker's answer (at least once: the
+        #: children's offsets; exactly-once commits are the children's transactions)
+        self.commit_latency = Histogram(
+            "shardsup_commit_latency_seconds", "Seconds from an offset commit sent by the "
+            "supervisor to the broker's confirmation.", buckets=COMMIT_BUCKETS)
+        self._commits_sent: Deque[float] = deque()  # monotonic times, oldest first
+        self._in_sync_commit = False
         self.consumer = Consumer({
             **app.kafka_config(bootstrap),
             "group.id": app.id,
@@ -142,6 +153,7 @@ class GroupMember:
         try:
             self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
                                  asynchronous=True)
+            self._commits_sent.append(time.monotonic())
         except KafkaException as exc:
             self._warn(f"offset commit failed: {exc.args[0].str()}")
 
@@ -160,12 +172,18 @@ class GroupMember:
         return False
 
     def _on_commit(self, error: Optional[KafkaError], partitions: List[TopicPartition]) -> None:
+        # librdkafka answers commits in the order they were sent; a synchronous commit
+        # calls this too, but measures itself (commit())
+        sent = (self._commits_sent.popleft() if self._commits_sent and not self._in_sync_commit
+                else None)
         if error is not None:
             self._warn(f"offset commit failed: {error.str()}")
             return
         for tp in partitions:
             if tp.error is None and tp.offset >= 0:
                 self._acknowledged[(tp.topic, tp.partition)] = tp.offset
+        if sent is not None:
+            self.commit_latency.observe(time.monotonic() - sent)
 
     def take_acknowledged(self) -> Dict[TopicPartitionKey, int]:
         """Offsets the broker confirmed since the last call."""
@@ -175,13 +193,18 @@ class GroupMember:
     def commit(self, offsets: Dict[TopicPartitionKey, int]) -> bool:
         """Commits as the group member and waits (a revoke must have its offsets
         committed before the partitions move); False (logged) when the broker refuses."""
+        began = time.monotonic()
+        self._in_sync_commit = True
         try:
             self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
                                  asynchronous=False)
+            self.commit_latency.observe(time.monotonic() - began)
             return True
         except KafkaException as exc:
             log.warning("offset commit failed: %s", exc.args[0].str())
             return False
+        finally:
+            self._in_sync_commit = False
 
     def group_state(self) -> Dict[str, Any]:
         """What the member knows of its group membership (for status and logs)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, Iterable, Mapping, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 from shardworker.topology import Topology
 
@@ -41,13 +41,16 @@ def status_line(slots: Iterable[ChildSlot]) -> str:
 def snapshot(slots: Iterable[ChildSlot], *, app_id: str, broker: str, datadir: str,
              started_at: float, state: str, group: Optional[Dict[str, Any]],
              now: Optional[float] = None, topology: Optional[Topology] = None,
-             kinds: Optional[Mapping[str, str]] = None) -> Dict[str, object]:
+             kinds: Optional[Mapping[str, str]] = None,
+             metrics: Optional[List[Dict[str, Any]]] = None) -> Dict[str, object]:
     """Everything ``shardsup status``, ``/status``, ``/metrics`` and ``/health`` show.
     ``group`` is the member's :meth:`~supervisor.membership.GroupMember.group_state`
     (None before there is a member).  With the app's ``topology`` (and ``kinds``:
     :func:`supervisor.subtopologies.topic_kinds`) each task also carries its
     ``subtopology`` and ``topic_lag`` (source topic → lag), and ``subtopologies`` lists
-    them with their topics' lag over this supervisor's tasks."""
+    them with their topics' lag over this supervisor's tasks.  ``metrics``
+    (:func:`supervisor.metricstore.families`: the children's counters, histograms and
+    gauges, merged) goes in as it is, for ``/metrics``."""
     now = time.monotonic() if now is None else now
     children = []
     tasks: Dict[str, Dict[str, Any]] = {}
@@ -80,6 +83,8 @@ def snapshot(slots: Iterable[ChildSlot], *, app_id: str, broker: str, datadir: s
                        "uptime_s": round(now - started_at, 3), "state": state,
                        "group": group if group is not None else dict(NOT_JOINED)},
         "children": children, "tasks": tasks}
+    if metrics is not None:
+        doc["metrics"] = metrics
     if topology is not None:
         doc["subtopologies"] = entries(topology, kinds or {}, tasks)
     return doc

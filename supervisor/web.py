@@ -5,19 +5,23 @@ thread per request), so a slow scraper never delays the main loop.  It only ever
 the supervisor's state through the ``snapshot`` callable, which must be cheap,
 thread-safe and return a fresh dict (the schema is the one of :mod:`supervisor.status`).
 
-``/metrics`` is the Prometheus text exposition format 0.0.4, written by hand by
-:func:`render_metrics` so that shardsup needs no Prometheus library at run time.
+``/metrics`` is the Prometheus text exposition format 0.0.4, written by
+``prometheus_client`` from a custom collector over the snapshot
+(:class:`SnapshotCollector`).
 """
 from __future__ import annotations
 
 import errno
 import json
 import logging
-import math
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from .errors import UsageError
 
@@ -33,146 +37,146 @@ HEALTHY_TASK_STATES = ("running", "restoring")
 CHILD_DOWN_STATES = ("down", "failed")
 
 
-# -- Prometheus text exposition ---------------------------------------------------------
+# -- Prometheus exposition (prometheus_client over the snapshot) -------------------------
 
-def escape_label_value(value: str) -> str:
-    r"""Label values escape ``\``, ``"`` and newline (exposition format 0.0.4)."""
-    return value.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
-
-
-def escape_help(text: str) -> str:
-    r"""HELP text escapes ``\`` and newline (but not ``"``)."""
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def format_value(value: float) -> str:
-    """A sample value: integers without a fraction, and Prometheus' NaN/+Inf/-Inf."""
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
-
-
-class _Family:
-    """One metric family: HELP and TYPE once, then its samples."""
-
-    def __init__(self, name: str, kind: str, help_text: str) -> None:
-        self.name = name
-        self.kind = kind
-        self.help = help_text
-        self.samples: List[Tuple[Dict[str, str], float]] = []
-
-    def add(self, value: Any, **labels: Any) -> None:
-        """Adds a sample; a value that is unknown (None, not a number) is left out, as
-        Prometheus expects for a series that has no value right now."""
-        if value is None or not isinstance(value, (int, float)):
-            return
-        self.samples.append(({k: str(v) for k, v in labels.items()}, value))
-
-    def render(self, out: List[str]) -> None:
-        out.append(f"# HELP {self.name} {escape_help(self.help)}")
-        out.append(f"# TYPE {self.name} {self.kind}")
-        for labels, value in self.samples:
-            if labels:
-                inner = ",".join(f'{k}="{escape_label_value(v)}"' for k, v in labels.items())
-                out.append(f"{self.name}{{{inner}}} {format_value(value)}")
-            else:
-                out.append(f"{self.name} {format_value(value)}")
+def _app(snapshot: Dict[str, Any]) -> str:
+    return str((snapshot.get("supervisor") or {}).get("app", ""))
 
 
 def _children(snapshot: Dict[str, Any]) -> List[Dict[str, Any]]:
     return sorted(snapshot.get("children") or [], key=lambda c: c.get("index", 0))
 
 
-def render_metrics(snapshot: Dict[str, Any]) -> str:
-    """The snapshot in the Prometheus text format (pure: no I/O, no global registry).
+def _number(value: Any) -> bool:
+    """A sample value: a number (None, an unknown lag, is left out, as Prometheus expects
+    of a series that has no value right now)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-    Record and error counters are per child, labelled with the child's index and its
-    tasks (comma-separated), because that is the granularity the children report.  When
-    every entry of ``snapshot["tasks"]`` carries ``records_total`` (and/or
-    ``errors_total``) the counters are per task instead, labelled ``task`` and ``child``.
-    Counters come from the children and restart from 0 when a child restarts; Prometheus'
-    ``rate()``/``increase()`` handle such resets.
-    """
-    sup = snapshot.get("supervisor") or {}
-    group = sup.get("group") or {}
-    children = _children(snapshot)
-    tasks: Dict[str, Dict[str, Any]] = snapshot.get("tasks") or {}
 
-    info = _Family("shardsup_supervisor_info", "gauge",
-                   "Always 1; the labels describe the supervisor.")
-    info.add(1, app=sup.get("app", ""), broker=sup.get("broker", ""), pid=sup.get("pid", ""),
-             state=sup.get("state", ""))
-    sup_uptime = _Family("shardsup_supervisor_uptime_seconds", "gauge",
-                         "Seconds since the supervisor started.")
-    sup_uptime.add(sup.get("uptime_s"))
-    rebalances = _Family("shardsup_rebalances_total", "counter",
-                         "Consumer group rebalances this supervisor took part in.")
-    rebalances.add(group.get("rebalances"))
-    generation = _Family("shardsup_group_generation", "gauge",
-                         "Generation of the consumer group this supervisor is a member of.")
-    generation.add(group.get("generation"))
+def _partition(task_id: str) -> str:
+    """Task ``<i>_<p>`` reads partition *p* of each of its topics."""
+    return task_id.rsplit("_", 1)[-1]
 
-    records = _Family("shardsup_records_processed_total", "counter",
-                      "Records processed (their outputs acknowledged by the broker).")
-    errors = _Family("shardsup_errors_total", "counter",
-                     "Records that failed (decode or agent error): dead-lettered or skipped.")
-    per_task_records = bool(tasks) and all(isinstance(t.get("records_total"), int) for t in tasks.values())
-    per_task_errors = bool(tasks) and all(isinstance(t.get("errors_total"), int) for t in tasks.values())
-    if per_task_records or per_task_errors:
+
+class SnapshotCollector:
+    """A ``prometheus_client`` collector over the supervisor's snapshot (DESIGN.md,
+    "Metrics"): the supervisor's and children's figures, each task's lag, and the
+    merged counters, histograms and gauges of the children (shardsup's own per-partition
+    counts and the app's metrics, :mod:`supervisor.metricstore`).  Every metric has
+    the ``app`` label."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.snapshot()
+        app = _app(snap)
+        sup = snap.get("supervisor") or {}
+        group = sup.get("group") or {}
+        tasks: Dict[str, Dict[str, Any]] = snap.get("tasks") or {}
+
+        info = GaugeMetricFamily("shardsup_supervisor_info", "Always 1; the labels describe the "
+                                 "supervisor.", labels=["app", "broker", "pid", "state"])
+        info.add_metric([app, str(sup.get("broker", "")), str(sup.get("pid", "")),
+                         str(sup.get("state", ""))], 1)
+        yield info
+        for name, kind, doc, value in (
+                ("shardsup_supervisor_uptime_seconds", GaugeMetricFamily,
+                 "Seconds since the supervisor started.", sup.get("uptime_s")),
+                ("shardsup_rebalances", CounterMetricFamily,
+                 "Consumer group rebalances this supervisor took part in.", group.get("rebalances")),
+                ("shardsup_group_generation", GaugeMetricFamily,
+                 "Generation of the consumer group this supervisor is a member of.",
+                 group.get("generation"))):
+            family = kind(name, doc, labels=["app"])
+            if _number(value):
+                family.add_metric([app], value)
+            yield family
+
+        lag = GaugeMetricFamily("shardsup_task_lag", "Records in the task's input partitions not "
+                                "yet processed (high watermark minus processed offset); absent "
+                                "while unknown.", labels=["app", "task", "child"])
+        topic_lag = GaugeMetricFamily(
+            "shardsup_task_topic_lag", "Records in the task's partition of one source topic not "
+            "yet processed (sum by topic for a repartition topic's lag); absent while unknown.",
+            labels=["app", "task", "topic", "partition", "subtopology", "child"])
+        restoring = GaugeMetricFamily("shardsup_task_restoring", "1 while the task's tables are "
+                                      "being restored from their changelogs, else 0.",
+                                      labels=["app", "task"])
         for task_id, t in sorted(tasks.items()):
-            if per_task_records:
-                records.add(t.get("records_total"), task=task_id, child=t.get("child", ""))
-            if per_task_errors:
-                errors.add(t.get("errors_total"), task=task_id, child=t.get("child", ""))
+            child = str(t.get("child", ""))
+            if _number(t.get("lag")):
+                lag.add_metric([app, task_id, child], t["lag"])
+            for topic, value in sorted((t.get("topic_lag") or {}).items()):
+                if _number(value):
+                    topic_lag.add_metric([app, task_id, topic, _partition(task_id),
+                                          str(t.get("subtopology", "")), child], value)
+            restoring.add_metric([app, task_id], 1 if t.get("state") == "restoring" else 0)
+        yield lag
+        yield topic_lag
+        yield restoring
 
-    lag = _Family("shardsup_task_lag", "gauge",
-                  "Records in the task's input partitions not yet processed (high watermark "
-                  "minus processed offset); absent while unknown.")
-    for task_id, t in sorted(tasks.items()):
-        lag.add(t.get("lag"), task=task_id, child=t.get("child", ""))
-    topic_lag = _Family("shardsup_task_topic_lag", "gauge",
-                        "Records in the task's partition of one source topic not yet processed "
-                        "(sum by topic for a repartition topic's lag); absent while unknown.")
-    for task_id, t in sorted(tasks.items()):
-        for topic, value in sorted((t.get("topic_lag") or {}).items()):
-            topic_lag.add(value, task=task_id, topic=topic, subtopology=t.get("subtopology", ""),
-                          child=t.get("child", ""))
+        children = _children(snap)
+        per_child = [
+            ("shardsup_child_up", GaugeMetricFamily, "1 while the child process exists "
+             "(starting, restoring, running or stopping), 0 while it is down or failed.", None),
+            ("shardsup_child_restarts", CounterMetricFamily,
+             "Times the supervisor restarted this child.", "restarts"),
+            ("shardsup_child_rss_bytes", GaugeMetricFamily, "Resident memory of the child process.",
+             "rss_bytes"),
+            ("shardsup_child_cpu_percent", GaugeMetricFamily,
+             "CPU use of the child process in percent of one core.", "cpu_percent"),
+            ("shardsup_child_uptime_seconds", GaugeMetricFamily,
+             "Seconds since the child process started.", "uptime_s"),
+            ("shardsup_errors", CounterMetricFamily, "Records of the child's tasks that failed "
+             "(decode or agent error, or an output too large): dead-lettered or skipped.",
+             "errors_total")]
+        for name, kind, doc, key in per_child:
+            family = kind(name, doc, labels=["app", "child"])
+            for child in children:
+                index = str(child.get("index", ""))
+                if key is None:
+                    alive = child.get("pid") is not None and child.get("state") not in CHILD_DOWN_STATES
+                    family.add_metric([app, index], 1 if alive else 0)
+                elif _number(child.get(key)):
+                    family.add_metric([app, index], child[key])
+            yield family
 
-    up = _Family("shardsup_child_up", "gauge",
-                 "1 while the child process exists (starting, restoring, running or "
-                 "stopping), 0 while it is down or failed.")
-    restarts = _Family("shardsup_child_restarts_total", "counter",
-                       "Times the supervisor restarted this child.")
-    rss = _Family("shardsup_child_rss_bytes", "gauge", "Resident memory of the child process.")
-    cpu = _Family("shardsup_child_cpu_percent", "gauge",
-                  "CPU use of the child process in percent of one core.")
-    uptime = _Family("shardsup_child_uptime_seconds", "gauge",
-                     "Seconds since the child process started.")
-    for child in children:
-        index = child.get("index", "")
-        alive = child.get("pid") is not None and child.get("state") not in CHILD_DOWN_STATES
-        up.add(1 if alive else 0, child=index)
-        restarts.add(child.get("restarts"), child=index)
-        rss.add(child.get("rss_bytes"), child=index)
-        cpu.add(child.get("cpu_percent"), child=index)
-        uptime.add(child.get("uptime_s"), child=index)
-        child_tasks = ",".join(child.get("tasks") or [])
-        if not per_task_records:
-            records.add(child.get("records_total"), child=index, tasks=child_tasks)
-        if not per_task_errors:
-            errors.add(child.get("errors_total"), child=index, tasks=child_tasks)
+        for merged in snap.get("metrics") or []:
+            family = _merged_family(app, merged)
+            if family is not None:
+                yield family
 
-    out: List[str] = []
-    for family in (info, sup_uptime, rebalances, generation, records, errors, lag, topic_lag, up,
-                   restarts, rss, cpu, uptime):
-        family.render(out)
-    return "\n".join(out) + "\n"
+
+def _merged_family(app: str, merged: Dict[str, Any]) -> Optional[Metric]:
+    """One family of the snapshot's ``metrics`` (:func:`supervisor.metricstore.families`)
+    with the ``app`` label first."""
+    labels = ["app", *merged.get("labels", [])]
+    name, doc, kind = merged["name"], merged.get("doc", ""), merged.get("kind")
+    family: Metric
+    if kind == "histogram":
+        bounds = [*(floatToGoString(b) for b in merged.get("buckets", [])), "+Inf"]
+        family = HistogramMetricFamily(name, doc, labels=labels)
+        for series in merged.get("series", []):
+            values = [app, *(str(series["labels"].get(n, "")) for n in labels[1:])]
+            family.add_metric(values, list(zip(bounds, series["buckets"])), series["sum"])
+        return family
+    if kind not in ("counter", "gauge"):
+        return None
+    family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, doc, labels=labels)
+    for series in merged.get("series", []):
+        if _number(series.get("value")):
+            family.add_metric([app, *(str(series["labels"].get(n, "")) for n in labels[1:])],
+                              series["value"])
+    return family
+
+
+def render_metrics(snapshot: Dict[str, Any]) -> str:
+    """The snapshot in the Prometheus text format 0.0.4 (``prometheus_client``'s
+    ``generate_latest`` on a private registry: no global state, no I/O)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(lambda: snapshot))  # type: ignore[arg-type]
+    return generate_latest(registry).decode("utf-8")
 
 
 # -- health ---------------------------------------------------------------------------
@@ -324,4 +328,5 @@ class WebServer:
         self.stop()
 
 
-__all__ = ["WebServer", "render_metrics", "health", "failed_tasks", "escape_label_value", "METRICS_CONTENT_TYPE"]
+__all__ = ["WebServer", "SnapshotCollector", "render_metrics", "health", "failed_tasks",
+           "METRICS_CONTENT_TYPE"]

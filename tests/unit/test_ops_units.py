@@ -47,6 +47,20 @@ SAMPLE: Dict[str, Any] = {
         "0_2": {"child": 0, "state": "running", "lag": 5},
         "0_3": {"child": 1, "state": "restoring", "lag": 7},
     },
+    # supervisor.metricstore.families: merged over the children
+    "metrics": [
+        {"name": "shardsup_records_processed", "kind": "counter", "doc": "Records processed.",
+         "labels": ["task", "topic", "partition"], "series": [
+             {"labels": {"task": "0_0", "topic": "in", "partition": "0"}, "value": 600000},
+             {"labels": {"task": "0_2", "topic": "in", "partition": "2"}, "value": 387654}]},
+        {"name": "orders_seen", "kind": "counter", "doc": "Orders seen.", "labels": ["country"],
+         "series": [{"labels": {"country": "fr"}, "value": 12}]},
+        {"name": "order_value", "kind": "histogram", "doc": "Order values.", "labels": [],
+         "buckets": [10.0, 100.0], "series": [
+             {"labels": {}, "buckets": [1, 3, 4], "sum": 250.5, "count": 4}]},
+        {"name": "basket_size", "kind": "gauge", "doc": "Items.", "labels": ["child"],
+         "series": [{"labels": {"child": "0"}, "value": 3}]},
+    ],
 }
 
 
@@ -392,21 +406,33 @@ def test_web_status_and_metrics(web: Tuple[WebServer, Dict[str, Any]]) -> None:
     code, ctype, body = _get(base + "/metrics")
     assert code == 200 and ctype.startswith("text/plain; version=0.0.4")
     fam = _families(body.decode())
+    app = ("app", "proj")
     assert fam["shardsup_records_processed"].type == "counter"
     assert _samples(fam, "shardsup_records_processed") == {
-        (("child", "0"), ("tasks", "0_0,0_2")): 987654, (("child", "1"), ("tasks", "0_1,0_3")): 0}
-    assert _samples(fam, "shardsup_errors") == {
-        (("child", "0"), ("tasks", "0_0,0_2")): 2, (("child", "1"), ("tasks", "0_1,0_3")): 0}
+        (app, ("partition", "0"), ("task", "0_0"), ("topic", "in")): 600000,
+        (app, ("partition", "2"), ("task", "0_2"), ("topic", "in")): 387654}
+    assert _samples(fam, "shardsup_errors") == {(app, ("child", "0")): 2, (app, ("child", "1")): 0}
     assert fam["shardsup_task_lag"].type == "gauge"
     assert _samples(fam, "shardsup_task_lag") == {    # 0_1's lag is unknown: no sample
-        (("child", "0"), ("task", "0_0")): 10, (("child", "0"), ("task", "0_2")): 5,
-        (("child", "1"), ("task", "0_3")): 7}
-    assert _samples(fam, "shardsup_child_restarts") == {(("child", "0"),): 0, (("child", "1"),): 4}
-    assert _samples(fam, "shardsup_rebalances") == {(): 3}
-    assert _samples(fam, "shardsup_child_rss_bytes") == {(("child", "0"),): 52428800}
-    assert _samples(fam, "shardsup_child_cpu_percent") == {(("child", "0"),): 37.5}
-    assert _samples(fam, "shardsup_child_up") == {(("child", "0"),): 1, (("child", "1"),): 1}
-    assert _samples(fam, "shardsup_group_generation") == {(): 7}
+        (app, ("child", "0"), ("task", "0_0")): 10, (app, ("child", "0"), ("task", "0_2")): 5,
+        (app, ("child", "1"), ("task", "0_3")): 7}
+    assert _samples(fam, "shardsup_task_restoring") == {
+        (app, ("task", "0_0")): 0, (app, ("task", "0_1")): 1, (app, ("task", "0_2")): 0,
+        (app, ("task", "0_3")): 1}
+    assert _samples(fam, "shardsup_child_restarts") == {(app, ("child", "0")): 0, (app, ("child", "1")): 4}
+    assert _samples(fam, "shardsup_rebalances") == {(app,): 3}
+    assert _samples(fam, "shardsup_child_rss_bytes") == {(app, ("child", "0")): 52428800}
+    assert _samples(fam, "shardsup_child_cpu_percent") == {(app, ("child", "0")): 37.5}
+    assert _samples(fam, "shardsup_child_up") == {(app, ("child", "0")): 1, (app, ("child", "1")): 1}
+    assert _samples(fam, "shardsup_group_generation") == {(app,): 7}
+    # the app's own metrics, merged by the supervisor
+    assert _samples(fam, "orders_seen") == {(app, ("country", "fr")): 12}
+    assert fam["order_value"].type == "histogram"
+    assert {(s.name, s.labels.get("le")): s.value for s in fam["order_value"].samples} == {
+        ("order_value_bucket", "10.0"): 1, ("order_value_bucket", "100.0"): 3,
+        ("order_value_bucket", "+Inf"): 4, ("order_value_count", None): 4,
+        ("order_value_sum", None): 250.5}
+    assert _samples(fam, "basket_size") == {(app, ("child", "0")): 3}
     info = fam["shardsup_supervisor_info"].samples[0]
     assert info.labels == {"app": "proj", "broker": "localhost:9092", "pid": "4242", "state": "running"}
 
@@ -469,23 +495,19 @@ def test_web_stop_frees_the_port_and_snapshot_errors_are_500() -> None:
 
 
 @pytest.mark.timeout(10)
-def test_metrics_escape_labels_and_count_per_task_when_known() -> None:
+def test_metrics_escape_labels_and_every_metric_has_the_app_label() -> None:
     snap = sample()
     snap["supervisor"]["app"] = 'we"ird\\app\nname'
-    for i, t in enumerate(sorted(snap["tasks"])):
-        snap["tasks"][t]["records_total"] = 100 * (i + 1)
     text = render_metrics(snap)
     assert 'app="we\\"ird\\\\app\\nname"' in text
     fam = _families(text)
     assert fam["shardsup_supervisor_info"].samples[0].labels["app"] == 'we"ird\\app\nname'
-    assert _samples(fam, "shardsup_records_processed") == {
-        (("child", "0"), ("task", "0_0")): 100, (("child", "1"), ("task", "0_1")): 200,
-        (("child", "0"), ("task", "0_2")): 300, (("child", "1"), ("task", "0_3")): 400}
-    # errors stay per child: the tasks do not carry errors_total
-    assert (("child", "0"), ("tasks", "0_0,0_2")) in _samples(fam, "shardsup_errors")
+    for family in fam.values():
+        for s in family.samples:
+            assert s.labels["app"] == 'we"ird\\app\nname', s
     for line in text.splitlines():
         if line.startswith("# TYPE"):
-            assert line.split()[3] in ("counter", "gauge")
+            assert line.split()[3] in ("counter", "gauge", "histogram")
 
 
 @pytest.mark.timeout(10)
