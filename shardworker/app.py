@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from .codecs import Serializer, get_codec
+from .crontab import CronExpression, Crontab, StartupTask, Zone, resolve_zone
 from .metrics import DEFAULT_BUCKETS, Counter, Gauge, Histogram, MetricRegistry
 from .produce import UNASSIGNED, produce
 from .records import typed_codec
@@ -189,6 +190,8 @@ class App:
         self.topics: Dict[str, Topic] = {}
         self.agents: List[Agent] = []
         self.timers: List[Timer] = []
+        self.crontabs: List[Crontab] = []
+        self.startup_tasks: List[StartupTask] = []
         self.tables: List[Any] = []   # shardworker.tables.Table, in declaration order
         self.global_tables: List[Any] = []   # shardworker.globaltables.GlobalTable
         self._producer: Any = None
@@ -314,6 +317,37 @@ class App:
             return fn
 
         return decorate
+
+    def crontab(self, cron_format: str, *, timezone: Zone = None, name: Optional[str] = None
+                ) -> Callable[[Callable[[], Any]], Callable[[], Any]]:
+        """Decorates a function run at the times of ``cron_format`` (``"*/5 * * * *"``; six
+        fields: seconds first) on ``timezone``'s clock (a zone name or tzinfo; default
+        UTC), in exactly one process of the whole group: where ``@app.timer`` runs
+        (DESIGN.md, "Timers, crontab and tasks")."""
+        expression = CronExpression.parse(cron_format)
+        zone = resolve_zone(timezone)
+
+        def decorate(fn: Callable[[], Any]) -> Callable[[], Any]:
+            self.crontabs.append(Crontab(fn, expression, zone, name or fn.__name__))
+            return fn
+
+        return decorate
+
+    def task(self, fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None) -> Any:
+        """``@app.task`` (or ``@app.task()``): a function (sync or async, taking the app or
+        nothing) run once in the child that gets the timers role, when it gets it: once
+        per process that holds the role (DESIGN.md, "Timers, crontab and tasks")."""
+
+        def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+            self.startup_tasks.append(StartupTask(fn, name or fn.__name__))
+            return fn
+
+        return decorate(fn) if fn is not None else decorate
+
+    @property
+    def has_scheduled_work(self) -> bool:
+        """Timers, crontab jobs or startup tasks: one child of the group runs them."""
+        return bool(self.timers or self.crontabs or self.startup_tasks)
 
     # -- user metrics (shardworker.metrics; DESIGN.md, "Metrics") ----------------------
     def counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> Counter:

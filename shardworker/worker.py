@@ -35,6 +35,7 @@ from .agents import AgentRunner, AsyncAgentRunner, SyncAgentRunner
 from .app import Agent, App
 from .codecs import CodecUnavailable
 from .committers import Committer, Processed, make_committer
+from .crontab import ScheduledJobs
 from .globaltables import CatchUpGate
 from .logs import set_role
 from .metrics import own_metrics
@@ -113,6 +114,8 @@ class Worker:
         #: (re-keyed by ``group_by`` or ``through``) to the topic the agent reads on from
         self.routes: Dict[str, Route] = {}
         self._timer_due: Dict[str, float] = {}
+        #: ``@app.crontab`` jobs and ``@app.task`` functions, run with the timers
+        self.jobs = ScheduledJobs(app.crontabs, app.startup_tasks)
         #: batches processed that the broker may not hold yet (step 4 pending), in order
         self.unsettled: List[Processed] = []
         #: next offsets of records processed whose table changes are not drained yet
@@ -160,7 +163,7 @@ class Worker:
             app, self.bootstrap, f"{app.id}-child-{self.index}", self._delivery_errors,
             self.heartbeat, self.consumer, self.state, self.positions)
         if any(agent.is_async for agent in app.agents) or any(
-                asyncio.iscoroutinefunction(t.fn) for t in app.timers):
+                asyncio.iscoroutinefunction(t.fn) for t in app.timers) or self.jobs.needs_loop:
             self.loop = asyncio.new_event_loop()
             asyncio.set_event_loop(self.loop)
         for agent in app.agents:
@@ -468,6 +471,7 @@ class Worker:
                 self.committer.set_group_metadata(base64.b64decode(message.metadata))
             elif isinstance(message, Timers):
                 self.runs_timers = message.run
+                self.jobs.role(message.run, time.time())
 
     def assign(self, partitions: List[List[Any]]) -> None:
         """Starts reading ``[topic, partition, offset]``: from where the committer says
@@ -614,8 +618,9 @@ class Worker:
     runs_timers = False
 
     def run_timers(self) -> None:
-        """Runs due timers, only in the child the supervisor chose (one in the group)."""
-        if not self.app.timers or not self.runs_timers or not self.tasks:
+        """Runs due timers, crontab jobs and startup tasks, only in the child the
+        supervisor chose (one in the group)."""
+        if not self.runs_timers or not self.tasks:
             return
         now = time.monotonic()
         for timer in self.app.timers:
@@ -623,15 +628,28 @@ class Worker:
             if now < due:
                 continue
             self._timer_due[timer.name] = now + timer.interval
-            self.committer.before_timers(self.tasks)
-            try:
-                result = timer.fn()
-                if asyncio.iscoroutine(result):
-                    assert self.loop is not None
-                    self.loop.run_until_complete(result)
-            except Exception:  # noqa: BLE001 - a timer's failure is logged, not fatal
-                log.exception("timer %s failed", timer.name)
+            self._run_job(timer.name, timer.fn)
+        wall = time.time()
+        if self.jobs.pending(wall):
+            # a stop sent before ``wall`` is read before firing: no two children fire one
+            # crontab time (DESIGN.md, "Timers, crontab and tasks")
+            generation = self.jobs.generation
+            self.handle_control(timeout=0)
+            if (self.jobs.generation == generation and self.runs_timers and self.tasks
+                    and not self.stopping):
+                for job in self.jobs.take(wall):
+                    self._run_job(job.name, functools.partial(job.call, self.app))
         self.committer.poll()
+
+    def _run_job(self, name: str, fn: Any) -> None:
+        self.committer.before_timers(self.tasks)
+        try:
+            result = fn()
+            if asyncio.iscoroutine(result):
+                assert self.loop is not None
+                self.loop.run_until_complete(result)
+        except Exception:  # noqa: BLE001 - a timer's failure is logged, not fatal
+            log.exception("timer %s failed", name)
 
     def close(self) -> None:
         for runner in self.runners:

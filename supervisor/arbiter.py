@@ -423,7 +423,7 @@ class Arbiter:
         """Tells exactly one child to run the app's timers: the one hosting the lowest
         running task (:func:`choose_timer_owner`).  Re-sent to every new incarnation; the
         old owner is told to stop before the new one is told to start."""
-        if not self.app.timers:
+        if not self.app.has_scheduled_work:
             return
         running = {i: s.tasks for i, s in self.slots.items()
                    if s.state == "running" and not s.retiring}

@@ -51,6 +51,7 @@ class Host(Protocol):
     def sleep(self, timeout: float) -> None: ...
     def read_children(self) -> None: ...
     def reap(self) -> None: ...
+    def assign_timers(self) -> None: ...
 
 
 log = logging.getLogger("supervisor")  # the arbiter's: these lines are part of its story
@@ -211,6 +212,9 @@ class Assignment:
             if not slot.tasks and not slot.retire(now):
                 del host.slots[slot.index]
         self.forget(partitions)
+        # before the group can give task 0_0 to another supervisor, whose child would
+        # start the timers: ours is told to stop first (DESIGN.md, "Timers, crontab and tasks")
+        host.assign_timers()
 
     def forget(self, partitions: List[TopicPartitionKey]) -> None:
         for key in partitions:

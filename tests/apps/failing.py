@@ -1,7 +1,9 @@
 """Test app for failed tasks: a record makes the agent raise for as long as a file it
 names exists (the test decides when the task may recover); a timer appends the pid of
-the child that runs it to a file, so a test sees which child owns the timers."""
+the child that runs it to a file, so a test sees which child owns the timers.  With
+``SHARDSUP_TEST_CRON_FILE``, a crontab job every 2 s and a startup task write theirs."""
 import os
+import time
 
 import shardworker
 
@@ -28,3 +30,18 @@ if TIMER_FILE:
     def beat() -> None:
         with open(TIMER_FILE, "a") as f:
             f.write(f"{os.getpid()}\n")
+
+
+CRON_FILE = os.environ.get("SHARDSUP_TEST_CRON_FILE")
+
+if CRON_FILE:
+    @app.crontab("*/2 * * * * *")  # every 2 s (six fields: seconds first)
+    def every_two_seconds() -> None:
+        # the scheduled time: the even second this fire is for (it runs at or just after it)
+        with open(CRON_FILE, "a") as f:
+            f.write(f"cron {os.getpid()} {int(time.time()) // 2 * 2}\n")
+
+    @app.task
+    async def started() -> None:
+        with open(CRON_FILE, "a") as f:
+            f.write(f"task {os.getpid()}\n")

@@ -287,6 +287,10 @@ class FakeHost:
         self.exits: Dict[int, bool] = {}   # slot index -> whether its exit was planned
         #: answers the next children give to a revoke (by slot index)
         self.revoke_answers: Dict[int, List[Dict[str, Any]]] = {}
+        self.timer_checks = 0   # calls of assign_timers (a revoke ends with one)
+
+    def assign_timers(self) -> None:
+        self.timer_checks += 1
 
     def spawn(self, slot: ChildSlot) -> None:
         slot.channel = FakeChannel()  # type: ignore[assignment]
@@ -400,6 +404,8 @@ def test_a_revoke_waits_for_the_children_commits_and_retires_an_empty_child() ->
     assert slot0.tasks == [] and slot0.retiring and slot0.state == "stopping"
     assert slot0.signals == [signal.SIGTERM]  # type: ignore[attr-defined]
     assert assignment.offsets == {("proj-in", 3): 0} and host.exits == {}
+    # the timers' owner is chosen again before the callback returns (task 0_0 left us)
+    assert host.timer_checks == 1
 
 
 def test_a_child_that_does_not_give_back_a_revoked_task_is_killed_as_a_crash() -> None:
