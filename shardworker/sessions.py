@@ -142,6 +142,20 @@ class TimeKeyedLayout:
         kept = [iv for iv in self.intervals(task, table, kb) if iv != (start, end)]
         task.stage(name, self.dir_key(kb), MISSING, _dir_bytes(kept) if kept else None)
 
+    @staticmethod
+    def stored(items: Iterator[Tuple[bytes, bytes]]) -> List[Tuple[bytes, int, int, bytes]]:
+        """``(key bytes, start, end, serialized value)`` of every interval in a table's
+        raw LMDB entries (``shardsup table``, which reads a stopped task's store)."""
+        ends: Dict[Tuple[bytes, int], int] = {}
+        values: List[Tuple[bytes, int, bytes]] = []
+        for sk, raw in items:
+            if sk[:1] == b"T":
+                ends[(sk[9:], _U64.unpack(raw)[0])] = _U64.unpack_from(sk, 1)[0]
+            elif sk[:1] == b"S":
+                n = _U16.unpack_from(sk, 1)[0]
+                values.append((sk[3:3 + n], _U64.unpack_from(sk, 3 + n)[0], raw))
+        return [(kb, start, ends.get((kb, start), start), raw) for kb, start, raw in values]
+
     def iter_intervals(self, task: TaskTables, table: "Table") -> Iterator[Tuple[bytes, Interval]]:
         """``(key bytes, (start, end))`` of every stored interval of the task."""
         for dk, raw in task.iter_raw(table.name):

@@ -13,7 +13,7 @@ import pytest
 
 import shardworker
 from shardworker.restore import apply_changelog
-from shardworker.sessions import SessionWindows, sum_merge
+from shardworker.sessions import SessionWindows, TimeKeyedLayout, sum_merge
 from shardworker.store import TaskStore
 from shardworker.tables import Table
 from shardworker.tasktables import TableContext, TableError, TaskTables
@@ -87,6 +87,9 @@ def test_the_readme_session_example_forms_merges_and_closes_sessions(tmp_path):
     assert task.late == {"sess": 1} and sess.late_records() == 1
     # the closed session was deleted (expires defaults to grace)
     assert list(sess.items()) == [(("k", (S0 + 60, S0 + 60)), 1)]
+    # what `shardsup table` shows: the stored sessions of LMDB
+    assert TimeKeyedLayout.stored(iter(task.store.items("sess"))) == [
+        (b'"k"', T0 + 60_000, T0 + 60_000, b"1")]
     task.close()
 
 
