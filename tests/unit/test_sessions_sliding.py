@@ -270,3 +270,21 @@ def test_sliding_buckets_are_deleted_once_no_open_window_holds_them(tmp_path):
     assert base.window.layout.value_key(b'"k"', T0) in deleted
     batch.commit()
     task.close()
+
+
+@pytest.mark.timeout(10)
+def test_the_graph_finds_the_session_and_sliding_tables_an_agent_uses():
+    from shardworker.graph import scan_agent
+
+    app = shardworker.App("g", broker="kafka://127.0.0.1:9")
+    src = app.topic("src")
+    sess = app.table("s1", default=int).session(10)
+    slide = app.table("s2", default=int).sliding(10)
+
+    @app.agent(src)
+    def use(stream):  # type: ignore[no-untyped-def]
+        for _value in stream:
+            sess["k"] += 1
+            slide["k"] += 1
+
+    assert [t.name for t in scan_agent(app, use).tables] == ["s1", "s2"]
