@@ -60,6 +60,8 @@ def repartition_topic(app_id: str, name: str) -> str:
 # -- reading an agent ---------------------------------------------------------------------
 def scan_agent(app: "App", agent: "Agent") -> AgentScan:
     """The tables ``agent`` uses and its re-keying, read from its source."""
+    from .sessions import SessionTable
+    from .sliding import SlidingTable
     from .tables import Table
     from .windows import WindowedTable
 
@@ -82,7 +84,7 @@ def scan_agent(app: "App", agent: "Agent") -> AgentScan:
         for node in ast.walk(tree):
             if isinstance(node, ast.Name) and node.id in scope:
                 value = scope[node.id]
-                if isinstance(value, WindowedTable):
+                if isinstance(value, (WindowedTable, SessionTable, SlidingTable)):
                     value = value.table
                 if isinstance(value, Table):
                     if value not in tables:

@@ -24,7 +24,8 @@ class TableReadError(LookupError):
 def read_table(app: App, datadir: str, name: str, key: Any = None) -> Any:
     """Every task's part of table ``name`` merged: ``{key: value}`` as JSON-ready data
     (keys rendered as JSON text when they are not strings); windowed tables give
-    ``{key: {"<start>-<end>": value}}`` with window bounds in seconds.  With ``key``: that
+    ``{key: {"<start>-<end>": value}}`` with window bounds in seconds (session windows:
+    each session, end included; sliding windows: each bucket, ``"<t>-<t>"``).  With ``key``: that
     key's value (an error when absent).  Stores of tasks released by this datadir (see
     the module docstring) are left out."""
     if any(t.name == name for t in app.global_tables):
@@ -45,6 +46,12 @@ def read_table(app: App, datadir: str, name: str, key: Any = None) -> Any:
             continue
         try:
             if name not in store.tables or store.get_meta(META_RELEASED) is not None:
+                continue
+            layout = getattr(table.window, "layout", None)  # sessions, sliding windows
+            if layout is not None:
+                for key_bytes, start_ms, end_ms, raw in layout.stored(store.items(name)):
+                    merged.setdefault(_render(table._decode_key(key_bytes)), {})[
+                        window_label(start_ms, end_ms)] = table._decode_value(raw)
                 continue
             for kb, raw in store.items(name):
                 value = table._decode_value(raw)

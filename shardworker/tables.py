@@ -111,6 +111,31 @@ class Table:
         (``grace`` and ``on_late``: as :meth:`tumbling`)."""
         return self._windowed(Window(size, step, expires, grace), on_late)
 
+    def session(self, gap: Seconds, *, grace: Seconds = 0, expires: Optional[Seconds] = None,
+                merge: Optional[Callable[[Any, Any], Any]] = None,
+                on_late: str = "drop") -> Any:
+        """Session windows: a key's records less than ``gap`` seconds apart form one
+        session; a record bridging two merges them (values combined by ``merge(a, b)``,
+        default the sum of numbers).  :class:`~shardworker.sessions.SessionTable`;
+        DESIGN.md, "Windows and time"."""
+        from .sessions import SessionTable, SessionWindows
+
+        window = SessionWindows(gap, grace, expires, merge)
+        self._windowed(window, on_late)  # type: ignore[arg-type]
+        return SessionTable(self, window)
+
+    def sliding(self, size: Seconds, *, grace: Seconds = 0,
+                merge: Optional[Callable[[Any, Any], Any]] = None,
+                on_late: str = "drop") -> Any:
+        """Sliding windows: one window ``[t - size, t]`` per record time ``t`` of a key,
+        holding the key's records in it (combined by ``merge``, default the sum).
+        :class:`~shardworker.sliding.SlidingTable`; DESIGN.md, "Windows and time"."""
+        from .sliding import SlidingTable, SlidingWindows
+
+        window = SlidingWindows(size, grace, merge)
+        self._windowed(window, on_late)  # type: ignore[arg-type]
+        return SlidingTable(self, window)
+
     def _windowed(self, window: "Window", on_late: str = "drop") -> "WindowedTable":
         from .windowclose import LATE_POLICIES
 

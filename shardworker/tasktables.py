@@ -309,15 +309,21 @@ class TaskTables:
         clean[kb] = (MISSING, raw)
         return MISSING, raw
 
-    def write(self, table: "Table", kb: bytes, key: Any, value: Any, ctx: TableContext) -> None:
+    def write(self, table: "Table", kb: bytes, key: Any, value: Any, ctx: TableContext,
+              encoded: Optional[bytes] = None) -> None:
         """Stages ``value`` (None deletes) for ``kb`` in the write cache, unless the current
-        record's effects are already stored.  ``key`` is the user's key (partition check)."""
+        record's effects are already stored.  ``key`` is the user's key (partition check).
+        ``encoded``: the stored bytes as they are (a table's own bookkeeping entries, not
+        serialized with its value serializer)."""
         cache = self._cache[table.name]
         if kb not in cache:  # first write of this key in the batch: check it once
             self.check_key(table, key, kb, ctx.key)
         if not ctx.writable:
             return
-        raw = None if value is None else table._encode_value(value)
+        if encoded is not None:
+            raw: Optional[bytes] = encoded
+        else:
+            raw = None if value is None else table._encode_value(value)
         if raw is None:
             value = None
         else:  # too large for its changelog: the record that wrote it fails, not the batch
@@ -396,6 +402,26 @@ class TaskTables:
             if raw is not None:
                 yield kb, raw
 
+    def range_raw(self, table: str, lo: bytes, hi: bytes) -> Dict[bytes, Optional[bytes]]:
+        """``{key: serialized value or None (deleted)}`` of the keys ``lo <= key < hi`` as
+        this task sees them now: LMDB overlaid with the batches in flight and the write
+        cache (a scan of the cache: for batch ends, not for every record)."""
+        found: Dict[bytes, Optional[bytes]] = dict(self.store.range_items(table, lo, hi))
+        for batch in self.inflight:
+            for kb, raw in batch.writes.get(table, {}).items():
+                if lo <= kb < hi:
+                    found[kb] = raw
+        for kb, entry in self._cache[table].items():
+            if lo <= kb < hi:
+                found[kb] = entry[1]
+        return found
+
+    def stage(self, table: str, kb: bytes, value: Any, raw: Optional[bytes]) -> None:
+        """Stages a write made by the batch end itself (no current record: closing or
+        expiring windows), with the batch's stream time like every write of the batch."""
+        tp = self._latest_tp or next(iter(self.pending), None) or next(iter(self.stored), ("", 0))
+        self._cache[table][kb] = (value, raw, tp)
+
     # -- batch end ----------------------------------------------------------------------
     def dirty_keys(self) -> int:
         """Keys in the write cache (changed since the last drain)."""
@@ -463,6 +489,9 @@ class TaskTables:
         latest = self.latest_ms
         for name, table in self.tables.items():
             window, closer = table.window, table.closer
+            if hasattr(window, "end_of_batch"):  # sessions, sliding: their own layout
+                finals.extend(window.end_of_batch(self, table, self._closed_time, latest))
+                continue
             if window is None or closer is None:
                 continue
             lo = window.close_bound(self._closed_time)
