@@ -60,10 +60,8 @@ def repartition_topic(app_id: str, name: str) -> str:
 # -- reading an agent ---------------------------------------------------------------------
 def scan_agent(app: "App", agent: "Agent") -> AgentScan:
     """The tables ``agent`` uses and its re-keying, read from its source."""
-    from .sessions import SessionTable
-    from .sliding import SlidingTable
     from .tables import Table
-    from .windows import WindowedTable
+    from .windows import WindowView
 
     tables: List[Any] = []
     regroups: List[Regroup] = []
@@ -84,7 +82,7 @@ def scan_agent(app: "App", agent: "Agent") -> AgentScan:
         for node in ast.walk(tree):
             if isinstance(node, ast.Name) and node.id in scope:
                 value = scope[node.id]
-                if isinstance(value, (WindowedTable, SessionTable, SlidingTable)):
+                if isinstance(value, WindowView):
                     value = value.table
                 if isinstance(value, Table):
                     if value not in tables:

@@ -26,7 +26,7 @@ import struct
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from .tasktables import MISSING, TableContext, TableError, TaskTables
-from .windows import Seconds, _ms
+from .windows import Seconds, WindowView, _ms
 
 if TYPE_CHECKING:
     from .tables import Table
@@ -239,7 +239,7 @@ class SessionWindows:
         return finals
 
 
-class SessionTable:
+class SessionTable(WindowView):
     """A table of session windows: ``st[k]`` is a :class:`SessionView` of key ``k`` at
     the current record's time.
 
@@ -254,41 +254,18 @@ class SessionTable:
     """
 
     def __init__(self, table: "Table", window: SessionWindows) -> None:
-        self.table = table
-        self.window = window
+        super().__init__(table, window)
 
     def __repr__(self) -> str:
         return f"<SessionTable {self.table.name} {self.window}>"
-
-    @property
-    def name(self) -> str:
-        return self.table.name
-
-    @property
-    def changelog_topic(self) -> str:
-        return self.table.changelog_topic
 
     def on_close(self, target: Any, sink: Any = ()) -> "SessionTable":
         """As :meth:`WindowedTable.on_close <shardworker.windows.WindowedTable.on_close>`:
         a closed session's final value ``{"start": s, "end": e, "value": v}`` (seconds;
         ``end`` is the session's last record time, included), or ``fn(key, (start,
         end), value)``'s values, go to the sink."""
-        from .windowclose import WindowCloser
-
-        sinks = list(sink) if isinstance(sink, (list, tuple)) else [sink]
-        self.table.closer = WindowCloser(target, sinks)
+        self._close_to(target, sink)
         return self
-
-    def late_records(self) -> int:
-        """Records this child found late for this table (all its tasks)."""
-        return self.table.late_count
-
-    def _ctx(self) -> Tuple[TableContext, TaskTables]:
-        ctx = self.table._context
-        return ctx, ctx.current_task()
-
-    def _default(self) -> Any:
-        return self.table.default() if self.table.default is not None else None
 
     def _touching(self, task: TaskTables, kb: bytes,
                   ts: int) -> Tuple[List[Interval], List[Interval]]:

@@ -14,11 +14,11 @@ closes.  DESIGN.md, "Windows and time".
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
 from .sessions import Merge, TimeKeyedLayout
-from .tasktables import MISSING, TableContext, TaskTables
-from .windows import Seconds, _ms
+from .tasktables import MISSING, TaskTables
+from .windows import Seconds, WindowView, _ms
 
 if TYPE_CHECKING:
     from .tables import Table
@@ -88,41 +88,23 @@ class SlidingWindows:
         return finals
 
 
-class SlidingTable:
+class SlidingTable(WindowView):
     """A table of sliding windows: ``sw[k] += x`` (or ``.apply(fn)``, ``sw[k] = v``)
     updates the bucket of the current record's time (starting from ``default()``);
     ``sw[k].current()`` is the value of the window ending at the current record's time
     (the merge of its buckets); :meth:`on_close` sends each window's final value."""
 
     def __init__(self, table: "Table", window: SlidingWindows) -> None:
-        self.table = table
-        self.window = window
+        super().__init__(table, window)
 
     def __repr__(self) -> str:
         return f"<SlidingTable {self.table.name} {self.window}>"
 
-    @property
-    def name(self) -> str:
-        return self.table.name
-
     def on_close(self, target: Any, sink: Any = ()) -> "SlidingTable":
         """As :meth:`SessionTable.on_close <shardworker.sessions.SessionTable.on_close>`:
         ``{"start": t - size, "end": t, "value": v}`` (seconds, both ends included)."""
-        from .windowclose import WindowCloser
-
-        sinks = list(sink) if isinstance(sink, (list, tuple)) else [sink]
-        self.table.closer = WindowCloser(target, sinks)
+        self._close_to(target, sink)
         return self
-
-    def late_records(self) -> int:
-        return self.table.late_count
-
-    def _ctx(self) -> Tuple[TableContext, TaskTables]:
-        ctx = self.table._context
-        return ctx, ctx.current_task()
-
-    def _default(self) -> Any:
-        return self.table.default() if self.table.default is not None else None
 
     def _update(self, key: Any, op: Callable[[Any], Any]) -> None:
         ctx, task = self._ctx()

@@ -19,7 +19,7 @@ from .tasktables import MISSING, TableContext, TaskTables
 if TYPE_CHECKING:
     from .tables import Table
 
-__all__ = ["Seconds", "Window", "WindowedTable", "WindowSet", "window_key", "split_window_key",
+__all__ = ["Seconds", "Window", "WindowView", "WindowedTable", "WindowSet", "window_key", "split_window_key",
            "event_time_ms"]
 
 Seconds = Union[int, float, timedelta]
@@ -150,7 +150,44 @@ def split_window_key(storage_key: bytes) -> Tuple[int, bytes]:
     return _START.unpack_from(storage_key)[0], storage_key[8:]
 
 
-class WindowedTable:
+class WindowView:
+    """What every windowed view of a table shares (tumbling and hopping, session and
+    sliding): its table and window, the current record's task, late records, and the
+    final results on close."""
+
+    def __init__(self, table: "Table", window: Any) -> None:
+        self.table = table
+        self.window = window
+
+    @property
+    def name(self) -> str:
+        return self.table.name
+
+    @property
+    def changelog_topic(self) -> str:
+        return self.table.changelog_topic
+
+    def late_records(self) -> int:
+        """Records this child found late for this table (all its tasks, since it
+        started): a write to a closed window, not applied."""
+        return self.table.late_count
+
+    def _ctx(self) -> Tuple[TableContext, TaskTables]:
+        ctx = self.table._context
+        return ctx, ctx.current_task()
+
+    def _default(self) -> Any:
+        return self.table.default() if self.table.default is not None else None
+
+    def _close_to(self, target: Any, sink: Any) -> None:
+        """Installs :meth:`on_close`'s target (a topic, or a function and its sinks)."""
+        from .windowclose import WindowCloser
+
+        sinks = list(sink) if isinstance(sink, (list, tuple)) else [sink]
+        self.table.closer = WindowCloser(target, sinks)
+
+
+class WindowedTable(WindowView):
     """A table of windows (Faust's ``WindowWrapper``): ``wt[k]`` is a :class:`WindowSet`
     of key ``k`` relative to the current record's timestamp.
 
@@ -171,20 +208,11 @@ class WindowedTable:
     """
 
     def __init__(self, table: Table, window: Window, relative_to_now: bool = False) -> None:
-        self.table = table
-        self.window = window
+        super().__init__(table, window)
         self._relative_to_now = relative_to_now
 
     def __repr__(self) -> str:
         return f"<WindowedTable {self.table.name} {self.window}>"
-
-    @property
-    def name(self) -> str:
-        return self.table.name
-
-    @property
-    def changelog_topic(self) -> str:
-        return self.table.changelog_topic
 
     def relative_to_now(self) -> "WindowedTable":
         """A view whose ``.value()`` uses the wall clock (Faust's ``relative_to_now``)."""
@@ -195,10 +223,6 @@ class WindowedTable:
         return WindowedTable(self.table, self.window, relative_to_now=False)
 
     # -- internals --------------------------------------------------------------------
-    def _ctx(self) -> Tuple[TableContext, TaskTables]:
-        ctx = self.table._context
-        return ctx, ctx.current_task()
-
     def _timestamp(self, ctx: TableContext) -> int:
         ts = ctx.timestamp_ms
         return int(time.time() * 1000) if ts is None else ts
@@ -209,9 +233,7 @@ class WindowedTable:
         return self.table._read(task, window_key(start, kb))
 
     def _value_or_default(self, value: Any) -> Any:
-        if value is MISSING:
-            return self.table.default() if self.table.default is not None else None
-        return value
+        return self._default() if value is MISSING else value
 
     def _set(self, ctx: TableContext, task: TaskTables, key: Any, kb: bytes, start: int,
              value: Any) -> None:
@@ -229,22 +251,13 @@ class WindowedTable:
         list of values) or yields.  Declare it with the table, before the app starts.
         Without ``grace`` and ``expires`` windows close at their end (grace 0); without
         ``expires``, a window is deleted when it closes.  DESIGN.md, "Windows and time"."""
-        from .windowclose import WindowCloser
-
-        sinks = list(sink) if isinstance(sink, (list, tuple)) else [sink]
-        closer = WindowCloser(target, sinks)
         window = self.window
         if window.close_after_ms is None:
             window.grace_ms = 0
         if window.expires_ms is None:
             window.expires_ms = window.close_after_ms
-        self.table.closer = closer
+        self._close_to(target, sink)
         return self
-
-    def late_records(self) -> int:
-        """Records this child found late for this table (all its tasks, since it
-        started): a write to a closed window, not applied."""
-        return self.table.late_count
 
     # -- the mapping ------------------------------------------------------------------
     def __getitem__(self, key: Any) -> "WindowSet":
