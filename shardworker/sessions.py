@@ -26,7 +26,7 @@ import struct
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from .tasktables import MISSING, TableContext, TableError, TaskTables
-from .windows import Seconds, WindowView, _ms
+from .windows import InPlaceOperators, Seconds, WindowView, _ms
 
 if TYPE_CHECKING:
     from .tables import Table
@@ -323,7 +323,7 @@ class SessionTable(WindowView):
                 yield (table._decode_key(kb), (s / 1000.0, e / 1000.0)), value
 
 
-class SessionView:
+class SessionView(InPlaceOperators):
     """The session of one key at the current record's time."""
 
     def __init__(self, stable: SessionTable, key: Any) -> None:
@@ -349,15 +349,3 @@ class SessionView:
         """Joins the record's session (merging) and sets its value to ``fn(value)``."""
         self.stable._update(self.key, fn)
         return self
-
-    def __iadd__(self, other: Any) -> "SessionView":
-        return self.apply(lambda a: a + other)
-
-    def __isub__(self, other: Any) -> "SessionView":
-        return self.apply(lambda a: a - other)
-
-    def __imul__(self, other: Any) -> "SessionView":
-        return self.apply(lambda a: a * other)
-
-    def __ior__(self, other: Any) -> "SessionView":
-        return self.apply(lambda a: a | other)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
 from .sessions import Merge, TimeKeyedLayout
 from .tasktables import MISSING, TaskTables
-from .windows import Seconds, WindowView, _ms
+from .windows import InPlaceOperators, Seconds, WindowView, _ms
 
 if TYPE_CHECKING:
     from .tables import Table
@@ -131,7 +131,7 @@ class SlidingTable(WindowView):
         self._update(key, lambda _old: value)
 
 
-class SlidingView:
+class SlidingView(InPlaceOperators):
     """The sliding window of one key ending at the current record's time."""
 
     def __init__(self, stable: SlidingTable, key: Any) -> None:
@@ -153,12 +153,3 @@ class SlidingView:
         """Sets the bucket of the current record's time to ``fn(bucket)``."""
         self.stable._update(self.key, fn)
         return self
-
-    def __iadd__(self, other: Any) -> "SlidingView":
-        return self.apply(lambda a: a + other)
-
-    def __isub__(self, other: Any) -> "SlidingView":
-        return self.apply(lambda a: a - other)
-
-    def __ior__(self, other: Any) -> "SlidingView":
-        return self.apply(lambda a: a | other)

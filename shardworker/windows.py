@@ -187,6 +187,26 @@ class WindowView:
         self.table.closer = WindowCloser(target, sinks)
 
 
+class InPlaceOperators:
+    """``view += x`` (and ``-=``, ``*=``, ``|=``) as ``view.apply(lambda v: v + x)``, for
+    views whose value is updated through :meth:`apply` (session and sliding)."""
+
+    def apply(self, fn: Callable[[Any], Any]) -> Any:
+        raise NotImplementedError
+
+    def __iadd__(self, other: Any) -> Any:
+        return self.apply(lambda a: a + other)
+
+    def __isub__(self, other: Any) -> Any:
+        return self.apply(lambda a: a - other)
+
+    def __imul__(self, other: Any) -> Any:
+        return self.apply(lambda a: a * other)
+
+    def __ior__(self, other: Any) -> Any:
+        return self.apply(lambda a: a | other)
+
+
 class WindowedTable(WindowView):
     """A table of windows (Faust's ``WindowWrapper``): ``wt[k]`` is a :class:`WindowSet`
     of key ``k`` relative to the current record's timestamp.
