@@ -498,17 +498,8 @@ class TaskTables:
             hi = window.close_bound(latest)
             if hi <= lo:
                 continue
-            lo_key, hi_key = window_key(lo, b""), window_key(hi, b"")
-            found: Dict[bytes, Optional[bytes]] = dict(self.store.range_items(name, lo_key, hi_key))
-            for batch in self.inflight:
-                for kb, raw in batch.writes.get(name, {}).items():
-                    if lo_key <= kb < hi_key:
-                        found[kb] = raw
+            found = self.range_raw(name, window_key(lo, b""), window_key(hi, b""))
             cache = self._cache[name]
-            for kb, entry in cache.items():
-                if lo_key <= kb < hi_key:
-                    found[kb] = entry[1]
-            tp = self._latest_tp or next(iter(self.pending), None) or next(iter(self.stored), ("", 0))
             for kb in sorted(found):
                 raw = found[kb]
                 if raw is None:
@@ -518,7 +509,7 @@ class TaskTables:
                 finals.extend(closer.finals(table._decode_key(keyb), start,
                                             start + window.size_ms, value))
                 if kb not in cache:
-                    cache[kb] = (value, raw, tp)
+                    self.stage(name, kb, value, raw)
         self._closed_time = latest
         return finals
 
