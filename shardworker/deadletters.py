@@ -7,6 +7,7 @@ import logging
 import traceback
 from typing import TYPE_CHECKING
 
+from .origins import HDR_ORIGIN
 from .produce import RecordTooLarge, fit_dead_letter, produce
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,7 +36,8 @@ def dead_letter(producer: "Producer", agent: "Agent", msg: "Message", exc: BaseE
     large for ``message.max.bytes`` goes with its payload truncated (header
     ``shardsup.truncated``: the original length); one that cannot fit even then (a huge
     key) is logged and dropped: never a crash loop."""
-    headers = list(msg.headers() or ()) + [
+    # the record's own origin stays behind: a dead letter is not a send of its upstream
+    headers = [h for h in msg.headers() or () if h[0] != HDR_ORIGIN] + [
         ("shardsup.error", f"{type(exc).__name__}: {exc}".encode()[:4000]),
         ("shardsup.traceback", "".join(traceback.format_exception(
             type(exc), exc, exc.__traceback__)).encode()[-8000:]),

@@ -42,6 +42,10 @@ class OriginStamper:
         self._last: Optional[Tuple[str, str, int, int]] = None
         self._seq = 0
 
+    def forget(self) -> None:
+        """A new chunk: a record read again (after a rewind) numbers its sends from 0."""
+        self._last = None
+
     def header(self, agent: str, topic: str, partition: int, offset: int) -> Tuple[str, bytes]:
         ident = (agent, topic, partition, offset)
         if ident == self._last:

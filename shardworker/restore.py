@@ -305,8 +305,10 @@ def apply_changelog(store: TaskStore, table: str, records: Iterable[ChangelogInp
     commit = store.commit
     o_name, p_name, t_name, s_name = HDR_SRC_OFFSET, HDR_SRC_PARTITION, HDR_SRC_TOPIC, HDR_STREAM_TIME
     g_name = HDR_ORIGINS
-    #: the origin marks of the applied records (:mod:`shardworker.origins`)
-    origins: Dict[str, Tuple[int, int]] = {}
+    #: the origin marks: the store's, raised by those of the applied records (never
+    #: lowered: another table's records, or local state, may hold higher ones)
+    origins: Dict[str, Tuple[int, int]] = store.origin_marks()
+    marks_before = dict(origins)
     last_g: Any = None
     # the records of one batch share their headers' values: decide once per run of them
     last_t: Any = None
@@ -324,7 +326,8 @@ def apply_changelog(store: TaskStore, table: str, records: Iterable[ChangelogInp
         """The newest stream time applied, when later than the stored one, and the origin
         marks applied: they commit with every chunk, so an interrupted restore keeps them
         with what it applied."""
-        meta: Dict[str, Optional[bytes]] = marks_meta(origins) if origins else {}
+        meta: Dict[str, Optional[bytes]] = (marks_meta(origins) if origins != marks_before
+                                             else {})
         stored = store.stream_time()
         if newest_time is not None and (stored is None or stored < newest_time):
             meta.update(stream_time_meta(newest_time))

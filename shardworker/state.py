@@ -50,6 +50,8 @@ class TaskStates:
         #: what the producer accepts (``kafka_config``): each changelog record must fit
         self.max_message_bytes = message_max_bytes(app.settings["kafka_config"])
         self.tasks: Dict[str, TaskTables] = {}
+        #: late records of tasks' earlier openings in this process (late_counts adds them)
+        self._late_closed: Dict[str, Dict[str, int]] = {}
         self.by_partition: Dict[TopicPartitionKey, TaskTables] = {}
         self._cluster_id: Optional[str] = None
         #: partitions per sub-topology (of its leader topic): the tables' key partitioner
@@ -126,6 +128,9 @@ class TaskStates:
         is marked stale for ``shardsup table`` (it may move to another machine)."""
         tables = self.tasks.pop(task, None)
         if tables is not None:
+            closed = self._late_closed.setdefault(task, {})
+            for table, count in tables.late.items():
+                closed[table] = closed.get(table, 0) + count
             self.by_partition = {k: v for k, v in self.by_partition.items() if v is not tables}
             if released:
                 tables.abort()
@@ -178,9 +183,14 @@ class TaskStates:
         return batches
 
     def late_counts(self) -> Dict[str, Dict[str, int]]:
-        """Late records per task and table since each task opened (writes to closed
-        windows, not applied)."""
-        return {task: dict(tables.late) for task, tables in self.tasks.items() if tables.late}
+        """Late records per task and table in this process (writes to closed windows, not
+        applied): a count that only grows, across a task's closing and reopening."""
+        counts = {task: dict(per) for task, per in self._late_closed.items()}
+        for task, tables in self.tasks.items():
+            per = counts.setdefault(task, {})
+            for table, count in tables.late.items():
+                per[table] = per.get(table, 0) + count
+        return {task: per for task, per in counts.items() if per}
 
     def dirty_keys(self) -> int:
         """Keys changed in every task's write cache since the last drain."""

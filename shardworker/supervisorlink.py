@@ -171,8 +171,8 @@ class SupervisorLink:
         for task, per_table in (self.state.late_counts() if self.state.enabled else {}).items():
             for table, count in per_table.items():
                 seen = self._late_seen.get((task, table), 0)
-                if count != seen:
-                    self.late_by._inc((task, table), count - seen if count > seen else count)
+                if count > seen:
+                    self.late_by._inc((task, table), count - seen)
                     self._late_seen[(task, table)] = count
         return {**self.app.metrics.changed(), **self.own_metrics.changed()}
 

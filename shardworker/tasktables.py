@@ -441,15 +441,13 @@ class TaskTables:
         self._expire()
         headers: Dict[TP, List[Tuple[str, bytes]]] = {}
         origins = self.origins.drain()
-        # the origins travel with every changelog record of the batch (restore keeps them)
-        origin_header = [(HDR_ORIGINS, encode_marks(origins))] if origins else []
 
         def header_for(tp: TP) -> List[Tuple[str, bytes]]:
             h = headers.get(tp)
             if h is None:
                 last = offsets.get(tp, self.stored.get(tp, 0)) - 1
                 h = headers[tp] = batch_headers(tp, last, self.stored.get(tp, 0),
-                                                self.latest_ms) + origin_header
+                                                self.latest_ms)
             return h
 
         records: List[ChangelogRecord] = []
@@ -469,6 +467,13 @@ class TaskTables:
             writes[name] = table_writes
             values[name] = table_values
             self._cache[name] = {}
+        if records and self.origins.seen:
+            # every origin mark so far rides on the batch's first changelog record: the
+            # newest batch survives compaction, so a restore finds them all (DESIGN.md,
+            # "Sub-topologies", "Origins")
+            first = records[0]
+            records[0] = first._replace(headers=first.headers + [
+                (HDR_ORIGINS, encode_marks(self.origins.seen))])
         batch = DrainedBatch(self, records, writes, offsets, self.latest_ms, values, origins,
                              finals)
         self.pending = {}

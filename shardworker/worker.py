@@ -130,7 +130,7 @@ class Worker(SupervisorLink):
         self.skipped_by = counters["shardsup_records_skipped"]
         self.restored_by = counters["shardsup_records_restored"]
         self.late_by = counters["shardsup_late_records"]
-        #: late records per (task, table) already counted (a reopened task counts from 0)
+        #: late records per (task, table) already counted (state.late_counts only grows)
         self._late_seen: Dict[Tuple[str, str], int] = {}
 
     # -- set-up ---------------------------------------------------------------------
@@ -242,6 +242,7 @@ class Worker(SupervisorLink):
         positions: Dict[TopicPartitionKey, int] = {}
         routes = self.routes
         deduplicated = self.deduplicated
+        self.stamper.forget()  # a record's sends are all made within its chunk
         # 1. decode each record and queue it for the agents of its topic (a record the app
         #    sent itself and this task applied already is skipped: .origins); re-keying
         #    agents forward it to the topic they read on from

@@ -52,8 +52,10 @@ def test_a_task_keeps_its_marks_with_its_state_and_in_its_changelog(tmp_path):
     assert task.origins.admit("spend|orders|1", (7, 0))
     ctx.set_record(task, REPARTITION, 0, 0, 1)
     counts["c1"] += 1
+    counts["c2"] += 1
     batch = task.drain({(REPARTITION, 0): 1})
-    assert all(dict(r.headers)[HDR_ORIGINS] for r in batch.records)
+    # every mark so far rides on the batch's first changelog record only
+    assert [HDR_ORIGINS in dict(r.headers) for r in batch.records] == [True, False]
     assert decode_marks(dict(batch.records[0].headers)[HDR_ORIGINS]) == {"spend|orders|1": (7, 0)}
     batch.commit({"counts": 0})
     task.close()
@@ -102,3 +104,65 @@ def test_a_record_that_failed_to_decode_does_not_take_back_the_previous_records_
     finally:
         CONTEXT.clear()
         task.close()
+
+
+def test_the_newest_batch_carries_every_mark_and_a_restore_never_lowers_one(tmp_path):
+    """Compaction keeps only the newest record of a key, and restore goes table by
+    table: the marks travel whole with each batch, and applying an older one never
+    takes a stored mark back."""
+    ctx = TableContext()
+    counts, names = table("counts", ctx, default=int), table("names", ctx)
+    task = open_task(tmp_path / "s", [counts, names])
+    task.origins.admit("spend|orders|1", (50, 0))
+    ctx.set_record(task, REPARTITION, 0, 0, 1)
+    counts["c1"] += 1
+    names["c1"] = "ann"
+    first = task.drain({(REPARTITION, 0): 1})
+    first.commit({"counts": 0, "names": 0})
+    task.origins.admit("spend|orders|1", (90, 0))
+    task.origins.admit("spend|orders|2", (3, 0))
+    ctx.set_record(task, REPARTITION, 0, 1, 2)
+    counts["c1"] += 1                              # only one table changes in the second
+    second = task.drain({(REPARTITION, 0): 2})
+    marks = decode_marks(dict(second.records[0].headers)[HDR_ORIGINS])
+    assert marks == {"spend|orders|1": (90, 0), "spend|orders|2": (3, 0)}
+    task.close()
+    fresh = TaskStore(str(tmp_path / "fresh"), ["counts", "names"])
+    committed = {(REPARTITION, 0): 2}
+    apply_changelog(fresh, "counts", [(r.key, r.value, r.headers) for r in second.records],
+                    committed, set_offsets=False)
+    # a table restored after it holds only older records (here: the first batch's, its
+    # first one with the older marks): they must not lower what is stored
+    assert decode_marks(dict(first.records[0].headers)[HDR_ORIGINS]) == {"spend|orders|1": (50, 0)}
+    apply_changelog(fresh, "names", [(r.key, r.value, r.headers) for r in first.records],
+                    committed, last_offset=0)
+    assert fresh.origin_marks() == {"spend|orders|1": (90, 0), "spend|orders|2": (3, 0)}
+    fresh.close()
+
+
+def test_a_record_read_again_numbers_its_sends_from_0_and_a_dead_letter_drops_its_origin():
+    from shardworker.deadletters import dead_letter
+    from shardworker.origins import HDR_ORIGIN
+    from tests.unit.fakes import Message
+
+    stamper = OriginStamper()
+    stamper.header("split", "lines", 2, 40)
+    stamper.forget()  # the chunk ended; the record is read again after a rewind
+    assert parse_origin(stamper.header("split", "lines", 2, 40)[1]) == ("split|lines|2", (40, 0))
+
+    sent = []
+
+    class Producer:
+        def produce(self, topic, value=None, key=None, partition=-1, headers=None,
+                    on_delivery=None):
+            sent.append((topic, headers))
+
+    class Agent:
+        name, dlq_topic, on_error = "count", "app-count-dlq", "dlq"
+
+    upstream = stamper.header("split", "lines", 2, 41)
+    failed = Message("words", 0, 5, b"x", headers=[upstream, ("trace-id", b"abc")])
+    dead_letter(Producer(), Agent(), failed, ValueError("bad"), 1_000_000)
+    (topic, headers), = sent
+    names = [name for name, _value in headers]
+    assert topic == "app-count-dlq" and HDR_ORIGIN not in names and "trace-id" in names
