@@ -10,6 +10,7 @@ reports the offsets.  :meth:`TaskStates.open` runs when a task is assigned.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -18,11 +19,14 @@ from confluent_kafka import Consumer, Message, Producer
 from .app import App
 from .changelog import produce_batch
 from .partitioner import key_partitioner
-from .produce import message_max_bytes, produce
+from .produce import RecordTooLarge, message_max_bytes, produce
 from .restore import Restorer
 from .store import TaskStore
 from .tasktables import CONTEXT, DrainedBatch, TaskTables
 from .topology import TopicPartitionKey
+
+# the state's lines keep the logger name they were always logged under
+log = logging.getLogger("shardworker.state")
 
 #: metadata key set when the task was revoked from this datadir (its copy may go stale)
 META_RELEASED = "released"
@@ -178,7 +182,11 @@ class TaskStates:
             producer = self.producer_for(task)
             produce_batch(producer, batch, self.delivery_errors)
             for final in batch.finals:  # windows the batch closed (on_close)
-                produce(producer, final.topic, final.value, final.key)
+                try:
+                    produce(producer, final.topic, final.value, final.key)
+                except RecordTooLarge as exc:  # it can never be sent: no crash loop
+                    log.error("task %s: the final record of a window of %s is dropped: %s",
+                              task, final.topic, exc)
             batches.append(batch)
         return batches
 

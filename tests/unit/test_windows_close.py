@@ -230,6 +230,31 @@ def test_on_close_callbacks_send_what_they_yield_through_the_driver():
             ("home", {"page": "home", "mean": 3.0, "from": S0})]
 
 
+@pytest.mark.timeout(30)
+def test_a_final_record_too_large_to_send_is_dropped_with_a_log_line_not_a_crash_loop(caplog):
+    app, sink = app_and_sink()
+    clicks = app.topic("clicks", key_serializer="str", timestamp=lambda v: v["ts"])
+
+    def closed(key, window, value):  # type: ignore[no-untyped-def]
+        yield {"page": key, "padding": "x" * 2_000_000}  # over message.max.bytes
+
+    counts = app.table("counts", default=int).tumbling(10, grace=0).on_close(closed, sink=sink)
+
+    @app.agent(clicks)
+    def tally(stream):  # type: ignore[no-untyped-def]
+        for page, _value in stream.items():
+            counts[page] += 1
+            yield page
+
+    with tally.test_context() as agent:
+        agent.put({"ts": S0 + 1}, key="home")
+        agent.put({"ts": S0 + 12}, key="home")   # closes [S0, S0+10): its final is too large
+        agent.put({"ts": S0 + 13}, key="home")   # and the task goes on
+        assert counts["home"].current() == 2
+        assert not [o for o in agent.outputs if o.topic == "finals"]
+    assert any("final record of a window" in r.getMessage() for r in caplog.records)
+
+
 # -- aggregates ----------------------------------------------------------------------------
 @pytest.mark.timeout(20)
 def test_json_aggregates_update_through_the_write_cache_by_reassignment(tmp_path):
