@@ -281,9 +281,7 @@ class SessionTable(WindowView):
         table, w = self.table, self.window
         ts = ctx.timestamp_ms
         assert ts is not None
-        if w.late(ts, task.latest_ms):
-            if ctx.writable:
-                task.note_late(table, ctx)
+        if self._dropped_as_late(ctx, task, w.late(ts, task.latest_ms)):
             return
         kb = table._key_bytes(key)
         stored, joins = self._touching(task, kb, ts)

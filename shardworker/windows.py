@@ -179,6 +179,14 @@ class WindowView:
     def _default(self) -> Any:
         return self.table.default() if self.table.default is not None else None
 
+    def _dropped_as_late(self, ctx: TableContext, task: TaskTables, late: bool) -> bool:
+        """``late``: the current record's write falls in a closed window.  Then it is
+        counted (and under ``on_late="dlq"`` raises), unless the record is read again
+        after its batch committed, and the write is dropped (True)."""
+        if late and ctx.writable:
+            task.note_late(self.table, ctx)
+        return late
+
     def _close_to(self, target: Any, sink: Any) -> None:
         """Installs :meth:`on_close`'s target (a topic, or a function and its sinks)."""
         from .windowclose import WindowCloser
@@ -257,9 +265,7 @@ class WindowedTable(WindowView):
 
     def _set(self, ctx: TableContext, task: TaskTables, key: Any, kb: bytes, start: int,
              value: Any) -> None:
-        if self.window.closed(start, task.latest_ms):
-            if ctx.writable:  # a record read again after its batch committed is not late
-                task.note_late(self.table, ctx)
+        if self._dropped_as_late(ctx, task, self.window.closed(start, task.latest_ms)):
             return
         task.write(self.table, window_key(start, kb), key, value, ctx)
 
