@@ -142,6 +142,19 @@ def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int,
     return {tp.partition: tp.offset for tp in got}
 
 
+def end_offsets(bootstrap: str, topic: str, partitions: int,
+                isolation: str = "read_committed") -> Dict[int, int]:
+    """Each partition's end: the high watermark, or read_committed the last stable
+    offset (what a read_committed reader can reach)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}",
+                         "isolation.level": isolation})
+    try:
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                for p in range(partitions)}
+    finally:
+        consumer.close()
+
+
 class Supervisor:
     """A real ``shardsup start`` process of a test app, with its output in a file."""
 
@@ -251,7 +264,7 @@ def partition_counts(messages: List) -> Dict[int, int]:
     return counts
 
 
-__all__ = ["KafkaError", "committed_offsets", "create_topic", "produce", "read_topic",
+__all__ = ["KafkaError", "committed_offsets", "create_topic", "dump_of", "end_offsets", "produce", "read_topic",
            "partition_counts", "Supervisor"]
 
 
@@ -268,3 +281,18 @@ def own_broker() -> Iterator[EmbeddedBroker]:
         if embedded.proc is not None and embedded.proc.poll() is None:
             os.kill(embedded.proc.pid, signal.SIGCONT)
         embedded.stop()
+
+
+def dump_of(sup: Supervisor) -> str:
+    """The supervisor's USR1 report (every thread of every process), for a failure."""
+    latest = os.path.join(sup.datadir, "dump-latest.txt")
+    before = os.path.getmtime(latest) if os.path.exists(latest) else 0.0
+    os.kill(sup.proc.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if os.path.exists(latest) and os.path.getmtime(latest) > before:
+            time.sleep(0.5)
+            with open(latest) as f:
+                return f.read()[-12000:]
+        time.sleep(0.2)
+    return "(no dump)"

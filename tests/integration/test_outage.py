@@ -19,7 +19,7 @@ from typing import Dict, List
 import pytest
 
 from supervisor.broker import EmbeddedBroker
-from tests.conftest import ROOT, Supervisor, committed_offsets, produce, read_topic
+from tests.conftest import ROOT, Supervisor, committed_offsets, dump_of, produce, read_topic
 from tests.integration.test_operations import status
 
 #: How the outputs are read.  On tansu, read_uncommitted: tansu shows aborted records to
@@ -39,21 +39,6 @@ def task_states(datadir: str) -> Dict[str, str]:
     if result.returncode != 0:
         return {}
     return {task: info["state"] for task, info in json.loads(result.stdout)["tasks"].items()}
-
-
-def dump_of(sup: Supervisor) -> str:
-    """The supervisor's USR1 report (every thread of every process), for a failure."""
-    latest = os.path.join(sup.datadir, "dump-latest.txt")
-    before = os.path.getmtime(latest) if os.path.exists(latest) else 0.0
-    os.kill(sup.proc.pid, signal.SIGUSR1)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if os.path.exists(latest) and os.path.getmtime(latest) > before:
-            time.sleep(0.5)
-            with open(latest) as f:
-                return f.read()[-12000:]
-        time.sleep(0.2)
-    return "(no dump)"
 
 
 def outage(broker: EmbeddedBroker, prefix: str, tmp_path, seconds: float, args: List[str],

@@ -64,6 +64,20 @@ def wait_for_table(sup, datadir: str, name: str, prefix: str, expected: Dict, ti
                              f"extra keys {set(seen) - set(expected)}\n{sup.output()[-4000:]}")
 
 
+def where_the_group_stands(broker: str, prefix: str, sup) -> str:
+    """For a failure: the group's offsets and each partition's end, read_committed and
+    read_uncommitted, on the orders and repartition topics, and the supervisor's dump."""
+    from tests.conftest import committed_offsets, dump_of, end_offsets
+
+    lines = []
+    for topic in (f"{prefix}-orders", f"{prefix}-by-customer-repartition"):
+        for isolation in ("read_committed", "read_uncommitted"):
+            lines.append(f"{topic} {isolation}: group "
+                         f"{committed_offsets(broker, prefix, topic, 4, isolation)} end "
+                         f"{end_offsets(broker, topic, 4, isolation)}")
+    return "\n".join(lines) + "\n" + dump_of(sup)
+
+
 def orders(start: int, stop: int) -> List[tuple]:
     """Orders keyed by order id; customer and amount derived from the id."""
     return [(f"o{n}".encode(), json.dumps({"id": n, "customer": f"c{n % CUSTOMERS}",
@@ -139,7 +153,10 @@ def test_group_by_then_count_is_exact_across_three_kill_9(
 
     sup.wait_for(kill_the_stalled, 90, "three children to stall (each is killed -9)")
     sums, counts = expected_spend(total)
-    wait_for_table(sup, sup.datadir, "orders_seen", prefix, counts, 150)
+    try:
+        wait_for_table(sup, sup.datadir, "orders_seen", prefix, counts, 150)
+    except AssertionError as stuck:
+        raise AssertionError(f"{stuck}\n{where_the_group_stands(broker, prefix, sup)}")
     wait_for_table(sup, sup.datadir, "by_customer", prefix, sums, 30)
     assert sup.output().count("died with code -9") == 3, sup.output()[-3000:]
     assert "sent no heartbeat" not in sup.output()
