@@ -216,7 +216,7 @@ class Worker(SupervisorLink):
                     self.process(records)
                 elif not self.positions:
                     self.handle_control(timeout=0.1)  # nothing assigned: wait for work
-                self.settle(block=False)
+                self.settle(block=False, caught_up=not records)
                 self.run_timers()
                 self.report(force=False)
             self.settle(block=True)
@@ -313,10 +313,13 @@ class Worker(SupervisorLink):
         self._last_drain = time.monotonic()
         self.unsettled.append((self._last_drain, positions, changes))
 
-    def settle(self, block: bool) -> None:
-        """Steps 4-6 for every processed batch the broker now holds, in batch order
-        (what is processed and not drained yet is drained first when ``block`` or due)."""
-        if self.undrained and (block or self._drain_due()):
+    def settle(self, block: bool, caught_up: bool = False) -> None:
+        """Steps 4-6 for every processed batch the broker now holds, in batch order.
+        What is processed and not drained yet is drained first when ``block``, when due,
+        or when the child has ``caught_up`` (its last poll waited and found nothing): the
+        end of a burst is durable and reported at once, not a ``commit_interval`` later,
+        and an idle child has nothing better to do."""
+        if self.undrained and (block or caught_up or self._drain_due()):
             self.drain()
         # 4. the committer: acknowledged (at least once) or committed (exactly-once)
         for positions, changes in self.committer.settle(self.unsettled, block):

@@ -179,3 +179,52 @@ def test_a_re_keying_agent_forwards_its_source_and_runs_its_loop_on_the_repartit
         assert [r[:2] for r in producer.records[2:]] == [("u-per_user-dlq", b"order-2"),
                                                          ("u-per_user-dlq", b"order-3")]
         assert worker.errors == 2 and seen == [("ann", 7)]
+
+
+class DrainingState:
+    """Stands in for the tasks' tables: records what each drain takes."""
+
+    enabled = True
+
+    def __init__(self) -> None:
+        self.drains: List[Any] = []
+        self.committed: List[Any] = []
+        self.event_times: dict = {}
+        self.by_partition: dict = {}
+
+    def drain(self, positions: Any) -> List[Any]:
+        self.drains.append(dict(positions))
+        return [("changes of", dict(positions))]
+
+    def dirty_keys(self) -> int:
+        return 1
+
+    def commit(self, changes: Any) -> None:
+        self.committed.append(changes)
+
+
+@pytest.mark.timeout(20)
+def test_tables_drain_each_interval_and_at_once_when_a_poll_finds_nothing(worker, monkeypatch):
+    """At least once, a task's table changes wait for ``commit_interval`` while records
+    keep coming, and are drained (changelog, LMDB, offsets) as soon as the child has
+    caught up: the end of a burst is not held back an interval."""
+    now = [1000.0]
+    monkeypatch.setattr("shardworker.worker.time.monotonic", lambda: now[0])
+    state = DrainingState()
+    worker.state = state  # type: ignore[assignment]
+    worker._last_drain = worker._last_stats = now[0] + 10  # heartbeats with stats: not here
+    now[0] += 10
+    worker.process_chunk(records(b'{"n": 1}', b'{"n": 2}'))
+    worker.settle(block=False)
+    assert state.drains == [] and worker.positions == {}  # within the interval: kept
+    now[0] += worker.drain_interval
+    worker.process_chunk(records(b'{"n": 1}', b'{"n": 2}', b'{"n": 3}'))
+    assert state.drains == [{("in", 0): 3}]  # the interval is over: drained with the chunk
+    now[0] += 0.01
+    worker.process_chunk([Message("in", 0, 3, b'{"n": 4}', key=b"k3")])
+    worker.settle(block=False)
+    assert len(state.drains) == 1  # records still coming: the interval holds
+    worker.settle(block=False, caught_up=True)
+    assert state.drains[-1] == {("in", 0): 4}
+    worker.settle(block=True)  # the stand-in producer acknowledges on flush
+    assert worker.positions == {("in", 0): 4} and len(state.committed) == 2
