@@ -42,7 +42,7 @@ from .produce import message_max_bytes
 from .state import TaskStates
 from .store import TaskStore
 from .stream import Event
-from .tasktables import CONTEXT
+from .tablecontext import CONTEXT
 from .windowclose import LateRecordError
 from .worker import Worker
 

@@ -17,7 +17,7 @@ import inspect
 import logging
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-from .tasktables import TableError
+from .tablecontext import TableError
 
 __all__ = ["WindowCloser", "FinalRecord", "LateRecordError", "LATE_POLICIES"]
 
