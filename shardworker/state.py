@@ -23,7 +23,8 @@ from .produce import RecordTooLarge, message_max_bytes, produce
 from .restore import Restorer
 from .store import TaskStore
 from .tablecontext import CONTEXT
-from .tasktables import DrainedBatch, TaskTables
+from .batchend import DrainedBatch
+from .tasktables import TaskTables
 from .topology import TopicPartitionKey
 
 # the state's lines keep the logger name they were always logged under

@@ -8,6 +8,8 @@ Where the rest lives (DESIGN.md, "State (LMDB)"):
   task's tables a table reads and writes;
 * :mod:`shardworker.tasktables`: the tables of one task as the worker drives them (the
   write cache, the skip rule, drained batches and their commit);
+* :mod:`shardworker.batchend`: a task's batch end (the write cache drained into
+  changelog records, the windows closed and expired);
 * :mod:`shardworker.changelog`: the changelog record format (headers) and producing a
   batch's records;
 * :mod:`shardworker.restore`: restoring a task from its changelogs;
