@@ -27,7 +27,7 @@ from .produce import produce
 if TYPE_CHECKING:
     from confluent_kafka import Message, Producer
 
-    from .tasktables import DrainedBatch
+    from .batchend import DrainedBatch
 
 __all__ = ["HDR_SRC_TOPIC", "HDR_SRC_PARTITION", "HDR_SRC_OFFSET", "HDR_SRC_CONFIRMED",
            "HDR_STREAM_TIME", "ChangelogRecord", "batch_headers", "source_of", "confirmed_of",

@@ -25,7 +25,8 @@ import json
 import struct
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from .tasktables import MISSING, TableContext, TableError, TaskTables
+from .tablecontext import MISSING, TableContext, TableError
+from .tasktables import TaskTables
 from .windows import InPlaceOperators, Seconds, WindowView, _ms
 
 if TYPE_CHECKING:

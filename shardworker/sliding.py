@@ -17,7 +17,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
 from .sessions import Merge, TimeKeyedLayout
-from .tasktables import MISSING, TaskTables
+from .tablecontext import MISSING
+from .tasktables import TaskTables
 from .windows import InPlaceOperators, Seconds, WindowView, _ms
 
 if TYPE_CHECKING:

@@ -22,7 +22,9 @@ from .partitioner import key_partitioner
 from .produce import RecordTooLarge, message_max_bytes, produce
 from .restore import Restorer
 from .store import TaskStore
-from .tasktables import CONTEXT, DrainedBatch, TaskTables
+from .tablecontext import CONTEXT
+from .batchend import DrainedBatch
+from .tasktables import TaskTables
 from .topology import TopicPartitionKey
 
 # the state's lines keep the logger name they were always logged under

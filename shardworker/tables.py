@@ -4,8 +4,12 @@ API an agent touches.  Windowed tables (``table.tumbling(size)``,
 
 Where the rest lives (DESIGN.md, "State (LMDB)"):
 
+* :mod:`shardworker.tablecontext`: the record being processed (:data:`CONTEXT`), whose
+  task's tables a table reads and writes;
 * :mod:`shardworker.tasktables`: the tables of one task as the worker drives them (the
-  current record, the write cache, the skip rule, drained batches and their commit);
+  write cache, the skip rule, drained batches and their commit);
+* :mod:`shardworker.batchend`: a task's batch end (the write cache drained into
+  changelog records, the windows closed and expired);
 * :mod:`shardworker.changelog`: the changelog record format (headers) and producing a
   batch's records;
 * :mod:`shardworker.restore`: restoring a task from its changelogs;
@@ -19,8 +23,8 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 from .codecs import Serializer, get_codec, roundtrip_types
-from .tasktables import (CONTEXT, MISSING, NoCurrentRecordError, TableContext, TableError,
-                         TaskTables)
+from .tablecontext import CONTEXT, MISSING, NoCurrentRecordError, TableContext, TableError
+from .tasktables import TaskTables
 from .windows import Seconds, Window, WindowedTable
 
 __all__ = ["Table", "WindowedTable", "Window", "CONTEXT", "TableContext", "TableError",

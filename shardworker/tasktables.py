@@ -1,7 +1,10 @@
-"""The tables of one task, as the worker drives them: the record being processed
-(:class:`TableContext`), the per-batch write cache, the batches drained but not yet
+"""The tables of one task, as the worker drives them: per record, the reads, the writes
+into the per-batch write cache and the skip rule; the batches drained but not yet
 committed, and their commit to LMDB.  Nothing here talks to Kafka: the worker feeds
-records in and produces what :meth:`TaskTables.drain` returns.
+records in (making each current in :data:`~shardworker.tablecontext.CONTEXT`) and
+produces what :meth:`TaskTables.drain` returns.  The batch end itself (the drain, the
+windows closed and expired) is :mod:`shardworker.batchend`, a part of
+:class:`TaskTables`.
 
 How the pieces fit (the worker's side, per task and batch)::
 
@@ -30,42 +33,31 @@ Rules implemented here (DESIGN.md, "State (LMDB)"):
   written (so a value that cannot be serialized fails the record that wrote it, under
   the agent's error policy) and decoded again when read: mutating a value you read does
   nothing until you assign it back, exactly as with a value that came from disk.
-* **Whole values.**  Changelog records carry the whole value (never a delta), with the
-  source partition and batch offset in headers (:mod:`shardworker.changelog`): the
-  offset is the LAST input offset of that partition in the batch, so restore applies a
-  record only when its whole batch is committed.
 * **Any upstream partitioner.**  A table write always goes to the task's changelog
   partition, so restore stays right whatever partitioner put the records on the source
   topic (the task cannot know which one the producer used).  A write under a key that is
   not the record's own and whose partition by Java Kafka's partitioner is another task's
   logs one warning per table (such a key is likely to be counted on two tasks: re-key
   the stream through a topic first); nothing is refused.
-* **Window expiry.**  At the end of a batch, windows that expired (relative to the
-  task's stream time) become deletions: tombstones in the changelog, deletes in LMDB.
 """
 from __future__ import annotations
 
 import logging
-import time
-from typing import (TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence,
-                    Tuple)
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .changelog import ChangelogRecord, batch_headers
-from .origins import HDR_ORIGINS, OriginMarks, encode_marks, marks_meta
+from .batchend import TP, BatchEnd, DrainedBatch
+from .origins import OriginMarks, marks_meta
 from .partitioner import KeyPartitioner
 from .produce import DEFAULT_MESSAGE_MAX_BYTES, check_fits
 from .store import TaskStore, stream_time_meta
+# CONTEXT: imported from here by scripts/bench
+from .tablecontext import CONTEXT, MISSING, TableContext, TableError
 
 if TYPE_CHECKING:
     from .tables import Table
-    from .windowclose import FinalRecord
 
-__all__ = ["CONTEXT", "MISSING", "TableContext", "TaskTables", "DrainedBatch", "TableError",
-           "NoCurrentRecordError"]
+__all__ = ["TaskTables", "CONTEXT"]
 
-TP = Tuple[str, int]
-#: "no such key" (and, from :meth:`TaskTables.read_raw`, "no Python value cached")
-MISSING = object()
 #: committed entries a task keeps per table for reads (a hot key is read from memory, not
 #: from LMDB and its decoder, batch after batch); past this many the table starts over
 CLEAN_CACHE_SIZE = 100_000
@@ -74,142 +66,8 @@ CLEAN_CACHE_SIZE = 100_000
 log = logging.getLogger("shardworker.tables")
 
 
-class TableError(RuntimeError):
-    """A table was used in a way that cannot work."""
-
-
-
-class NoCurrentRecordError(TableError):
-    """A table was used outside the processing of a record (no current task)."""
-
-
-
-# -- the current record ------------------------------------------------------------------
-class TableContext:
-    """What a table needs to know about the record being processed: its task's
-    :class:`TaskTables` and the record's topic, partition, offset and timestamp.
-
-    The worker sets it for every record it hands to an agent (:meth:`set_record`); one
-    agent runs at a time, so a single process-wide instance (:data:`CONTEXT`) serves
-    async agents (event loop thread) and plain ones (their own thread) alike.
-    """
-
-    __slots__ = ("task", "topic", "partition", "offset", "timestamp_ms", "writable", "key")
-
-    def __init__(self) -> None:
-        self.task: Optional["TaskTables"] = None
-        self.topic: Optional[str] = None
-        self.partition = -1
-        self.offset = -1
-        self.timestamp_ms: Optional[int] = None
-        #: the record's key as it came from Kafka (bytes), or None
-        self.key: Optional[bytes] = None
-        #: False when the record's effects are already in the stored state
-        self.writable = False
-
-    def set_record(self, task: "TaskTables", topic: str, partition: int, offset: int,
-                   timestamp_ms: Optional[int] = None, key: Optional[bytes] = None) -> None:
-        """Makes this record current.  ``timestamp_ms``: the record's timestamp (epoch
-        ms; None or negative = unknown, then the wall clock is used for windows)."""
-        if timestamp_ms is None or timestamp_ms < 0:
-            timestamp_ms = int(time.time() * 1000)
-        self.task = task
-        self.topic = topic
-        self.partition = partition
-        self.offset = offset
-        self.timestamp_ms = timestamp_ms
-        self.key = key
-        self.writable = task.observe(topic, partition, offset, timestamp_ms)
-        task.undo.clear()
-
-    def set_message(self, task: "TaskTables", msg: Any, event_ms: Optional[int] = None) -> None:
-        """:meth:`set_record` from a confluent_kafka ``Message`` (the same steps, inline:
-        this runs for every record).  ``event_ms``: the record's event time when its
-        topic extracts one from the value (``app.topic(..., timestamp=fn)``), else the
-        Kafka timestamp is used."""
-        if event_ms is not None:
-            stamp = event_ms
-        else:
-            kind, stamp = msg.timestamp()
-            if not kind or stamp is None or stamp < 0:
-                stamp = int(time.time() * 1000)
-        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-        self.task = task
-        self.topic = topic
-        self.partition = partition
-        self.offset = offset
-        self.timestamp_ms = stamp
-        self.key = msg.key()
-        self.writable = task.observe(topic, partition, offset, stamp)
-        task.undo.clear()
-
-    def clear(self) -> None:
-        """No current record (between batches)."""
-        self.task = None
-        self.topic = None
-        self.writable = False
-
-    def current_task(self) -> "TaskTables":
-        task = self.task
-        if task is None:
-            raise NoCurrentRecordError(
-                "tables can only be used while an agent processes a record (the table "
-                "partition used is the one of that record's task)")
-        return task
-
-
-#: the process's context, set by the worker per record
-CONTEXT = TableContext()
-
-
 # -- one task's tables -------------------------------------------------------------------
-class DrainedBatch:
-    """What one batch changed in one task: the changelog records to produce, the LMDB
-    writes, and the input offsets they reflect.  Produce :attr:`records`, wait for the
-    broker's acknowledgements, then :meth:`commit`.  Every drained batch of a task, empty
-    ones included, is committed in drain order (or :meth:`TaskTables.abort` drops them):
-    a later batch's offsets must never reach LMDB before an earlier batch's state."""
-
-    def __init__(self, task: "TaskTables", records: List[ChangelogRecord],
-                 writes: Dict[str, Dict[bytes, Optional[bytes]]],
-                 input_offsets: Dict[TP, int], latest_ms: Optional[int],
-                 values: Optional[Dict[str, Dict[bytes, Any]]] = None,
-                 origins: Optional[Dict[str, Tuple[int, int]]] = None,
-                 finals: Optional[List["FinalRecord"]] = None) -> None:
-        self.task = task
-        #: the final records of the windows the batch closed (``on_close``), produced
-        #: with :attr:`records` on the task's producer (DESIGN.md, "Windows and time")
-        self.finals: List["FinalRecord"] = finals or []
-        #: the origin marks the batch advanced (:mod:`shardworker.origins`)
-        self.origins = origins or {}
-        self.records = records
-        #: ``{table: {key: value or None}}`` for :meth:`TaskStore.commit`
-        self.writes = writes
-        #: ``{table: {key: the Python value written}}``: reads of the batch need no decode
-        self.values = values if values is not None else {}
-        #: ``{(topic, partition): next offset to read}`` for :meth:`TaskStore.commit`
-        self.input_offsets = input_offsets
-        self.latest_ms = latest_ms
-        #: offset of the last changelog record written per table, filled in by the
-        #: producer's delivery reports before the batch commits
-        self.changelog_offsets: Dict[str, int] = {}
-        self.committed = False
-
-    @property
-    def empty(self) -> bool:
-        """True when the batch changed no table (its offsets may still be worth storing)."""
-        return not self.records and not self.finals
-
-    def commit(self, changelog_offsets: Optional[Mapping[str, int]] = None) -> None:
-        """Commits the batch to LMDB (state + input offsets + the changelog offsets:
-        ``changelog_offsets`` if given, else :attr:`changelog_offsets`) in one
-        transaction.  Call it only after every record of :attr:`records` is acknowledged,
-        and commit batches of a task in the order they were drained."""
-        offsets = self.changelog_offsets if changelog_offsets is None else changelog_offsets
-        self.task._commit(self, dict(offsets))
-
-
-class TaskTables:
+class TaskTables(BatchEnd):
     """The tables of ONE task: its :class:`TaskStore`, its write cache, the batches
     drained but not yet committed, and the rules (skip below the stored offset, key
     partition check, window expiry).
@@ -390,11 +248,7 @@ class TaskTables:
     def iter_raw(self, table: str) -> Iterator[Tuple[bytes, bytes]]:
         """Every (key, serialized value) of ``table`` as this task sees it now: LMDB
         overlaid with the batches in flight and the write cache."""
-        overlay: Dict[bytes, Optional[bytes]] = {}
-        for batch in self.inflight:
-            overlay.update(batch.writes.get(table, {}))
-        for kb, entry in self._cache[table].items():
-            overlay[kb] = entry[1]
+        overlay = self._uncommitted(table)
         for kb, raw in self.store.items(table):
             if kb not in overlay:
                 yield kb, raw
@@ -402,159 +256,7 @@ class TaskTables:
             if raw is not None:
                 yield kb, raw
 
-    def range_raw(self, table: str, lo: bytes, hi: bytes) -> Dict[bytes, Optional[bytes]]:
-        """``{key: serialized value or None (deleted)}`` of the keys ``lo <= key < hi`` as
-        this task sees them now: LMDB overlaid with the batches in flight and the write
-        cache (a scan of the cache: for batch ends, not for every record)."""
-        found: Dict[bytes, Optional[bytes]] = dict(self.store.range_items(table, lo, hi))
-        for batch in self.inflight:
-            for kb, raw in batch.writes.get(table, {}).items():
-                if lo <= kb < hi:
-                    found[kb] = raw
-        for kb, entry in self._cache[table].items():
-            if lo <= kb < hi:
-                found[kb] = entry[1]
-        return found
-
-    def stage(self, table: str, kb: bytes, value: Any, raw: Optional[bytes]) -> None:
-        """Stages a write made by the batch end itself (no current record: closing or
-        expiring windows), with the batch's stream time like every write of the batch."""
-        tp = self._latest_tp or next(iter(self.pending), None) or next(iter(self.stored), ("", 0))
-        self._cache[table][kb] = (value, raw, tp)
-
-    # -- batch end ----------------------------------------------------------------------
-    def dirty_keys(self) -> int:
-        """Keys in the write cache (changed since the last drain)."""
-        return sum(len(cache) for cache in self._cache.values())
-
-    def drain(self, input_offsets: Optional[Mapping[TP, int]] = None) -> DrainedBatch:
-        """Ends the batch: empties the write cache into a :class:`DrainedBatch` (one
-        changelog record and one LMDB write per dirty key, plus tombstones for expired
-        windows).  ``input_offsets`` (next offset per partition) adds the worker's own
-        positions to those of the records seen.  Reads keep seeing the batch until it is
-        committed."""
-        offsets = dict(self.pending)
-        for tp, nxt in (input_offsets or {}).items():
-            if offsets.get(tp, -1) < nxt:
-                offsets[tp] = nxt
-        finals = self._close()
-        self._expire()
-        headers: Dict[TP, List[Tuple[str, bytes]]] = {}
-        origins = self.origins.drain()
-
-        def header_for(tp: TP) -> List[Tuple[str, bytes]]:
-            h = headers.get(tp)
-            if h is None:
-                last = offsets.get(tp, self.stored.get(tp, 0)) - 1
-                h = headers[tp] = batch_headers(tp, last, self.stored.get(tp, 0),
-                                                self.latest_ms)
-            return h
-
-        records: List[ChangelogRecord] = []
-        writes: Dict[str, Dict[bytes, Optional[bytes]]] = {}
-        values: Dict[str, Dict[bytes, Any]] = {}
-        for name, cache in self._cache.items():
-            if not cache:
-                continue
-            topic = self.tables[name].changelog_topic
-            part = self.partition
-            table_writes: Dict[bytes, Optional[bytes]] = {}
-            table_values: Dict[bytes, Any] = {}
-            for kb, (value, raw, tp) in cache.items():
-                table_writes[kb] = raw
-                table_values[kb] = value
-                records.append(ChangelogRecord(name, topic, part, kb, raw, header_for(tp)))
-            writes[name] = table_writes
-            values[name] = table_values
-            self._cache[name] = {}
-        if records and self.origins.seen:
-            # every origin mark so far rides on the batch's first changelog record: the
-            # newest batch survives compaction, so a restore finds them all (DESIGN.md,
-            # "Sub-topologies", "Origins")
-            first = records[0]
-            records[0] = first._replace(headers=first.headers + [
-                (HDR_ORIGINS, encode_marks(self.origins.seen))])
-        batch = DrainedBatch(self, records, writes, offsets, self.latest_ms, values, origins,
-                             finals)
-        self.pending = {}
-        self.inflight.append(batch)
-        return batch
-
-    def _close(self) -> List["FinalRecord"]:
-        """The final records of every window of a table with ``on_close`` that closed
-        since the last drain: those starting in ``[close_bound(stream time at the last
-        drain), close_bound(stream time now))``, in storage-key order (start, then key),
-        with their values as this batch leaves them.  Each closed window not written in
-        this batch is written again (same value, or its expiry's tombstone): the batch's
-        changelog records then carry its stream time, so a task restored from the
-        changelog knows these windows are closed and emits them never again."""
-        from .windows import split_window_key, window_key
-
-        finals: List["FinalRecord"] = []
-        latest = self.latest_ms
-        for name, table in self.tables.items():
-            window, closer = table.window, table.closer
-            if hasattr(window, "end_of_batch"):  # sessions, sliding: their own layout
-                finals.extend(window.end_of_batch(self, table, self._closed_time, latest))
-                continue
-            if window is None or closer is None:
-                continue
-            lo = window.close_bound(self._closed_time)
-            hi = window.close_bound(latest)
-            if hi <= lo:
-                continue
-            found = self.range_raw(name, window_key(lo, b""), window_key(hi, b""))
-            cache = self._cache[name]
-            for kb in sorted(found):
-                raw = found[kb]
-                if raw is None:
-                    continue
-                start, keyb = split_window_key(kb)
-                value = table._decode_value(raw)
-                finals.extend(closer.finals(table._decode_key(keyb), start,
-                                            start + window.size_ms, value))
-                if kb not in cache:
-                    self.stage(name, kb, value, raw)
-        self._closed_time = latest
-        return finals
-
-    def _expire(self) -> None:
-        """Turns every window that expired (its end + ``expires`` <= the latest timestamp
-        seen) into a deletion in the write cache: a tombstone in the changelog and a
-        delete in LMDB.  Expired windows that were only ever in the cache just vanish."""
-        latest = self.latest_ms
-        if latest is None:
-            return
-        for name, table in self.tables.items():
-            expiry = None if table.window is None else table.window.expiry_bound(latest)
-            if expiry is None:
-                continue
-            upto, bound = expiry
-            cache = self._cache[name]
-            tp = self._latest_tp or next(iter(self.pending), None) or next(iter(self.stored), ("", 0))
-            for kb in [kb for kb in cache if kb < bound]:
-                del cache[kb]
-            stored_before = self._expired_upto.get(name)
-            candidates: Dict[bytes, None] = {}
-            for batch in self.inflight:
-                for kb, raw in batch.writes.get(name, {}).items():
-                    if kb < bound and raw is not None:
-                        candidates[kb] = None
-            if stored_before is None or upto > stored_before:
-                for kb, _raw in self.store.first_items(name, bound):
-                    candidates[kb] = None
-                self._expired_upto[name] = upto
-            for kb in candidates:
-                if self._exists_outside_cache(name, kb):
-                    cache[kb] = (None, None, tp)
-
-    def _exists_outside_cache(self, table: str, kb: bytes) -> bool:
-        for batch in reversed(self.inflight):
-            writes = batch.writes.get(table)
-            if writes is not None and kb in writes:
-                return writes[kb] is not None
-        return self.store.get(table, kb) is not None
-
+    # -- after the batch end (the drain: shardworker.batchend) ----------------------------
     def _commit(self, batch: DrainedBatch, changelog_offsets: Dict[str, int]) -> None:
         if batch.committed:
             raise TableError("this batch is committed already")

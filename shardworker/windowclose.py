@@ -4,7 +4,7 @@
   sink=...)``) turns each window that closes into final records for a sink topic: key =
   the table key, value = ``{"start": s, "end": e, "value": v}`` (seconds since the
   epoch, end exclusive).  The task's tables call it at the end of a batch
-  (:meth:`TaskTables.drain <shardworker.tasktables.TaskTables.drain>`) and the records
+  (:meth:`TaskTables.drain <shardworker.batchend.BatchEnd.drain>`) and the records
   are produced with the batch's changelog records, on the task's producer (exactly-once:
   in its transaction).
 * :class:`LateRecordError`: raised by a write to a closed window of a table declared
@@ -17,7 +17,7 @@ import inspect
 import logging
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-from .tasktables import TableError
+from .tablecontext import TableError
 
 __all__ = ["WindowCloser", "FinalRecord", "LateRecordError", "LATE_POLICIES"]
 

@@ -14,7 +14,8 @@ import time
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Tuple, Union
 
-from .tasktables import MISSING, TableContext, TaskTables
+from .tablecontext import MISSING, TableContext
+from .tasktables import TaskTables
 
 if TYPE_CHECKING:
     from .tables import Table

@@ -10,7 +10,7 @@ from shardworker.origins import (HDR_ORIGIN, HDR_ORIGINS, OriginMarks, OriginSta
 from shardworker.restore import apply_changelog
 from shardworker.store import TaskStore
 from tests.unit.test_tables_units import open_task, table
-from shardworker.tasktables import TableContext
+from shardworker.tablecontext import TableContext
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -89,7 +89,7 @@ def test_a_record_that_failed_to_decode_does_not_take_back_the_previous_records_
         def offset(self) -> int:
             return self._offset
 
-    from shardworker.tasktables import CONTEXT
+    from shardworker.tablecontext import CONTEXT
 
     counts = table("counts", CONTEXT, default=int)
     task = open_task(tmp_path / "s", [counts])

@@ -16,7 +16,8 @@ from shardworker.restore import apply_changelog
 from shardworker.sessions import SessionWindows, TimeKeyedLayout, sum_merge
 from shardworker.store import TaskStore
 from shardworker.tables import Table
-from shardworker.tasktables import TableContext, TableError, TaskTables
+from shardworker.tablecontext import TableContext, TableError
+from shardworker.tasktables import TaskTables
 
 SRC = "orders"
 T0 = 1_700_000_000_000  # a multiple of 10 s (epoch ms)

@@ -22,7 +22,8 @@ from shardworker.changelog import (HDR_SRC_CONFIRMED, HDR_SRC_OFFSET, HDR_SRC_PA
                                    HDR_SRC_TOPIC, HDR_STREAM_TIME)
 from shardworker.restore import apply_changelog
 from shardworker.tables import Table
-from shardworker.tasktables import NoCurrentRecordError, TableContext, TableError, TaskTables
+from shardworker.tablecontext import NoCurrentRecordError, TableContext, TableError
+from shardworker.tasktables import TaskTables
 from shardworker.windows import split_window_key, window_key
 
 SRC = "orders"

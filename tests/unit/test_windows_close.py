@@ -16,7 +16,8 @@ from shardworker.changelog import HDR_STREAM_TIME
 from shardworker.restore import apply_changelog
 from shardworker.store import TaskStore
 from shardworker.tables import Table
-from shardworker.tasktables import TableContext, TaskTables
+from shardworker.tablecontext import TableContext
+from shardworker.tasktables import TaskTables
 from shardworker.windowclose import LateRecordError
 from shardworker.windows import Window, event_time_ms, split_window_key, window_key
 
