@@ -50,13 +50,12 @@ from .origins import OriginMarks, marks_meta
 from .partitioner import KeyPartitioner
 from .produce import DEFAULT_MESSAGE_MAX_BYTES, check_fits
 from .store import TaskStore, stream_time_meta
-# CONTEXT: imported from here by scripts/bench
-from .tablecontext import CONTEXT, MISSING, TableContext, TableError
+from .tablecontext import MISSING, TableContext, TableError
 
 if TYPE_CHECKING:
     from .tables import Table
 
-__all__ = ["TaskTables", "CONTEXT"]
+__all__ = ["TaskTables"]
 
 #: committed entries a task keeps per table for reads (a hot key is read from memory, not
 #: from LMDB and its decoder, batch after batch); past this many the table starts over

@@ -42,7 +42,8 @@ if ROOT not in sys.path:
 from shardworker.changelog import produce_batch  # noqa: E402
 from shardworker.store import TaskStore  # noqa: E402
 from shardworker.tables import Table  # noqa: E402
-from shardworker.tasktables import CONTEXT, TaskTables  # noqa: E402
+from shardworker.tablecontext import CONTEXT  # noqa: E402
+from shardworker.tasktables import TaskTables  # noqa: E402
 
 PARTITIONS, KEYS, BATCH = 8, 1000, 1000
 

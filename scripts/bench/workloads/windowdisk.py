@@ -51,7 +51,8 @@ from scripts.bench.workloads.inprocess import AckingProducer  # noqa: E402
 from shardworker.changelog import produce_batch  # noqa: E402
 from shardworker.store import TaskStore  # noqa: E402
 from shardworker.tables import Table  # noqa: E402
-from shardworker.tasktables import CLEAN_CACHE_SIZE, CONTEXT, TaskTables  # noqa: E402
+from shardworker.tablecontext import CONTEXT  # noqa: E402
+from shardworker.tasktables import CLEAN_CACHE_SIZE, TaskTables  # noqa: E402
 
 TABLE = "clicks"
 #: first window of the simulation (epoch ms; a multiple of any window size in whole seconds
