@@ -190,12 +190,14 @@ class Table:
         if task is None or self.window is not None:
             _ctx, task = self._plain()
         kb = self._key_memo.get(key) if type(key) in _MEMO_KEY_TYPES else None
-        value = self._read(task, kb if kb is not None else self._key_bytes(key))
-        if value is MISSING:
-            if self.default is not None:
-                return self.default()
-            raise KeyError(key)
-        return value
+        value, raw = task.read_raw(self.name, kb if kb is not None else self._key_bytes(key))
+        if raw is not None:  # _read, inline: this runs for every read of every record
+            if value is MISSING or type(value) not in self._roundtrip:
+                return self._decode_value(raw)
+            return value
+        if self.default is not None:
+            return self.default()
+        raise KeyError(key)
 
     def __setitem__(self, key: Any, value: Any) -> None:
         ctx = self._context

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence,
 from .batchend import TP, BatchEnd, DrainedBatch
 from .origins import OriginMarks, marks_meta
 from .partitioner import KeyPartitioner
-from .produce import DEFAULT_MESSAGE_MAX_BYTES, check_fits
+from .produce import DEFAULT_MESSAGE_MAX_BYTES, RECORD_OVERHEAD, check_fits
 from .store import TaskStore, stream_time_meta
 from .tablecontext import MISSING, TableContext, TableError
 
@@ -94,6 +94,8 @@ class TaskTables(BatchEnd):
         self.max_key_size = int(store.env.max_key_size())
         #: the producer's ``message.max.bytes``: a changelog record must fit in it
         self.max_message_bytes = max_message_bytes
+        #: key + value bytes that surely fit a changelog record (check_fits decides above)
+        self._fits_under = max_message_bytes - RECORD_OVERHEAD
         #: table → key bytes → (value, serialized value or None = deleted, source tp)
         self._cache: Dict[str, Dict[bytes, Tuple[Any, Optional[bytes], TP]]] = {
             name: {} for name in self.tables}
@@ -183,11 +185,13 @@ class TaskTables(BatchEnd):
             raw = None if value is None else table._encode_value(value)
         if raw is None:
             value = None
-        else:  # too large for its changelog: the record that wrote it fails, not the batch
+        elif len(kb) + len(raw) > self._fits_under:
+            # too large for its changelog: the record that wrote it fails, not the batch
             check_fits(table.changelog_topic, kb, raw, self.max_message_bytes)
+        undo = self.undo
         undo_key = (table.name, kb)
-        if undo_key not in self.undo:
-            self.undo[undo_key] = cache.get(kb)
+        if undo_key not in undo:
+            undo[undo_key] = cache.get(kb)
         cache[kb] = (value, raw, (ctx.topic, ctx.partition))  # type: ignore[assignment]
 
     def rollback_record(self) -> None:
