@@ -53,6 +53,9 @@ _TOPIC, _PARTITION = methodcaller("topic"), methodcaller("partition")
 #: at least once, the tables' changes are drained before this many keys are dirty, even
 #: when the interval (``commit_interval``) is not over: bounds memory and changelog bursts
 MAX_DIRTY_KEYS = 20_000
+#: seconds one poll waits for records; with table changes not drained yet (:meth:`Worker.poll`)
+POLL_WAIT = 0.1
+CAUGHT_UP_WAIT = 0.02
 
 
 class Route:
@@ -211,7 +214,7 @@ class Worker(SupervisorLink):
                 if not self.global_tables.wait(0.1):
                     self.report(force=False)  # the heartbeat while the copies catch up
                     continue
-                records = self.consumer.consume(self.batch_size, 0.1) if self.positions else None
+                records = self.poll()
                 if records:
                     self.process(records)
                 elif not self.positions:
@@ -228,6 +231,16 @@ class Worker(SupervisorLink):
             return 1
         finally:
             self.close()
+
+    def poll(self) -> Optional[List[Message]]:
+        """Step 1: the next records of the assigned partitions (None: none assigned).  With
+        table changes not drained yet the wait is short, so a child that has caught up
+        drains them (and reports its offsets) within :data:`CAUGHT_UP_WAIT` of its last
+        record; a busy child finds a full batch waiting either way."""
+        if not self.positions:
+            return None
+        return self.consumer.consume(self.batch_size,
+                                     CAUGHT_UP_WAIT if self.undrained else POLL_WAIT)
 
     def process(self, records: List[Message]) -> None:
         """Steps 1-3 of a batch, in the chunks the committer asks for (exactly-once: sized

@@ -228,3 +228,28 @@ def test_tables_drain_each_interval_and_at_once_when_a_poll_finds_nothing(worker
     assert state.drains[-1] == {("in", 0): 4}
     worker.settle(block=True)  # the stand-in producer acknowledges on flush
     assert worker.positions == {("in", 0): 4} and len(state.committed) == 2
+
+
+class RecordingConsumer:
+    """Stands in for the child's consumer: returns nothing, notes each wait."""
+
+    def __init__(self) -> None:
+        self.waits: List[float] = []
+
+    def consume(self, count: int, timeout: float) -> List[Any]:
+        self.waits.append(timeout)
+        return []
+
+
+@pytest.mark.timeout(20)
+def test_a_poll_waits_briefly_while_table_changes_wait_to_be_drained(worker, monkeypatch):
+    from shardworker.worker import CAUGHT_UP_WAIT, POLL_WAIT
+
+    consumer = RecordingConsumer()
+    monkeypatch.setattr(worker, "consumer", consumer)
+    assert worker.poll() is None and consumer.waits == []  # nothing assigned: no poll
+    worker.positions[("in", 0)] = 0
+    worker.poll()
+    worker.undrained[("in", 0)] = 3
+    worker.poll()
+    assert consumer.waits == [POLL_WAIT, CAUGHT_UP_WAIT] and CAUGHT_UP_WAIT < POLL_WAIT
