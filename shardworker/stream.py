@@ -171,15 +171,17 @@ class _Items:
         return self
 
     async def __anext__(self) -> Tuple[Any, Any]:
-        value = await self.stream.__anext__()
-        return self.stream.current_key(), value
+        stream = self.stream
+        value = await stream.__anext__()
+        return stream._key_of(stream.current), value  # type: ignore[arg-type]
 
     def __iter__(self) -> "_Items":
         return self
 
     def __next__(self) -> Tuple[Any, Any]:
-        value = self.stream.__next__()
-        return self.stream.current_key(), value
+        stream = self.stream
+        value = stream.__next__()
+        return stream._key_of(stream.current), value  # type: ignore[arg-type]
 
 
 class _Events:

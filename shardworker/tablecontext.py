@@ -12,7 +12,7 @@ is the task's skip rule (:meth:`TaskTables.observe
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 if TYPE_CHECKING:
     from .tasktables import TaskTables
@@ -41,12 +41,15 @@ class TableContext:
     async agents (event loop thread) and plain ones (their own thread) alike.
     """
 
-    __slots__ = ("task", "topic", "partition", "offset", "timestamp_ms", "writable", "key")
+    __slots__ = ("task", "topic", "partition", "source", "offset", "timestamp_ms", "writable",
+                 "key")
 
     def __init__(self) -> None:
         self.task: Optional["TaskTables"] = None
         self.topic: Optional[str] = None
         self.partition = -1
+        #: ``(topic, partition)``, made once per record for the writes that note it
+        self.source: Tuple[Optional[str], int] = (None, -1)
         self.offset = -1
         self.timestamp_ms: Optional[int] = None
         #: the record's key as it came from Kafka (bytes), or None
@@ -63,10 +66,11 @@ class TableContext:
         self.task = task
         self.topic = topic
         self.partition = partition
+        self.source = source = (topic, partition)
         self.offset = offset
         self.timestamp_ms = timestamp_ms
         self.key = key
-        self.writable = task.observe(topic, partition, offset, timestamp_ms)
+        self.writable = task.observe(source, offset, timestamp_ms)
         task.undo.clear()
 
     def set_message(self, task: "TaskTables", msg: Any, event_ms: Optional[int] = None) -> None:
@@ -84,10 +88,11 @@ class TableContext:
         self.task = task
         self.topic = topic
         self.partition = partition
+        self.source = source = (topic, partition)
         self.offset = offset
         self.timestamp_ms = stamp
         self.key = msg.key()
-        self.writable = task.observe(topic, partition, offset, stamp)
+        self.writable = task.observe(source, offset, stamp)
         task.undo.clear()
 
     def clear(self) -> None:

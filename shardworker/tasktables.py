@@ -129,11 +129,10 @@ class TaskTables(BatchEnd):
         return f"<TaskTables {self.task_id or self.partition} {list(self.tables)}>"
 
     # -- per record -----------------------------------------------------------------------
-    def observe(self, topic: str, partition: int, offset: int, timestamp_ms: int) -> bool:
-        """Notes a record of the current batch (its offset goes into the next commit,
-        its timestamp advances the task's stream time, which :meth:`rollback_record`
-        takes back if it fails); True when its writes count."""
-        tp = (topic, partition)
+    def observe(self, tp: TP, offset: int, timestamp_ms: int) -> bool:
+        """Notes a record of the current batch from ``tp`` (topic, partition): its offset
+        goes into the next commit, its timestamp advances the task's stream time, which
+        :meth:`rollback_record` takes back if it fails.  True when its writes count."""
         if self.pending.get(tp, -1) <= offset:
             self.pending[tp] = offset + 1
         latest = self.latest_ms
@@ -192,7 +191,7 @@ class TaskTables(BatchEnd):
         undo_key = (table.name, kb)
         if undo_key not in undo:
             undo[undo_key] = cache.get(kb)
-        cache[kb] = (value, raw, (ctx.topic, ctx.partition))  # type: ignore[assignment]
+        cache[kb] = (value, raw, ctx.source)  # type: ignore[assignment]
 
     def rollback_record(self) -> None:
         """Takes back every write of the current record and the stream time it moved (it

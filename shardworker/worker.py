@@ -49,7 +49,7 @@ from .windowclose import LateRecordError
 
 log = logging.getLogger("shardworker.worker")
 
-_TOPIC, _PARTITION = methodcaller("topic"), methodcaller("partition")
+_TOPIC, _PARTITION, _OFFSET = methodcaller("topic"), methodcaller("partition"), methodcaller("offset")
 #: at least once, the tables' changes are drained before this many keys are dirty, even
 #: when the interval (``commit_interval``) is not over: bounds memory and changelog bursts
 MAX_DIRTY_KEYS = 20_000
@@ -252,8 +252,8 @@ class Worker(SupervisorLink):
     def process_chunk(self, records: List[Message]) -> None:
         """Steps 1-3 for ``records``: decode, run the agents, drain the tables' changes
         when due (:meth:`drain`)."""
-        positions: Dict[TopicPartitionKey, int] = {}
         routes = self.routes
+        failed = False
         deduplicated = self.deduplicated
         self.stamper.forget()  # a record's sends are all made within its chunk
         # 1. decode each record and queue it for the agents of its topic (a record the app
@@ -262,9 +262,9 @@ class Worker(SupervisorLink):
         for msg in records:
             if msg.error() is not None:
                 self.on_consume_error(msg)
+                failed = True
                 continue
             topic = msg.topic()
-            positions[(topic, msg.partition())] = msg.offset() + 1
             route = routes.get(topic)
             if route is None:
                 continue
@@ -298,10 +298,15 @@ class Worker(SupervisorLink):
         if self.state.enabled:
             self.state.event_times.clear()
         self.processed += len(records)  # stats count processing; offsets wait for acks
-        # per partition, counted in C (map/zip/Counter), not per record in Python
-        for (topic, part), count in tally(zip(map(_TOPIC, records), map(_PARTITION, records))).items():
+        if failed:
+            records = [msg for msg in records if msg.error() is None]
+        # per partition, in C (map/zip/dict/Counter), not per record in Python: the next
+        # offset to read (a partition's records come in offset order) and the count
+        sources = list(zip(map(_TOPIC, records), map(_PARTITION, records)))
+        for tp, offset in dict(zip(sources, map(_OFFSET, records))).items():
+            self.undrained[tp] = offset + 1
+        for (topic, part), count in tally(sources).items():
             self.processed_by._inc((topic, str(part)), count)
-        self.undrained.update(positions)
         # 3. the tables' changes: one changelog record per key changed since the last drain
         if self._drain_due():
             self.drain()
