@@ -40,40 +40,13 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from shardworker.changelog import produce_batch  # noqa: E402
+from shardworker.localkafka import LocalMessage  # noqa: E402
 from shardworker.store import TaskStore  # noqa: E402
 from shardworker.tables import Table  # noqa: E402
 from shardworker.tablecontext import CONTEXT  # noqa: E402
 from shardworker.tasktables import TaskTables  # noqa: E402
 
 PARTITIONS, KEYS, BATCH = 8, 1000, 1000
-
-
-class Record:
-    """The parts of a consumed message the table path reads."""
-
-    __slots__ = ("_topic", "_partition", "_offset", "_key", "_value", "_timestamp")
-
-    def __init__(self, partition: int, offset: int, key: bytes, value: bytes, timestamp: int) -> None:
-        self._topic, self._partition, self._offset = "in", partition, offset
-        self._key, self._value, self._timestamp = key, value, timestamp
-
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return self._partition
-
-    def offset(self) -> int:
-        return self._offset
-
-    def key(self) -> bytes:
-        return self._key
-
-    def value(self) -> bytes:
-        return self._value
-
-    def timestamp(self) -> Tuple[int, int]:
-        return 1, self._timestamp
 
 
 class Delivered:
@@ -100,18 +73,19 @@ class AckingProducer:
             on_delivery(None, Delivered(topic, self.produced))
 
 
-def make_records(n: int) -> List[Record]:
+def make_records(n: int) -> List[LocalMessage]:
     offsets = [0] * PARTITIONS
     records = []
     for i in range(n):
         p = i % PARTITIONS
-        records.append(Record(p, offsets[p], f"u{i % KEYS}".encode(),
-                              json.dumps({"n": i, "amount": i % 7}).encode(), 1_700_000_000_000 + i))
+        records.append(LocalMessage("in", p, offsets[p], f"u{i % KEYS}".encode(),
+                                    json.dumps({"n": i, "amount": i % 7}).encode(), None,
+                                    1_700_000_000_000 + i))
         offsets[p] += 1
     return records
 
 
-def baseline(records: List[Record]) -> float:
+def baseline(records: List[LocalMessage]) -> float:
     counts: Dict[str, int] = {}
     sums: Dict[str, int] = {}
     began = time.process_time()
@@ -123,7 +97,7 @@ def baseline(records: List[Record]) -> float:
     return time.process_time() - began
 
 
-def shardsup(records: List[Record], drain_every: int, profile: bool = False) -> Tuple[float, int]:
+def shardsup(records: List[LocalMessage], drain_every: int, profile: bool = False) -> Tuple[float, int]:
     """CPU seconds of the table path over ``records``, and the changelog records written."""
     where = tempfile.mkdtemp(prefix="shardsup-inprocess-")
     counts = Table("counts", default=int, key_serializer="str", app_id="bench")
