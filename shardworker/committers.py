@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from .app import App
+from .beginning import assignable
 from .broker_wait import BrokerUnavailable, call_while_unreachable, says_broker_unreachable
 from .topology import TopicPartitionKey, task_sort_key
 from .transactions import COMMIT_BEFORE, TransactionAborted, Transactions
@@ -328,7 +329,7 @@ class ExactlyOnce(Committer):
         reads its partitions again from the last committed offsets."""
         self.state.abort(task)
         self._rewound.update(self.topology.task_partitions(task))
-        tps = [TopicPartition(t, p, self.positions[(t, p)])
+        tps = [assignable(t, p, self.positions[(t, p)])
                for t, p in self.topology.task_partitions(task) if (t, p) in self.positions]
         self.consumer.incremental_unassign(tps)
         self.consumer.incremental_assign(tps)

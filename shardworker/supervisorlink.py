@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from confluent_kafka import TopicPartition
 
+from .beginning import assignable
 from .logs import set_role
 from .protocol import (Assign, ChannelClosed, Group, Offsets, Revoke, Revoked, Stats, Stop,
                        Timers, lag_total)
@@ -65,7 +66,7 @@ class SupervisorLink:
         partitions = self.committer.starts(partitions, lambda: self.settle(block=True))
         if self.state.enabled:
             partitions = self._open_tasks(partitions)
-        tps = [TopicPartition(topic, part, offset) for topic, part, offset in partitions]
+        tps = [assignable(topic, part, offset) for topic, part, offset in partitions]
         if tps:
             self.consumer.incremental_assign(tps)
         for topic, part, _offset in partitions:

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, Optional
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
@@ -56,16 +55,6 @@ class TransactionAborted(RuntimeError):
     """The broker refused the task's transaction (the group moved on, a record was not
     delivered, ...); it was aborted, so none of its outputs or offsets count and the
     task must read its records again from the last committed offsets."""
-
-
-def _init_quietly(txn: TaskTransaction) -> None:
-    """``txn.init()`` off the main thread: without its heartbeat, which only the main
-    thread may send (it waits in slices and sends them itself)."""
-    heartbeat, txn.heartbeat = txn.heartbeat, lambda: None
-    try:
-        txn.init()
-    finally:
-        txn.heartbeat = heartbeat
 
 
 def transactional_id(app: App, task: str) -> str:
@@ -190,32 +179,24 @@ class Transactions:
         self.group_metadata: Optional[bytes] = None
 
     def open(self, tasks: Iterable[str]) -> None:
-        """Creates and initialises the producers of new tasks (concurrently: each
-        ``init_transactions`` is a round trip or more to the transaction coordinator).
-        The inits run in threads; this thread heartbeats while it waits for them, so an
-        outage during an assignment is waited out like any other (BrokerUnavailable
+        """Creates and initialises the producers of new tasks, one after another, in the
+        order given.  Each ``init_transactions`` may abort what the task's previous owner
+        left open (a killed child), and the test broker wedges when two such aborts on
+        partitions both transactions wrote run at once: every later transaction there
+        stays pending for good (DESIGN.md, "Tests and the broker").  On Kafka this costs a
+        round trip to the coordinator per task.  Each init heartbeats while it waits, so
+        an outage during an assignment is waited out like any other (BrokerUnavailable
         after :data:`~.broker_wait.BROKER_WAIT`)."""
-        new = [TaskTransaction(task, transactional_producer(self.app, self.bootstrap, task,
-                                                            self.client_id, self.on_delivery),
-                               self.heartbeat)
-               for task in tasks if task not in self.by_task]
-        if new:
-            self._init_all(new)
-        for txn in new:
-            self.by_task[txn.task] = txn
-            for tp in self.app.topology.task_partitions(txn.task):
+        for task in tasks:
+            if task in self.by_task:
+                continue
+            txn = TaskTransaction(task, transactional_producer(self.app, self.bootstrap, task,
+                                                               self.client_id, self.on_delivery),
+                                  self.heartbeat)
+            txn.init()
+            self.by_task[task] = txn
+            for tp in self.app.topology.task_partitions(task):
                 self.by_partition[tp] = txn
-
-    def _init_all(self, new: List[TaskTransaction]) -> None:
-        """``init()`` of every one of ``new`` in its own thread (heartbeats are sent from
-        this one only: the channel is not shared between threads); the first failure is
-        raised once all have ended."""
-        with ThreadPoolExecutor(len(new)) as pool:
-            futures: List[Future] = [pool.submit(_init_quietly, txn) for txn in new]
-            while wait(futures, timeout=BROKER_SLICE).not_done:
-                self.heartbeat()
-        for future in futures:
-            future.result()
 
     def close(self, task: str) -> None:
         txn = self.by_task.pop(task, None)

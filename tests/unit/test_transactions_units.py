@@ -124,7 +124,8 @@ def test_a_broker_away_past_the_bound_is_broker_unavailable_not_a_crash(monkeypa
 
 
 def test_init_waits_out_the_broker_and_the_opener_heartbeats(monkeypatch):
-    """Transactions.open runs the inits in threads and heartbeats from its own."""
+    """Transactions.open waits out an unreachable broker in each init and heartbeats from
+    its own thread (the one that owns the channel), never from an init's."""
     import threading
     import time as time_module
 
@@ -176,3 +177,49 @@ def test_a_call_that_blocks_past_its_timeout_still_heartbeats(monkeypatch):
     txn = TaskTransaction("0_1", producer, heartbeat=lambda: beats.append(1))  # type: ignore[arg-type]
     txn.commit({("in", 1): 42}, b"metadata")
     assert len(beats) >= 5 and producer.calls[-2:] == ["send_offsets", "commit"]
+
+
+def test_new_tasks_producers_are_initialised_one_at_a_time(monkeypatch):
+    """Each ``init_transactions`` may abort what the task's killed owner left open; two
+    of those aborts at once, on partitions both transactions wrote, can wedge the test
+    broker's later transactions on them for good (DESIGN.md, "Tests and the broker"), so
+    no two inits of a child overlap, and they run in the order the tasks were given."""
+    import threading
+
+    from shardworker import transactions as txn_module
+    from shardworker.transactions import Transactions
+
+    lock = threading.Lock()
+    in_flight: List[str] = []
+    overlaps: List[List[str]] = []
+    order: List[str] = []
+
+    class Init(RecordingProducer):
+        def __init__(self, task: str) -> None:
+            super().__init__()
+            self.task = task
+
+        def init_transactions(self, timeout: float) -> None:
+            with lock:
+                in_flight.append(self.task)
+                order.append(self.task)
+                if len(in_flight) > 1:
+                    overlaps.append(list(in_flight))
+            time.sleep(0.05)  # long enough for any other init running beside it to show
+            with lock:
+                in_flight.remove(self.task)
+
+    monkeypatch.setattr(txn_module, "transactional_producer",
+                        lambda app, bootstrap, task, client_id, on_delivery: Init(task))
+    app = App("a", processing_guarantee="exactly_once")
+
+    @app.agent(app.topic("in", partitions=3))
+    def agent(stream):  # pragma: no cover - never runs
+        yield from stream
+
+    transactions = Transactions(app, "b:9", "c", lambda err, msg: None)
+    transactions.open(["0_2", "0_0", "0_1"])
+    assert overlaps == [] and order == ["0_2", "0_0", "0_1"]
+    assert set(transactions.by_task) == {"0_0", "0_1", "0_2"}
+    transactions.open(["0_1"])  # a task held already keeps its producer
+    assert order == ["0_2", "0_0", "0_1"]

@@ -1,0 +1,88 @@
+"""A partition read from its beginning is assigned at offset 0, never at OFFSET_BEGINNING:
+the test broker answers the ListOffsets(earliest) request librdkafka would send with the
+batch it stored first, which may not be the first one (DESIGN.md, "Tests and the
+broker")."""
+from __future__ import annotations
+
+from typing import Any, List
+
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END
+
+from shardworker import App
+from shardworker.beginning import assignable
+from shardworker.committers import ExactlyOnce
+from shardworker.worker import Worker
+
+
+def test_offset_beginning_becomes_zero_and_other_offsets_stay():
+    tp = assignable("in", 2, OFFSET_BEGINNING)
+    assert (tp.topic, tp.partition, tp.offset) == ("in", 2, 0)
+    assert assignable("in", 2, 41).offset == 41
+    assert assignable("in", 2, OFFSET_END).offset == OFFSET_END
+
+
+class Consumer:
+    """Records what the worker assigns."""
+
+    def __init__(self) -> None:
+        self.assigned: List[Any] = []
+
+    def incremental_assign(self, tps: List[Any]) -> None:
+        self.assigned.extend((tp.topic, tp.partition, tp.offset) for tp in tps)
+
+    def incremental_unassign(self, tps: List[Any]) -> None:
+        pass
+
+
+class Anything:
+    """Accepts any call (the channel, a state without tables)."""
+
+    enabled = False
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+class GivenStarts:
+    """A committer that starts where the supervisor says (at least once)."""
+
+    def starts(self, partitions: List[List[Any]], settle_all: Any) -> List[List[Any]]:
+        return partitions
+
+
+def worker_of(app: App) -> Worker:
+    """A worker of ``app`` with a recording consumer, no tables and no supervisor."""
+    channel: Any = Anything()
+    worker = Worker(app, channel=channel, bootstrap="127.0.0.1:9", index=0)
+    worker.consumer = Consumer()  # type: ignore[assignment]
+    worker.state = Anything()  # type: ignore[assignment]
+    return worker
+
+
+def app_reading(partitions: int, guarantee: str = "at_least_once") -> App:
+    app = App("u", processing_guarantee=guarantee)
+
+    @app.agent(app.topic("in", partitions=partitions))
+    def agent(stream):  # pragma: no cover - never runs
+        yield from stream
+
+    return app
+
+
+def test_a_task_without_a_committed_offset_is_assigned_at_offset_zero():
+    worker = worker_of(app_reading(2))
+    worker.committer = GivenStarts()  # type: ignore[assignment]
+    worker.assign([["in", 0, OFFSET_BEGINNING], ["in", 1, 5]])
+    assert worker.consumer.assigned == [("in", 0, 0), ("in", 1, 5)]  # type: ignore[attr-defined]
+    # nothing is processed yet: no offset to report or to commit for partition 0
+    assert worker.positions == {("in", 0): OFFSET_BEGINNING, ("in", 1): 5}
+
+
+def test_a_rewound_task_that_never_committed_reads_again_from_offset_zero():
+    app = app_reading(1, "exactly_once")
+    worker = worker_of(app)
+    committer = ExactlyOnce(app, "127.0.0.1:9", "c", worker._delivery_errors, worker.heartbeat,
+                            worker.consumer, worker.state, worker.positions)
+    worker.positions[("in", 0)] = OFFSET_BEGINNING
+    committer.rewind("0_0")
+    assert worker.consumer.assigned == [("in", 0, 0)]  # type: ignore[attr-defined]
