@@ -145,7 +145,8 @@ def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int,
 def end_offsets(bootstrap: str, topic: str, partitions: int,
                 isolation: str = "read_committed") -> Dict[int, int]:
     """Each partition's end: the high watermark, or read_committed the last stable
-    offset (what a read_committed reader can reach)."""
+    offset (what a read_committed reader can reach).  From ListOffsets, which tansu
+    answers loosely (DESIGN.md, "Tests and the broker"): a failure's diagnostic only."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}",
                          "isolation.level": isolation})
     try:
