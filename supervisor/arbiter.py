@@ -17,13 +17,13 @@ import os
 import select
 import signal
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 from shardworker.app import EMBEDDED, App, bootstrap_servers
 from shardworker.protocol import ChannelClosed
 
 from . import sdnotify
-from .broker import EmbeddedBroker, check_reachable, ensure_topics
+from .broker import EmbeddedBroker, check_broker_and_topics
 from .children import CRASHED, FAILED, FAILED_RETRY, OUTAGE, RESTART, ChildSlot, RestartPolicy
 from .descendants import end_orphans
 from .dump import collect_trace, dump_report, latest_dump_path, trace_path
@@ -37,12 +37,17 @@ from .metricstore import MetricTotals, families
 from .snapshot import snapshot, status_line
 from .subtopologies import topic_kinds
 from .status import StatusServer
-from .web import WebServer
+
+if TYPE_CHECKING:  # imported when --web-port asks for it: 20 ms of every start otherwise
+    from .web import WebServer
 
 log = logging.getLogger("supervisor")
 
 PR_SET_CHILD_SUBREAPER = 36
 SNAPSHOT_EVERY = 1.0  # seconds between refreshes of the snapshot the web thread serves
+#: seconds between loop turns until the group's first assignment (then 0.1): librdkafka
+#: hands the assignment over only in a poll, which the loop makes once per turn
+JOIN_TURN = 0.01
 
 
 def make_private() -> None:
@@ -125,11 +130,12 @@ class Arbiter:
             self.guard_pid, self.guard_fd = start_guard()
             self.status_server = StatusServer(status_socket_path(self.datadir), self.handle_request)
             if self.web_port is not None:
+                from .web import WebServer
+
                 self.web = WebServer(self.web_host, self.web_port, lambda: self.latest_snapshot)
                 self.web.start()
             self.start_broker()
-            cluster = check_reachable(self.app, self.bootstrap)
-            partitions = ensure_topics(self.app, self.bootstrap)
+            cluster, partitions = check_broker_and_topics(self.app, self.bootstrap)
             log.info("app %s on %s (cluster %s): sub-topologies %s, up to %d children, %s",
                      self.app.id, self.bootstrap, cluster or "?", "; ".join(
                          f"{sub.index}: " + ",".join(f"{t}[{partitions[t]}]" for t in sub.sources)
@@ -161,7 +167,7 @@ class Arbiter:
             self.pidfile.release()
 
     def loop_once(self) -> None:
-        self.sleep(0.1)
+        self.sleep(0.1 if self.assignment.joined else JOIN_TURN)
         self.notify_ready()
         while self.SIG_QUEUE and self.stopping is None:
             self.dispatch(self.SIG_QUEUE.pop(0))
