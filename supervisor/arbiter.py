@@ -148,6 +148,7 @@ class Arbiter:
             a = self.assignment
             self.member = GroupMember(self.app, self.bootstrap, a.on_assign, a.on_revoke, a.on_lost)
             self.member.subscribe(self.topology.leaders)
+            self.start_ahead()
             self.set_title("supervisor")
             while self.stopping is None:
                 self.loop_once()
@@ -299,10 +300,23 @@ class Arbiter:
     # -- children -------------------------------------------------------------------
     def spawn(self, slot: ChildSlot) -> None:
         """Starts the process of a slot and hands it its tasks with their start offsets."""
-        slot.spawn(self.app_spec, self.bootstrap, self.loglevel, trace_path(self.datadir, slot.index),
-                   self.log_args, self.datadir)
+        self.start_process(slot)
         log.info("started child %d (pid %d) for tasks %s", slot.index, slot.pid, ",".join(slot.tasks))
         self.assignment.assign_new_child(slot)
+
+    def start_ahead(self) -> None:
+        """Starts the first child while the group is being joined (the broker answers a
+        first join after seconds), so that its interpreter, imports and Kafka clients
+        (an idempotent producer waits 0.5-1 s for its producer id) are ready when the
+        tasks come.  It takes tasks like a running child (``Assignment.place``) and stops
+        when the group gives this supervisor none (``Assignment.release_unused``)."""
+        slot = self.slots[0] = ChildSlot(0, [])
+        self.start_process(slot)
+        log.info("started child 0 (pid %d) ahead of the group's assignment", slot.pid)
+
+    def start_process(self, slot: ChildSlot) -> None:
+        slot.spawn(self.app_spec, self.bootstrap, self.loglevel, trace_path(self.datadir, slot.index),
+                   self.log_args, self.datadir)
 
     def spawn_due(self) -> None:
         """Starts the slots whose restart is due (a failed one whose retry came, too)."""
