@@ -1,13 +1,15 @@
 """Unit tests of the start-up path's waits (docs/benchmark.md, "Startup"): the restore
 consumer returns at a changelog's end instead of waiting out its timeout and reads a
 task's tables together, a child learns the partitions' leaders before assigning them at a
-logical offset, the supervisor asks the broker through one admin client and turns its
-loop quickly until the group's first assignment."""
+logical offset, the supervisor asks the broker through one admin client, turns its
+loop quickly until the group's first assignment and starts its first child ahead of it."""
 from __future__ import annotations
 
 from collections import deque
 from types import SimpleNamespace
 from typing import Any, List, Optional
+
+import signal
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException
@@ -20,6 +22,7 @@ from shardworker.worker import Worker
 from supervisor.arbiter import JOIN_TURN, Arbiter
 
 from .fakes import Message
+from .test_slots_and_rebalance import keys, live_slot, make
 
 
 class End(Message):
@@ -192,3 +195,31 @@ def test_the_supervisor_loop_turns_quickly_only_until_the_group_assigned(tmp_pat
     arbiter.assignment.joined = True
     arbiter.loop_once()
     assert slept == [JOIN_TURN, 0.1]
+
+
+def test_a_child_started_ahead_takes_the_first_tasks_with_the_group_metadata_first():
+    assignment, host = make("exactly_once")
+    host.slots[0] = live_slot(0, [])
+    assignment.on_assign(keys(0, 1, 2))
+    ahead = host.slots[0]
+    assert ahead.tasks == ["0_0", "0_2"] and host.spawned == [1]
+    assert ahead.channel.ops() == ["group", "assign"]  # type: ignore[union-attr]
+
+
+def test_a_child_started_ahead_stops_when_the_group_gives_this_supervisor_nothing():
+    assignment, host = make()
+    host.slots[0] = live_slot(0, [])
+    assignment.on_assign([])
+    assert host.slots[0].retiring and host.slots[0].signals == [signal.SIGTERM]  # type: ignore[attr-defined]
+
+
+def test_a_child_started_ahead_waits_for_tasks_whose_start_offsets_are_late():
+    assignment, host = make()
+    host.slots[0] = live_slot(0, [])
+    host.member.down = True  # type: ignore[union-attr]
+    assignment.on_assign(keys(0))
+    assert not host.slots[0].retiring
+    host.member.down = False  # type: ignore[union-attr]
+    assignment.next_placement = 0.0
+    assignment.place_unplaced()
+    assert host.slots[0].tasks == ["0_0"] and host.spawned == []
