@@ -1,15 +1,15 @@
 """Unit tests of the start-up path's waits (docs/benchmark.md, "Startup"): the restore
 consumer returns at a changelog's end instead of waiting out its timeout and reads a
 task's tables together, a child learns the partitions' leaders before assigning them at a
-logical offset, the supervisor asks the broker through one admin client, turns its
-loop quickly until the group's first assignment and starts its first child ahead of it."""
+logical offset, new producers connect before they need a producer id, the supervisor asks
+the broker through one admin client, turns its loop quickly until the group's first
+assignment and starts its first child ahead of it."""
 from __future__ import annotations
 
+import signal
 from collections import deque
 from types import SimpleNamespace
 from typing import Any, List, Optional
-
-import signal
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException
@@ -17,6 +17,8 @@ from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException
 import supervisor.broker as broker
 from shardworker.app import App
 from shardworker.changelog import HDR_SRC_CONFIRMED, HDR_SRC_OFFSET, HDR_SRC_PARTITION, HDR_SRC_TOPIC
+from shardworker.committers import AtLeastOnce
+from shardworker.connect import connect
 from shardworker.restore import Restorer, fetched
 from shardworker.worker import Worker
 from supervisor.arbiter import JOIN_TURN, Arbiter
@@ -223,3 +225,35 @@ def test_a_child_started_ahead_waits_for_tasks_whose_start_offsets_are_late():
     assignment.next_placement = 0.0
     assignment.place_unplaced()
     assert host.slots[0].tasks == ["0_0"] and host.spawned == []
+
+
+class MetadataClient:
+    """A producer's metadata requests: answered, or failing (the broker away)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.asked: List[Optional[str]] = []
+        self.fail = fail
+
+    def list_topics(self, topic: Optional[str] = None, timeout: float = -1) -> None:
+        self.asked.append(topic)
+        if self.fail:
+            raise KafkaException(KafkaError(KafkaError._TRANSPORT))
+
+
+def test_connecting_asks_twice_and_leaves_an_unreachable_broker_to_later_calls():
+    client = MetadataClient()
+    connect(client, "in")
+    assert client.asked == ["in", "in"]
+    away = MetadataClient(fail=True)
+    connect(away, "in")  # does not raise
+    assert away.asked == ["in"]
+
+
+def test_an_at_least_once_producer_is_connected_at_the_first_assign_only():
+    committer = AtLeastOnce.__new__(AtLeastOnce)
+    committer.producer = MetadataClient()  # type: ignore[assignment]
+    committer._connected = False
+    assert committer.starts([], lambda: None) == []
+    assert committer.starts([["in", 0, -2]], lambda: None) == [["in", 0, -2]]
+    committer.starts([["in", 1, 5]], lambda: None)
+    assert committer.producer.asked == ["in", "in"]  # type: ignore[attr-defined]
