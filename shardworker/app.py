@@ -385,7 +385,13 @@ class App:
         """Settings shared by every Kafka client of this app."""
         # brokers close idle connections; librdkafka reconnects, no need to log each one.
         # librdkafka's own lines go through Python logging (same format, role and file).
+        # reconnect.backoff.ms: librdkafka opens a client's connections at most every half
+        # of it; with its 100 ms, a new client's second connection (to the broker the
+        # bootstrap one named) waited 50 ms, on the start-up path of every child (its
+        # restore consumer) and supervisor (docs/benchmark.md, "Startup"). Reconnects
+        # still back off exponentially to reconnect.backoff.max.ms (10 s).
         return {"bootstrap.servers": bootstrap, "log.connection.close": False,
+                "reconnect.backoff.ms": 20,
                 "logger": logging.getLogger("librdkafka"), **self.settings["kafka_config"]}
 
     def producer_config(self, bootstrap: str) -> Dict[str, Any]:

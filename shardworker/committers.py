@@ -24,6 +24,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 from .app import App
 from .beginning import assignable
 from .broker_wait import BrokerUnavailable, call_while_unreachable, says_broker_unreachable
+from .connect import connect
 from .topology import TopicPartitionKey, task_sort_key
 from .transactions import COMMIT_BEFORE, TransactionAborted, Transactions
 
@@ -134,6 +135,7 @@ class AtLeastOnce(Committer):
             "delivery.report.only.error": not app.tables,
         })
         app._producer = self.producer  # topic.send() inside agents and timers uses it
+        self._connected = False
 
     # -- where a record's outputs go -------------------------------------------------
     def producer_for(self, msg: Message) -> Producer:
@@ -191,7 +193,12 @@ class AtLeastOnce(Committer):
     # -- tasks coming and going ------------------------------------------------------
     def starts(self, partitions: List[List[Any]], settle_all: Callable[[], None]) -> List[List[Any]]:
         """Where assigned partitions start: where the supervisor says (it commits what
-        children report, so its offsets are the group's)."""
+        children report, so its offsets are the group's).  At the first, the producer
+        is connected to a broker (:mod:`.connect`: its first batch is acknowledged up
+        to 1 s sooner)."""
+        if partitions and not self._connected:
+            self._connected = True
+            connect(self.producer, partitions[0][0])
         return partitions
 
     def poll(self) -> None:

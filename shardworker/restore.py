@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Mapping,
-                    Optional, Sequence, Tuple)
+                    Optional, Sequence, Set, Tuple)
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
@@ -143,19 +143,19 @@ class Restorer:
                              ) -> Dict[TP, int]:
         """Per source partition of the task, the newest offset that its changelog records
         say was durable everywhere (:data:`~shardworker.changelog.HDR_SRC_CONFIRMED`),
-        over every table's changelog partition; partitions none speaks of are left out."""
+        over every table's changelog partition (read together: their order does not
+        matter); partitions none speaks of are left out."""
         consumer = self._consumer()
         confirmed: Dict[TP, int] = {}
         partition = next(iter(starts))[1]
         try:
-            for table in tables:
-                consumer.assign([TopicPartition(table.changelog_topic, partition,
-                                                OFFSET_BEGINNING)])
-                for _key, _value, headers in self._changelog(consumer, []):
-                    found = confirmed_of(headers)
-                    if found is not None and found[:2] in starts and found[2] > 0:
-                        tp = (found[0], found[1])
-                        confirmed[tp] = max(confirmed.get(tp, 0), found[2])
+            consumer.assign([TopicPartition(table.changelog_topic, partition, OFFSET_BEGINNING)
+                             for table in tables])
+            for _key, _value, headers in self._changelog(consumer, [], partitions=len(tables)):
+                found = confirmed_of(headers)
+                if found is not None and found[:2] in starts and found[2] > 0:
+                    tp = (found[0], found[1])
+                    confirmed[tp] = max(confirmed.get(tp, 0), found[2])
         finally:
             consumer.unassign()
         return confirmed
@@ -170,19 +170,19 @@ class Restorer:
         or after ``stored`` are this state's own batches that never reached LMDB (a kill
         between the broker's acknowledgement and the LMDB commit) or their like: the
         records from ``stored`` on are processed again and write the same keys after
-        them.  The changelog's end is the fetch's high watermark."""
+        them.  The changelog's end is the fetch's high watermark.  The tables' changelogs
+        are read together: one such record in any of them is enough."""
         consumer = self._consumer()
         partition = next(iter(stored))[1]
         try:
-            for table in tables:
-                last = store.changelog_offset(table.name)
-                start = OFFSET_BEGINNING if last is None else last + 1
-                consumer.assign([TopicPartition(table.changelog_topic, partition, start)])
-                for _key, _value, headers in self._changelog(consumer, []):
-                    source = source_of(headers)
-                    at = None if source is None else stored.get((source[0], source[1]))
-                    if at is None or source[2] < at:  # type: ignore[index]
-                        return True
+            consumer.assign([TopicPartition(table.changelog_topic, partition,
+                                            self._after_stored(store, table))
+                             for table in tables])
+            for _key, _value, headers in self._changelog(consumer, [], partitions=len(tables)):
+                source = source_of(headers)
+                at = None if source is None else stored.get((source[0], source[1]))
+                if at is None or source[2] < at:  # type: ignore[index]
+                    return True
         finally:
             consumer.unassign()
         return False
@@ -203,9 +203,8 @@ class Restorer:
         partition = next(iter(committed))[1]
         try:
             for table in tables:
-                last = store.changelog_offset(table.name)
-                start = OFFSET_BEGINNING if last is None else last + 1
-                consumer.assign([TopicPartition(table.changelog_topic, partition, start)])
+                consumer.assign([TopicPartition(table.changelog_topic, partition,
+                                                self._after_stored(store, table))])
                 tail: List[int] = []
                 applied, skipped = apply_changelog(
                     store, table.name, self._changelog(consumer, tail, should_stop, task), committed,
@@ -225,6 +224,17 @@ class Restorer:
         log.info("task %s: restored %d changelog records (%d skipped: after the committed "
                  "offset) in %.2fs", task, total_applied, total_skipped, elapsed)
 
+    @staticmethod
+    def _after_stored(store: TaskStore, table: "Table") -> int:
+        """Where the table's changelog is read from: after what the store holds of it."""
+        last = store.changelog_offset(table.name)
+        return OFFSET_BEGINNING if last is None else last + 1
+
+    def metadata(self, topic: str) -> Any:
+        """The cluster's metadata for ``topic`` (cluster id, partitions), asked through
+        the restore consumer: a client made only for it would cost a connection."""
+        return self._consumer().list_topics(topic, timeout=10)
+
     def _consumer(self) -> Consumer:
         """The child's restore consumer, made once: a new consumer (or a topic it has not
         seen) costs about 0.5 s before its first fetch, per topic, which a child restoring
@@ -232,39 +242,61 @@ class Restorer:
         if self._restore_consumer is None:
             consumer = Consumer({**self.consumer_config, "enable.partition.eof": True,
                                  "client.id": f"{self.app.id}-restore",
-                                 # back-to-back fetches: measured +15% records/s on tansu
-                                 "fetch.wait.max.ms": 10})
+                                 # how long the broker holds a fetch with nothing to
+                                 # read: twice per changelog partition, at its end (10 ms
+                                 # made reading an empty one 22 ms, 0.35 s for eight tasks
+                                 # of two tables; 1 ms makes it 4); while records remain
+                                 # it answers at once (back-to-back fetches: +15% records/s
+                                 # on tansu over the default 500 ms)
+                                 "fetch.wait.max.ms": 1})
             for table in self.app.tables:  # learn every changelog topic up front
                 consumer.list_topics(table.changelog_topic, timeout=10)
             self._restore_consumer = consumer
         return self._restore_consumer
 
     def _changelog(self, consumer: Consumer, tail: List[int],
-                   should_stop: Optional[Callable[[], bool]] = None, restoring: str = ""
-                   ) -> Iterator[Tuple[Optional[bytes], Optional[bytes], Any]]:
-        """The records of the assigned changelog partition up to its end (the high
-        watermark of the fetch responses: right on Kafka and on tansu alike).  Raises
-        :class:`RestoreInterrupted` between fetches once ``should_stop()`` is True.
-        ``restoring``: the task restored, whose records read are counted (a metric)."""
+                   should_stop: Optional[Callable[[], bool]] = None, restoring: str = "",
+                   partitions: int = 1) -> Iterator[Tuple[Optional[bytes], Optional[bytes], Any]]:
+        """The records of the assigned changelog partitions (``partitions`` of them) up to
+        the end of each (the high watermark of the fetch responses: right on Kafka and on
+        tansu alike).  Raises :class:`RestoreInterrupted` between fetches once
+        ``should_stop()`` is True.  ``restoring``: the task restored, whose records read
+        are counted (a metric)."""
         last_beat = time.monotonic()
+        ended: Set[TP] = set()  # partitions whose end was reached
         while True:
             if should_stop is not None and should_stop():
                 raise RestoreInterrupted("the task was revoked or the child stops")
-            # a short timeout: consume() waits it out even after the end-of-partition event
-            batch = consumer.consume(RESTORE_BATCH, 0.05)
+            batch = fetched(consumer)
             if restoring:  # progress, per fetch (not per record); the end event is no record
                 self.restored[restoring] += len(batch) - (1 if batch and batch[-1].error() else 0)
             for msg in batch:
                 err = msg.error()
                 if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
+                    if err.code() != KafkaError._PARTITION_EOF:
+                        raise RuntimeError(f"restore: {err.str()}")
+                    ended.add((msg.topic(), msg.partition()))
+                    if len(ended) == partitions:
                         return
-                    raise RuntimeError(f"restore: {err.str()}")
+                    continue
                 tail[:] = [msg.offset()]
                 yield msg.key(), msg.value(), msg.headers()
             if time.monotonic() - last_beat >= 1.0:
                 self.heartbeat()  # a long restore is not a hang
                 last_beat = time.monotonic()
+
+
+def fetched(consumer: Consumer, wait: float = 0.05) -> List[Any]:
+    """What the restore consumer holds now, up to :data:`RESTORE_BATCH` records; when it
+    holds nothing, the next record or event, waiting at most ``wait`` seconds.
+    ``consume()`` with a timeout waits all of it out unless the batch fills, even after
+    the end-of-partition event came: every changelog partition read took the whole
+    50 ms; ``poll()`` returns at the first record or event."""
+    batch = consumer.consume(RESTORE_BATCH, 0)
+    if batch:
+        return batch
+    msg = consumer.poll(wait)
+    return [] if msg is None else [msg]
 
 
 def apply_changelog(store: TaskStore, table: str, records: Iterable[ChangelogInput],

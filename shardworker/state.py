@@ -14,7 +14,7 @@ import logging
 import os
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from confluent_kafka import Consumer, Message, Producer
+from confluent_kafka import Message, Producer
 
 from .app import App
 from .changelog import produce_batch
@@ -149,11 +149,7 @@ class TaskStates:
         self.restorer.close()
 
     def _learn_cluster(self, sub: int, leader: str) -> None:
-        probe = Consumer(self.consumer_config)
-        try:
-            metadata = probe.list_topics(leader, timeout=10)
-        finally:
-            probe.close()
+        metadata = self.restorer.metadata(leader)
         self._cluster_id = metadata.cluster_id or ""
         self._partitions[sub] = len(metadata.topics[leader].partitions)
 

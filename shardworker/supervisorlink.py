@@ -12,9 +12,9 @@ import base64
 import logging
 import select
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 
 from .beginning import assignable
 from .logs import set_role
@@ -27,6 +27,7 @@ log = logging.getLogger("shardworker.worker")
 
 STATS_INTERVAL = 1.0       # seconds between heartbeats with stats to the supervisor
 REPORT_INTERVAL = 0.05     # offsets are reported at most this often (and at every stop)
+LEADERS_TIMEOUT = 2.0      # seconds an assign waits for partition leaders (then goes on)
 
 
 class SupervisorLink:
@@ -67,12 +68,25 @@ class SupervisorLink:
         if self.state.enabled:
             partitions = self._open_tasks(partitions)
         tps = [assignable(topic, part, offset) for topic, part, offset in partitions]
+        if any(tp.offset < 0 for tp in tps):
+            self._learn_leaders({tp.topic for tp in tps})
         if tps:
             self.consumer.incremental_assign(tps)
         for topic, part, _offset in partitions:
             self.positions.setdefault((topic, part), _offset)
         self._tasks_changed()
         log.info("assigned %s", ", ".join(f"{t}[{p}]@{o}" for t, p, o in partitions))
+
+    def _learn_leaders(self, topics: Set[str]) -> None:
+        """Asks for the leaders of the partitions of ``topics`` before they are assigned
+        at a logical offset (the group has none for them): librdkafka looks such an
+        offset up only once it knows the partition's leader, and when it does not know
+        it yet, tries again 0.5 s later (one child start in two, on a new group)."""
+        for topic in sorted(topics):
+            try:
+                self.consumer.list_topics(topic, timeout=LEADERS_TIMEOUT)
+            except KafkaException:
+                return  # the broker is away: librdkafka finds the leaders itself, later
 
     def _open_tasks(self, partitions: List[List[Any]]) -> List[List[Any]]:
         """Opens (restoring where needed) the tables of each assigned task and returns

@@ -17,13 +17,13 @@ import os
 import select
 import signal
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 from shardworker.app import EMBEDDED, App, bootstrap_servers
 from shardworker.protocol import ChannelClosed
 
 from . import sdnotify
-from .broker import EmbeddedBroker, check_reachable, ensure_topics
+from .broker import EmbeddedBroker, check_broker_and_topics
 from .children import CRASHED, FAILED, FAILED_RETRY, OUTAGE, RESTART, ChildSlot, RestartPolicy
 from .descendants import end_orphans
 from .dump import collect_trace, dump_report, latest_dump_path, trace_path
@@ -37,12 +37,17 @@ from .metricstore import MetricTotals, families
 from .snapshot import snapshot, status_line
 from .subtopologies import topic_kinds
 from .status import StatusServer
-from .web import WebServer
+
+if TYPE_CHECKING:  # imported when --web-port asks for it: 20 ms of every start otherwise
+    from .web import WebServer
 
 log = logging.getLogger("supervisor")
 
 PR_SET_CHILD_SUBREAPER = 36
 SNAPSHOT_EVERY = 1.0  # seconds between refreshes of the snapshot the web thread serves
+#: seconds between loop turns until the group's first assignment (then 0.1): librdkafka
+#: hands the assignment over only in a poll, which the loop makes once per turn
+JOIN_TURN = 0.01
 
 
 def make_private() -> None:
@@ -125,11 +130,12 @@ class Arbiter:
             self.guard_pid, self.guard_fd = start_guard()
             self.status_server = StatusServer(status_socket_path(self.datadir), self.handle_request)
             if self.web_port is not None:
+                from .web import WebServer
+
                 self.web = WebServer(self.web_host, self.web_port, lambda: self.latest_snapshot)
                 self.web.start()
             self.start_broker()
-            cluster = check_reachable(self.app, self.bootstrap)
-            partitions = ensure_topics(self.app, self.bootstrap)
+            cluster, partitions = check_broker_and_topics(self.app, self.bootstrap)
             log.info("app %s on %s (cluster %s): sub-topologies %s, up to %d children, %s",
                      self.app.id, self.bootstrap, cluster or "?", "; ".join(
                          f"{sub.index}: " + ",".join(f"{t}[{partitions[t]}]" for t in sub.sources)
@@ -142,6 +148,7 @@ class Arbiter:
             a = self.assignment
             self.member = GroupMember(self.app, self.bootstrap, a.on_assign, a.on_revoke, a.on_lost)
             self.member.subscribe(self.topology.leaders)
+            self.start_ahead()
             self.set_title("supervisor")
             while self.stopping is None:
                 self.loop_once()
@@ -161,7 +168,7 @@ class Arbiter:
             self.pidfile.release()
 
     def loop_once(self) -> None:
-        self.sleep(0.1)
+        self.sleep(0.1 if self.assignment.joined else JOIN_TURN)
         self.notify_ready()
         while self.SIG_QUEUE and self.stopping is None:
             self.dispatch(self.SIG_QUEUE.pop(0))
@@ -293,10 +300,23 @@ class Arbiter:
     # -- children -------------------------------------------------------------------
     def spawn(self, slot: ChildSlot) -> None:
         """Starts the process of a slot and hands it its tasks with their start offsets."""
-        slot.spawn(self.app_spec, self.bootstrap, self.loglevel, trace_path(self.datadir, slot.index),
-                   self.log_args, self.datadir)
+        self.start_process(slot)
         log.info("started child %d (pid %d) for tasks %s", slot.index, slot.pid, ",".join(slot.tasks))
         self.assignment.assign_new_child(slot)
+
+    def start_ahead(self) -> None:
+        """Starts the first child while the group is being joined (the broker answers a
+        first join after seconds), so that its interpreter, imports and Kafka clients
+        (an idempotent producer waits 0.5-1 s for its producer id) are ready when the
+        tasks come.  It takes tasks like a running child (``Assignment.place``) and stops
+        when the group gives this supervisor none (``Assignment.release_unused``)."""
+        slot = self.slots[0] = ChildSlot(0, [])
+        self.start_process(slot)
+        log.info("started child 0 (pid %d) ahead of the group's assignment", slot.pid)
+
+    def start_process(self, slot: ChildSlot) -> None:
+        slot.spawn(self.app_spec, self.bootstrap, self.loglevel, trace_path(self.datadir, slot.index),
+                   self.log_args, self.datadir)
 
     def spawn_due(self) -> None:
         """Starts the slots whose restart is due (a failed one whose retry came, too)."""

@@ -7,7 +7,7 @@ import shutil
 import socket
 import subprocess
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -108,9 +108,11 @@ def admin_client(app: App, bootstrap: str) -> AdminClient:
         raise UsageError(f"bad Kafka client configuration: {exc}") from None
 
 
-def check_reachable(app: App, bootstrap: str, timeout: float = 10.0) -> str:
-    """Returns the cluster id, or raises a one-line error naming the address."""
-    admin = admin_client(app, bootstrap)
+def check_reachable(app: App, bootstrap: str, timeout: float = 10.0,
+                    admin: Optional[AdminClient] = None) -> str:
+    """Returns the cluster id, or raises a one-line error naming the address.  ``admin``:
+    a client to ask through (one made for the call costs a connection)."""
+    admin = admin or admin_client(app, bootstrap)
     try:
         metadata = admin.list_topics(timeout=timeout)
     except KafkaException:
@@ -119,7 +121,17 @@ def check_reachable(app: App, bootstrap: str, timeout: float = 10.0) -> str:
     return metadata.cluster_id or ""
 
 
-def ensure_topics(app: App, bootstrap: str, timeout: float = 15.0) -> Dict[str, int]:
+def check_broker_and_topics(app: App, bootstrap: str) -> Tuple[str, Dict[str, int]]:
+    """The supervisor's start-up steps on the broker, through one admin client (a client
+    made for each costs a connection): the cluster id (:func:`check_reachable`) and the
+    app's topics with their partition counts (:func:`ensure_topics`)."""
+    admin = admin_client(app, bootstrap)
+    return (check_reachable(app, bootstrap, admin=admin),
+            ensure_topics(app, bootstrap, admin=admin))
+
+
+def ensure_topics(app: App, bootstrap: str, timeout: float = 15.0,
+                  admin: Optional[AdminClient] = None) -> Dict[str, int]:
     """Creates the app's missing topics and checks existing ones; returns partition counts.
 
     Sources and sinks as declared; each agent's dead-letter topic with the broker's
@@ -129,7 +141,7 @@ def ensure_topics(app: App, bootstrap: str, timeout: float = 15.0) -> Dict[str, 
     counts: either would break co-partitioning (DESIGN.md, "Sub-topologies").
     """
     topology = app.topology  # declares the repartition topics
-    admin = admin_client(app, bootstrap)
+    admin = admin or admin_client(app, bootstrap)
     wanted: Dict[str, Optional[int]] = {name: t.partitions for name, t in app.topics.items()}
     existing = {name: len(meta.partitions) for name, meta in admin.list_topics(timeout=timeout).topics.items()}
     default_partitions = app.settings["topic_partitions"]

@@ -88,11 +88,13 @@ class Assignment:
         partition of each; DESIGN.md, "Sub-topologies")."""
         self.joined = True
         partitions = self.topology.whole_tasks(partitions)
-        if not partitions or self.host.stopping:
+        if self.host.stopping:
             return  # shutting down: member.close() gives them back
-        self.unplaced.extend(p for p in partitions if p not in self.unplaced)
-        self.next_placement = 0.0
-        self.place_unplaced()
+        if partitions:
+            self.unplaced.extend(p for p in partitions if p not in self.unplaced)
+            self.next_placement = 0.0
+            self.place_unplaced()
+        self.release_unused()
 
     def on_revoke(self, partitions: List[TopicPartitionKey]) -> None:
         """Stops the revoked tasks (warm) and commits them before the group moves them."""
@@ -139,13 +141,30 @@ class Assignment:
         for_existing, for_new = place_tasks(tasks, hosted, self.host.max_children)
         for index, new in for_existing.items():
             slot = slots[index]
+            ahead = not slot.tasks  # started before the group assigned anything
             slot.add_tasks(new)
             if slot.alive:
-                self.send_assign(slot, new)
+                if ahead:
+                    self.assign_new_child(slot)
+                else:
+                    self.send_assign(slot, new)
         for new in for_new:
             index = next(i for i in range(len(slots) + 1) if i not in slots)
             slot = slots[index] = ChildSlot(index, new)
             self.host.spawn(slot)
+
+    def release_unused(self) -> None:
+        """Stops the child started ahead of the group's first assignment (the arbiter's
+        ``start_ahead``) when the group gave this supervisor no task for it: every child
+        hosts a task (nothing waits to be placed)."""
+        if self.unplaced:
+            return
+        now = time.monotonic()
+        for slot in list(self.host.slots.values()):
+            if not slot.tasks and not slot.retiring and slot.state != "failed":
+                log.info("child %d has no task: stopping it", slot.index)
+                if not slot.retire(now):
+                    del self.host.slots[slot.index]
 
     def assign_new_child(self, slot: ChildSlot) -> None:
         """Tells a newly started process what it works on: the group metadata
@@ -168,7 +187,10 @@ class Assignment:
         gone = set(partitions)
         self.unplaced = [p for p in self.unplaced if p not in gone]
         partitions = [p for p in partitions if p in self.offsets]  # only those placed
-        if host.closing or not partitions:
+        if host.closing:
+            return
+        if not partitions:
+            self.release_unused()  # a child started ahead for tasks taken back unplaced
             return
         if host.stopping:  # children are stopping anyway: keep what they reported, let go
             if commit:

@@ -57,6 +57,9 @@ class RecordingProducer:
         if planted:
             raise KafkaException(planted.pop(0))
 
+    def list_topics(self, topic: Optional[str] = None, timeout: float = -1) -> None:
+        """Metadata (asked before ``init_transactions`` to connect): not recorded."""
+
     def begin_transaction(self) -> None:
         self._call("begin")
 
