@@ -302,6 +302,7 @@ class AgentDriver:
         CONTEXT.task = task
         CONTEXT.topic = topic
         CONTEXT.partition = partition
+        CONTEXT.source = (topic, partition)
         CONTEXT.offset = offset
         CONTEXT.timestamp_ms = stamp
         CONTEXT.key = None  # writes of the test itself are not checked for their partition

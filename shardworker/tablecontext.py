@@ -99,6 +99,7 @@ class TableContext:
         """No current record (between batches)."""
         self.task = None
         self.topic = None
+        self.source = (None, -1)
         self.writable = False
 
     def current_task(self) -> "TaskTables":

@@ -126,6 +126,16 @@ def test_a_new_context_starts_from_empty_tables(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_the_test_body_may_write_a_table_before_the_first_put(kind: str) -> None:
+    proj = readme_app(kind)
+    with proj.count.test_context() as agent:
+        proj.counts["u1"] = 40  # partition 0's task, as a read before the first put
+        proj.counts["seed"] = 7  # a key no record writes: drained as the test's own write
+        agent.put({"amount": 2}, key="u1")
+        assert agent.results == [{"user": "u1", "total": 42}] and proj.counts["seed"] == 7
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_each_partition_is_a_task_of_its_own(kind: str) -> None:
     proj = readme_app(kind)
     with proj.count.test_context() as agent:
