@@ -44,6 +44,8 @@ DEFAULT_SETTINGS: Dict[str, Any] = {
 
 
 GUARANTEES = ("at_least_once", "exactly_once")
+#: where a partition without a committed offset starts
+OFFSET_RESETS = ("earliest", "latest")
 
 
 def bootstrap_servers(broker: str) -> str:
@@ -204,6 +206,11 @@ class App:
         if self.settings["processing_guarantee"] not in GUARANTEES:
             raise ValueError(f"processing_guarantee {self.settings['processing_guarantee']!r}: "
                              f"use one of {', '.join(map(repr, GUARANTEES))}")
+        if self.settings["auto_offset_reset"] not in OFFSET_RESETS:
+            # librdkafka's other spellings ("smallest", "end", "error") are refused: the
+            # supervisor and shardworker/beginning.py read the setting as one of these two
+            raise ValueError(f"auto_offset_reset {self.settings['auto_offset_reset']!r}: "
+                             f"use one of {', '.join(map(repr, OFFSET_RESETS))}")
         if self.settings["commit_interval"] is None:
             self.settings["commit_interval"] = 0.1 if self.exactly_once else 1.0
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any, List
 
+import pytest
+
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END
 
 from shardworker import App
@@ -86,3 +88,12 @@ def test_a_rewound_task_that_never_committed_reads_again_from_offset_zero():
     worker.positions[("in", 0)] = OFFSET_BEGINNING
     committer.rewind("0_0")
     assert worker.consumer.assigned == [("in", 0, 0)]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("value", ["smallest", "end", "error", "Earliest"])
+def test_an_offset_reset_other_than_earliest_or_latest_is_refused(value):
+    """The beginning is assigned as offset 0 only under ``earliest``; librdkafka's other
+    spellings would be read as it by the supervisor, so they are refused at once."""
+    with pytest.raises(ValueError, match="auto_offset_reset"):
+        App("u", auto_offset_reset=value)
+    assert App("u", auto_offset_reset="latest").settings["auto_offset_reset"] == "latest"
