@@ -151,7 +151,8 @@ class Restorer:
         try:
             consumer.assign([TopicPartition(table.changelog_topic, partition, OFFSET_BEGINNING)
                              for table in tables])
-            for _key, _value, headers in self._changelog(consumer, [], partitions=len(tables)):
+            ends = len({table.changelog_topic for table in tables})  # distinct partitions
+            for _key, _value, headers in self._changelog(consumer, [], partitions=ends):
                 found = confirmed_of(headers)
                 if found is not None and found[:2] in starts and found[2] > 0:
                     tp = (found[0], found[1])
@@ -178,7 +179,8 @@ class Restorer:
             consumer.assign([TopicPartition(table.changelog_topic, partition,
                                             self._after_stored(store, table))
                              for table in tables])
-            for _key, _value, headers in self._changelog(consumer, [], partitions=len(tables)):
+            ends = len({table.changelog_topic for table in tables})  # distinct partitions
+            for _key, _value, headers in self._changelog(consumer, [], partitions=ends):
                 source = source_of(headers)
                 at = None if source is None else stored.get((source[0], source[1]))
                 if at is None or source[2] < at:  # type: ignore[index]
