@@ -235,6 +235,8 @@ class ExactlyOnce(Committer):
         #: input records whose output the broker refused as too large; the aborted
         #: transaction reads them again, and then they are dead-lettered
         self._refused_inputs: Set[Tuple[str, int, int]] = set()
+        #: the first offset read per partition that has no processed offset yet
+        self._first_read: Dict[TopicPartitionKey, int] = {}
         self.on_record: Optional[Callable[[Message], None]] = self._on_record
 
     # -- where a record's outputs go -------------------------------------------------
@@ -278,6 +280,8 @@ class ExactlyOnce(Committer):
         transaction aborted meanwhile are left out: they are read again from the last
         commit."""
         self._rewound.clear()
+        if self._unstarted():
+            self._note_first_offsets(records)
         done = 0
         while done < len(records):
             chunk = records[done:done + self._chunk]
@@ -287,6 +291,20 @@ class ExactlyOnce(Committer):
             began = time.monotonic()
             yield chunk
             self._size_chunks(len(chunk), time.monotonic() - began)
+
+    def _unstarted(self) -> bool:
+        """Some partition has no processed offset yet (it starts at a logical one)."""
+        return any(offset < 0 for offset in self.positions.values())
+
+    def _note_first_offsets(self, records: List[Message]) -> None:
+        """The first offset read of each partition that started at a logical offset and
+        has committed nothing: where a rewind goes back to (``latest`` would otherwise
+        skip the aborted records)."""
+        positions, first = self.positions, self._first_read
+        for msg in records:
+            tp = (msg.topic(), msg.partition())
+            if tp not in first and positions.get(tp, 0) < 0 and msg.error() is None:
+                first[tp] = msg.offset()
 
     def _size_chunks(self, count: int, elapsed: float) -> None:
         """The next chunk's size: what takes :data:`CHUNK_SECONDS` at the speed just seen,
@@ -336,7 +354,8 @@ class ExactlyOnce(Committer):
         reads its partitions again from the last committed offsets."""
         self.state.abort(task)
         self._rewound.update(self.topology.task_partitions(task))
-        tps = [assignable(t, p, self.positions[(t, p)])
+        tps = [assignable(t, p, self.positions[(t, p)] if self.positions[(t, p)] >= 0
+                          else self._first_read.get((t, p), self.positions[(t, p)]))
                for t, p in self.topology.task_partitions(task) if (t, p) in self.positions]
         self.consumer.incremental_unassign(tps)
         self.consumer.incremental_assign(tps)
@@ -379,6 +398,8 @@ class ExactlyOnce(Committer):
         """What a revoked task has not committed is aborted (read again by its next owner)."""
         for task in tasks:
             self.transactions.close(task)
+            for tp in self.topology.task_partitions(task):
+                self._first_read.pop(tp, None)
 
     def set_group_metadata(self, metadata: bytes) -> None:
         """The supervisor's ``consumer_group_metadata()``: transactions commit offsets

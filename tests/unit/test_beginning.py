@@ -97,3 +97,19 @@ def test_an_offset_reset_other_than_earliest_or_latest_is_refused(value):
     with pytest.raises(ValueError, match="auto_offset_reset"):
         App("u", auto_offset_reset=value)
     assert App("u", auto_offset_reset="latest").settings["auto_offset_reset"] == "latest"
+
+
+def test_a_rewound_task_that_started_at_the_end_reads_again_what_it_read():
+    """``latest`` and no commit yet: an aborted first transaction is read again from the
+    first offset the task read, not from the end again (which would skip it)."""
+    from tests.unit.fakes import Message
+
+    app = app_reading(1, "exactly_once")
+    worker = worker_of(app)
+    committer = ExactlyOnce(app, "127.0.0.1:9", "c", worker._delivery_errors, worker.heartbeat,
+                            worker.consumer, worker.state, worker.positions)
+    worker.positions[("in", 0)] = OFFSET_END
+    for _chunk in committer.chunks([Message("in", 0, offset) for offset in (7, 8, 9)]):
+        pass
+    committer.rewind("0_0")
+    assert worker.consumer.assigned == [("in", 0, 7)]  # type: ignore[attr-defined]
