@@ -11,6 +11,8 @@ from typing import Dict, List, Optional, Tuple
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
+from shardworker.worker import FETCH_QUEUE_BACKOFF_MS
+
 from ..measure import compare, state_truth
 from ..work import timed_result
 
@@ -33,6 +35,8 @@ def raw_child(args: argparse.Namespace) -> int:
     consumer = Consumer({"bootstrap.servers": args.bootstrap, "group.id": f"{args.prefix}-raw",
                          "enable.auto.commit": False, "enable.auto.offset.store": False,
                          "auto.offset.reset": "earliest", "fetch.wait.max.ms": 100,
+                         # the consumer settings shardsup's children use
+                         "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,
                          "log.connection.close": False})
     consumer.assign([TopicPartition(in_topic, p, OFFSET_BEGINNING) for p in range(args.partitions)])
     producer = Producer({"bootstrap.servers": args.bootstrap, **RAW_PRODUCER,
@@ -78,6 +82,8 @@ def state_raw_child(args: argparse.Namespace) -> int:
     consumer = Consumer({"bootstrap.servers": args.bootstrap, "group.id": f"{args.prefix}-raw",
                          "enable.auto.commit": False, "enable.auto.offset.store": False,
                          "auto.offset.reset": "earliest", "fetch.wait.max.ms": 100,
+                         # the consumer settings shardsup's children use
+                         "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,
                          "log.connection.close": False})
     consumer.assign([TopicPartition(f"{args.prefix}-in", p, OFFSET_BEGINNING)
                      for p in range(args.partitions)])
