@@ -25,7 +25,7 @@ from .app import App
 from .beginning import assignable
 from .broker_wait import BrokerUnavailable, call_while_unreachable, says_broker_unreachable
 from .connect import connect
-from .topology import TopicPartitionKey, task_sort_key
+from .topology import TopicPartitionKey, offsets_of, sources_of, task_sort_key
 from .transactions import COMMIT_BEFORE, TransactionAborted, Transactions
 
 log = logging.getLogger("shardworker.committers")
@@ -280,8 +280,7 @@ class ExactlyOnce(Committer):
         transaction aborted meanwhile are left out: they are read again from the last
         commit."""
         self._rewound.clear()
-        if self._unstarted():
-            self._note_first_offsets(records)
+        self._note_first_offsets(records)
         done = 0
         while done < len(records):
             chunk = records[done:done + self._chunk]
@@ -292,19 +291,21 @@ class ExactlyOnce(Committer):
             yield chunk
             self._size_chunks(len(chunk), time.monotonic() - began)
 
-    def _unstarted(self) -> bool:
-        """Some partition has no processed offset yet (it starts at a logical one)."""
-        return any(offset < 0 for offset in self.positions.values())
-
     def _note_first_offsets(self, records: List[Message]) -> None:
         """The first offset read of each partition that started at a logical offset and
         has committed nothing: where a rewind goes back to (``latest`` would otherwise
-        skip the aborted records)."""
-        positions, first = self.positions, self._first_read
-        for msg in records:
-            tp = (msg.topic(), msg.partition())
-            if tp not in first and positions.get(tp, 0) < 0 and msg.error() is None:
-                first[tp] = msg.offset()
+        skip the aborted records).  Per batch, in C: a partition that stays idle keeps
+        its logical position, and this runs for every batch then."""
+        first = self._first_read
+        waiting = [tp for tp, offset in self.positions.items() if offset < 0 and tp not in first]
+        if not waiting:
+            return
+        # the reversed pairs: each partition's first record is the one its key keeps
+        earliest = dict(zip(reversed(sources_of(records)), reversed(offsets_of(records))))
+        for tp in waiting:
+            offset = earliest.get(tp, -1)
+            if offset >= 0:  # an error event carries no record's offset
+                first[tp] = offset
 
     def _size_chunks(self, count: int, elapsed: float) -> None:
         """The next chunk's size: what takes :data:`CHUNK_SECONDS` at the speed just seen,

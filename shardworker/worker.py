@@ -24,7 +24,6 @@ import signal
 import time
 from collections import Counter as tally
 from collections import deque
-from operator import methodcaller
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message
@@ -44,12 +43,11 @@ from .protocol import Message as ChannelMessage
 from .state import TaskStates
 from .supervisorlink import SupervisorLink
 from .origins import OriginStamper, origin_of
-from .topology import TopicPartitionKey
+from .topology import TopicPartitionKey, offsets_of, sources_of
 from .windowclose import LateRecordError
 
 log = logging.getLogger("shardworker.worker")
 
-_TOPIC, _PARTITION, _OFFSET = methodcaller("topic"), methodcaller("partition"), methodcaller("offset")
 #: at least once, the tables' changes are drained before this many keys are dirty, even
 #: when the interval (``commit_interval``) is not over: bounds memory and changelog bursts
 MAX_DIRTY_KEYS = 20_000
@@ -307,8 +305,8 @@ class Worker(SupervisorLink):
             records = [msg for msg in records if msg.error() is None]
         # per partition, in C (map/zip/dict/Counter), not per record in Python: the next
         # offset to read (a partition's records come in offset order) and the count
-        sources = list(zip(map(_TOPIC, records), map(_PARTITION, records)))
-        for tp, offset in dict(zip(sources, map(_OFFSET, records))).items():
+        sources = sources_of(records)
+        for tp, offset in dict(zip(sources, offsets_of(records))).items():
             self.undrained[tp] = offset + 1
         for (topic, part), count in tally(sources).items():
             self.processed_by._inc((topic, str(part)), count)
