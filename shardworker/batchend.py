@@ -95,7 +95,7 @@ class BatchEnd:
     store: TaskStore
     tables: Dict[str, "Table"]
     partition: int
-    _cache: Dict[str, Dict[bytes, Tuple[Any, Optional[bytes], TP]]]
+    cache: Dict[str, Dict[bytes, Tuple[Any, Optional[bytes], TP]]]
     stored: Dict[TP, int]
     pending: Dict[TP, int]
     latest_ms: Optional[int]
@@ -121,14 +121,14 @@ class BatchEnd:
         changed: Dict[bytes, Optional[bytes]] = {}
         for batch in self.inflight:
             changed.update(batch.writes.get(table, {}))
-        for kb, entry in self._cache[table].items():
+        for kb, entry in self.cache[table].items():
             changed[kb] = entry[1]
         return changed
 
     def stage(self, table: str, kb: bytes, value: Any, raw: Optional[bytes]) -> None:
         """Stages a write made by the batch end itself (no current record: closing or
         expiring windows), with the batch's stream time like every write of the batch."""
-        self._cache[table][kb] = (value, raw, self._batch_source())
+        self.cache[table][kb] = (value, raw, self._batch_source())
 
     def _batch_source(self) -> TP:
         """The source partition whose changelog headers a write of the batch end itself
@@ -137,7 +137,7 @@ class BatchEnd:
 
     def dirty_keys(self) -> int:
         """Keys in the write cache (changed since the last drain)."""
-        return sum(len(cache) for cache in self._cache.values())
+        return sum(len(cache) for cache in self.cache.values())
 
     def drain(self, input_offsets: Optional[Mapping[TP, int]] = None) -> DrainedBatch:
         """Ends the batch: empties the write cache into a :class:`DrainedBatch` (one
@@ -165,7 +165,7 @@ class BatchEnd:
         records: List[ChangelogRecord] = []
         writes: Dict[str, Dict[bytes, Optional[bytes]]] = {}
         values: Dict[str, Dict[bytes, Any]] = {}
-        for name, cache in self._cache.items():
+        for name, cache in self.cache.items():
             if not cache:
                 continue
             topic = self.tables[name].changelog_topic
@@ -178,7 +178,7 @@ class BatchEnd:
                 records.append(ChangelogRecord(name, topic, part, kb, raw, header_for(tp)))
             writes[name] = table_writes
             values[name] = table_values
-            self._cache[name] = {}
+            self.cache[name] = {}
         if records and self.origins.seen:
             # every origin mark so far rides on the batch's first changelog record: the
             # newest batch survives compaction, so a restore finds them all (DESIGN.md,
@@ -216,7 +216,7 @@ class BatchEnd:
             if hi <= lo:
                 continue
             found = self.range_raw(name, window_key(lo, b""), window_key(hi, b""))
-            cache = self._cache[name]
+            cache = self.cache[name]
             for kb in sorted(found):
                 raw = found[kb]
                 if raw is None:
@@ -242,7 +242,7 @@ class BatchEnd:
             if expiry is None:
                 continue
             upto, bound = expiry
-            cache = self._cache[name]
+            cache = self.cache[name]
             tp = self._batch_source()
             for kb in [kb for kb in cache if kb < bound]:
                 del cache[kb]

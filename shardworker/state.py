@@ -156,11 +156,12 @@ class TaskStates:
     # -- per record and per batch ---------------------------------------------------
     def on_record(self, msg: Message) -> None:
         """Makes ``msg`` the record the tables see (its task, offset, timestamp)."""
-        tables = self.by_partition.get((msg.topic(), msg.partition()))
+        source = (msg.topic(), msg.partition())
+        tables = self.by_partition.get(source)
         if tables is not None:
             event_times = self.event_times
             CONTEXT.set_message(tables, msg, event_times.get(
-                (msg.topic(), msg.partition(), msg.offset())) if event_times else None)
+                (*source, msg.offset())) if event_times else None, source)
         else:
             CONTEXT.clear()
 

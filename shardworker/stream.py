@@ -72,15 +72,20 @@ class Stream:
         return self
 
     async def __anext__(self) -> Any:
-        buffer = self.buffer
-        if not buffer:
+        if not self.buffer:
             await self.wait_async()  # type: ignore[misc]
-        value, self.current = buffer.popleft()
+        return self._take()[0]
+
+    def _take(self) -> Tuple[Any, "Message"]:
+        """The next buffered ``(value, record)``, made the record in hand (every iterator
+        takes its records here: one plain call a record, no nested coroutine)."""
+        item = self.buffer.popleft()
+        self.current = msg = item[1]
         if self.on_record is not None:
-            self.on_record(self.current)
+            self.on_record(msg)
         if monotonic() >= self._progress_due:
             self._progressed()
-        return value
+        return item
 
     def _progressed(self) -> None:
         self._progress_due = monotonic() + 1.0
@@ -91,15 +96,9 @@ class Stream:
         return self
 
     def __next__(self) -> Any:
-        buffer = self.buffer
-        if not buffer:
+        if not self.buffer:
             self.wait_sync()  # type: ignore[misc]
-        value, self.current = buffer.popleft()
-        if self.on_record is not None:
-            self.on_record(self.current)
-        if monotonic() >= self._progress_due:
-            self._progressed()
-        return value
+        return self._take()[0]
 
     # re-keying
     def group_by(self, key: Union[Callable[[Any], Any], str], name: str,
@@ -172,16 +171,20 @@ class _Items:
 
     async def __anext__(self) -> Tuple[Any, Any]:
         stream = self.stream
-        value = await stream.__anext__()
-        return stream._key_of(stream.current), value  # type: ignore[arg-type]
+        if not stream.buffer:
+            await stream.wait_async()  # type: ignore[misc]
+        value, msg = stream._take()
+        return stream._key_of(msg), value
 
     def __iter__(self) -> "_Items":
         return self
 
     def __next__(self) -> Tuple[Any, Any]:
         stream = self.stream
-        value = stream.__next__()
-        return stream._key_of(stream.current), value  # type: ignore[arg-type]
+        if not stream.buffer:
+            stream.wait_sync()  # type: ignore[misc]
+        value, msg = stream._take()
+        return stream._key_of(msg), value
 
 
 class _Events:

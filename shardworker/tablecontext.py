@@ -73,22 +73,24 @@ class TableContext:
         self.writable = task.observe(source, offset, timestamp_ms)
         task.undo.clear()
 
-    def set_message(self, task: "TaskTables", msg: Any, event_ms: Optional[int] = None) -> None:
+    def set_message(self, task: "TaskTables", msg: Any, event_ms: Optional[int] = None,
+                    source: Optional[Tuple[str, int]] = None) -> None:
         """:meth:`set_record` from a confluent_kafka ``Message`` (the same steps, inline:
         this runs for every record).  ``event_ms``: the record's event time when its
         topic extracts one from the value (``app.topic(..., timestamp=fn)``), else the
-        Kafka timestamp is used."""
+        Kafka timestamp is used.  ``source``: its ``(topic, partition)``, when the caller
+        has made it already."""
         if event_ms is not None:
             stamp = event_ms
         else:
             kind, stamp = msg.timestamp()
             if not kind or stamp is None or stamp < 0:
                 stamp = int(time.time() * 1000)
-        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+        if source is None:
+            source = (msg.topic(), msg.partition())
+        offset = msg.offset()
         self.task = task
-        self.topic = topic
-        self.partition = partition
-        self.source = source = (topic, partition)
+        self.topic, self.partition = self.source = source
         self.offset = offset
         self.timestamp_ms = stamp
         self.key = msg.key()

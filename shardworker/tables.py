@@ -190,8 +190,16 @@ class Table:
         if task is None or self.window is not None:
             _ctx, task = self._plain()
         kb = self._key_memo.get(key) if type(key) in _MEMO_KEY_TYPES else None
-        value, raw = task.read_raw(self.name, kb if kb is not None else self._key_bytes(key))
-        if raw is not None:  # _read, inline: this runs for every read of every record
+        if kb is None:
+            kb = self._key_bytes(key)
+        # _read and the write cache's part of TaskTables.read_raw, inline: this runs for
+        # every read of every record
+        entry = task.cache[self.name].get(kb)
+        if entry is not None:
+            value, raw = entry[0], entry[1]
+        else:
+            value, raw = task.read_raw(self.name, kb)
+        if raw is not None:
             if value is MISSING or type(value) not in self._roundtrip:
                 return self._decode_value(raw)
             return value

@@ -97,7 +97,7 @@ class TaskTables(BatchEnd):
         #: key + value bytes that surely fit a changelog record (check_fits decides above)
         self._fits_under = max_message_bytes - RECORD_OVERHEAD
         #: table → key bytes → (value, serialized value or None = deleted, source tp)
-        self._cache: Dict[str, Dict[bytes, Tuple[Any, Optional[bytes], TP]]] = {
+        self.cache: Dict[str, Dict[bytes, Tuple[Any, Optional[bytes], TP]]] = {
             name: {} for name in self.tables}
         #: next input offsets whose effects are in LMDB (the skip rule's reference)
         self.stored: Dict[TP, int] = store.input_offsets()
@@ -122,8 +122,8 @@ class TaskTables(BatchEnd):
         #: while the task is open, and it updates this too)
         self._clean: Dict[str, Dict[bytes, Tuple[Any, Optional[bytes]]]] = {
             name: {} for name in self.tables}
-        #: cache entries as they were before the current record wrote them (None: absent)
-        self.undo: Dict[Tuple[str, bytes], Optional[Tuple[Any, Optional[bytes], TP]]] = {}
+        #: the current record's writes, each with the cache entry it replaced (None: absent)
+        self.undo: List[Tuple[str, bytes, Optional[Tuple[Any, Optional[bytes], TP]]]] = []
 
     def __repr__(self) -> str:
         return f"<TaskTables {self.task_id or self.partition} {list(self.tables)}>"
@@ -150,7 +150,7 @@ class TaskTables(BatchEnd):
         """``(value or MISSING, serialized)`` of a key: write cache, then batches in
         flight (newest first), then LMDB.  ``value`` is the Python object when the cache
         has one that decodes to itself, else MISSING and the caller decodes."""
-        entry = self._cache[table].get(kb)
+        entry = self.cache[table].get(kb)
         if entry is not None:
             return entry[0], entry[1]
         for batch in reversed(self.inflight):
@@ -173,7 +173,7 @@ class TaskTables(BatchEnd):
         record's effects are already stored.  ``key`` is the user's key (partition check).
         ``encoded``: the stored bytes as they are (a table's own bookkeeping entries, not
         serialized with its value serializer)."""
-        cache = self._cache[table.name]
+        cache = self.cache[table.name]
         if kb not in cache:  # first write of this key in the batch: check it once
             self.check_key(table, key, kb, ctx.key)
         if not ctx.writable:
@@ -187,10 +187,7 @@ class TaskTables(BatchEnd):
         elif len(kb) + len(raw) > self._fits_under:
             # too large for its changelog: the record that wrote it fails, not the batch
             check_fits(table.changelog_topic, kb, raw, self.max_message_bytes)
-        undo = self.undo
-        undo_key = (table.name, kb)
-        if undo_key not in undo:
-            undo[undo_key] = cache.get(kb)
+        self.undo.append((table.name, kb, cache.get(kb)))
         cache[kb] = (value, raw, ctx.source)  # type: ignore[assignment]
 
     def rollback_record(self) -> None:
@@ -198,11 +195,11 @@ class TaskTables(BatchEnd):
         failed and is dead-lettered or skipped: a failed record leaves the tables and the
         window expiry as they were; DESIGN.md, "State (LMDB)")."""
         self.latest_ms, self._latest_tp = self._time_before
-        for (table, kb), before in self.undo.items():
+        for table, kb, before in reversed(self.undo):  # newest first: the oldest stays
             if before is None:
-                self._cache[table].pop(kb, None)
+                self.cache[table].pop(kb, None)
             else:
-                self._cache[table][kb] = before
+                self.cache[table][kb] = before
         self.undo.clear()
 
     def note_late(self, table: "Table", ctx: TableContext) -> None:
@@ -288,8 +285,8 @@ class TaskTables(BatchEnd):
     def abort(self) -> None:
         """Forgets everything not committed (write cache, pending offsets, batches in
         flight): after a failed batch, re-read from the stored offsets."""
-        for name in self._cache:
-            self._cache[name] = {}
+        for name in self.cache:
+            self.cache[name] = {}
         self.pending = {}
         self.inflight = []
         self._expired_upto = {}

@@ -198,6 +198,28 @@ def test_table_is_a_dict_over_the_current_task(tmp_path):
 
 
 @pytest.mark.timeout(20)
+def test_a_failed_record_that_wrote_a_key_several_times_leaves_it_as_it_found_it(tmp_path):
+    ctx = TableContext()
+    t = table("t", ctx, default=int)
+    task = open_task(tmp_path / "s", [t])
+    ctx.set_record(task, SRC, 0, 0, None)
+    t["a"] += 1                       # record 0: a = 1, in the write cache
+    ctx.set_record(task, SRC, 0, 1, None)
+    t["a"] += 10
+    t["a"] += 100
+    t["b"] = 5
+    del t["a"]
+    t["a"] = 7
+    task.rollback_record()            # record 1 failed: a as record 0 left it, no b
+    assert t["a"] == 1 and "b" not in t
+    ctx.set_record(task, SRC, 0, 2, None)
+    t["a"] += 1
+    batch = task.drain()
+    assert {r.key: r.value for r in batch.records} == {b'"a"': b"2"}
+    task.close()
+
+
+@pytest.mark.timeout(20)
 def test_a_restarted_task_ignores_writes_of_records_below_its_stored_offset(tmp_path):
     ctx = TableContext()
     counts = table("counts", ctx, default=int)
