@@ -42,6 +42,7 @@ from .protocol import Bye, Channel, ChannelClosed, Ready
 from .protocol import Message as ChannelMessage
 from .state import TaskStates
 from .supervisorlink import SupervisorLink
+from .timers import TimerRunner
 from .origins import OriginStamper, origin_of
 from .topology import TopicPartitionKey, offsets_of, sources_of
 from .windowclose import LateRecordError
@@ -71,7 +72,7 @@ class Route:
         self.forwards: List[AgentRunner] = []
 
 
-class Worker(SupervisorLink):
+class Worker(SupervisorLink, TimerRunner):
     """Runs the app's agents over the partitions the supervisor assigns to this child."""
 
     def __init__(self, app: App, channel: Channel, bootstrap: str, index: int,
@@ -470,45 +471,6 @@ class Worker(SupervisorLink):
         if err.fatal():
             raise KafkaException(err)
         log.warning("consumer: %s", err.str())
-
-    # -- timers -----------------------------------------------------------------------
-    #: set by the supervisor's ``timers`` message: exactly one child (the one with the
-    #: lowest running task) runs the app's timers, and it moves when that child fails
-    runs_timers = False
-
-    def run_timers(self) -> None:
-        """Runs due timers, crontab jobs and startup tasks, only in the child the
-        supervisor chose (one in the group)."""
-        if not self.runs_timers or not self.tasks:
-            return
-        now = time.monotonic()
-        for timer in self.app.timers:
-            due = self._timer_due.setdefault(timer.name, now + timer.interval)
-            if now < due:
-                continue
-            self._timer_due[timer.name] = now + timer.interval
-            self._run_job(timer.name, timer.fn)
-        wall = time.time()
-        if self.jobs.pending(wall):
-            # a stop sent before ``wall`` is read before firing: no two children fire one
-            # crontab time (DESIGN.md, "Timers, crontab and tasks")
-            generation = self.jobs.generation
-            self.handle_control(timeout=0)
-            if (self.jobs.generation == generation and self.runs_timers and self.tasks
-                    and not self.stopping):
-                for job in self.jobs.take(wall):
-                    self._run_job(job.name, functools.partial(job.call, self.app))
-        self.committer.poll()
-
-    def _run_job(self, name: str, fn: Any) -> None:
-        self.committer.before_timers(self.tasks)
-        try:
-            result = fn()
-            if asyncio.iscoroutine(result):
-                assert self.loop is not None
-                self.loop.run_until_complete(result)
-        except Exception:  # noqa: BLE001 - a timer's failure is logged, not fatal
-            log.exception("timer %s failed", name)
 
     def close(self) -> None:
         for runner in self.runners:

@@ -9,7 +9,6 @@ tasks in :class:`~supervisor.rebalance.Assignment`, what status shows in
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import logging
@@ -19,13 +18,13 @@ import signal
 import time
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
-from shardworker.app import EMBEDDED, App, bootstrap_servers
+from shardworker.app import App
 from shardworker.protocol import ChannelClosed
 
 from . import sdnotify
-from .broker import EmbeddedBroker, check_broker_and_topics
+from .broker import EmbeddedBroker, check_broker_and_topics, open_broker
 from .children import CRASHED, FAILED, FAILED_RETRY, OUTAGE, RESTART, ChildSlot, RestartPolicy
-from .descendants import end_orphans
+from .descendants import become_subreaper, end_orphans
 from .dump import collect_trace, dump_report, latest_dump_path, trace_path
 from .globalmirror import GlobalMirror
 from .guard import start_guard
@@ -36,14 +35,13 @@ from .rebalance import Assignment
 from .metricstore import MetricTotals, families
 from .snapshot import snapshot, status_line
 from .subtopologies import topic_kinds
-from .status import StatusServer
+from .status import StatusServer, status_socket_path
 
 if TYPE_CHECKING:  # imported when --web-port asks for it: 20 ms of every start otherwise
     from .web import WebServer
 
 log = logging.getLogger("supervisor")
 
-PR_SET_CHILD_SUBREAPER = 36
 SNAPSHOT_EVERY = 1.0  # seconds between refreshes of the snapshot the web thread serves
 #: seconds between loop turns until the group's first assignment (then 0.1): librdkafka
 #: hands the assignment over only in a poll, which the loop makes once per turn
@@ -56,10 +54,6 @@ def make_private() -> None:
     status socket), whatever the umask of the shell or service manager that started us:
     the state holds the app's data (DESIGN.md, "State (LMDB)").  Children inherit it."""
     os.umask(0o077)
-
-
-def status_socket_path(datadir: str) -> str:
-    return os.path.join(datadir, "supervisor.sock")
 
 
 class Arbiter:
@@ -125,7 +119,7 @@ class Arbiter:
         self.pidfile.acquire()
         self.init_signals()
         try:
-            self.set_subreaper()
+            become_subreaper()
             # before any thread or Kafka client exists: the guard forks without exec
             self.guard_pid, self.guard_fd = start_guard()
             self.status_server = StatusServer(status_socket_path(self.datadir), self.handle_request)
@@ -134,7 +128,7 @@ class Arbiter:
 
                 self.web = WebServer(self.web_host, self.web_port, lambda: self.latest_snapshot)
                 self.web.start()
-            self.start_broker()
+            self.embedded, self.bootstrap = open_broker(self.broker_url)
             cluster, partitions = check_broker_and_topics(self.app, self.bootstrap)
             log.info("app %s on %s (cluster %s): sub-topologies %s, up to %d children, %s",
                      self.app.id, self.bootstrap, cluster or "?", "; ".join(
@@ -181,24 +175,6 @@ class Arbiter:
         self.assign_timers()
         self.check_heartbeats()
         self.assignment.commit(force=False)
-
-    def start_broker(self) -> None:
-        if self.broker_url.startswith(EMBEDDED):
-            self.embedded = EmbeddedBroker()
-            self.embedded.start()
-            self.bootstrap = self.embedded.bootstrap
-            log.info("embedded broker (tansu) listening on %s — in memory only: its topics "
-                     "and offsets are lost when shardsup stops", self.bootstrap)
-        else:
-            self.bootstrap = bootstrap_servers(self.broker_url)
-
-    @staticmethod
-    def set_subreaper() -> None:
-        """Orphaned descendants (double-forked by user code) become ours to reap."""
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-        except (OSError, AttributeError):  # pragma: no cover - not Linux
-            pass
 
     def set_title(self, role: str) -> None:
         from setproctitle import setproctitle

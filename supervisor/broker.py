@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Tuple
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from shardworker.app import App
+from shardworker.app import EMBEDDED, App, bootstrap_servers
 from shardworker.graph import check_copartitioned
 
 from .errors import UsageError
@@ -98,6 +98,18 @@ class EmbeddedBroker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def open_broker(broker_url: str) -> Tuple[Optional[EmbeddedBroker], str]:
+    """The broker the app names: its bootstrap servers, after starting the embedded one
+    (returned too, for the supervisor to stop and reap) when the URL asks for it."""
+    if not broker_url.startswith(EMBEDDED):
+        return None, bootstrap_servers(broker_url)
+    embedded = EmbeddedBroker()
+    embedded.start()
+    log.info("embedded broker (tansu) listening on %s — in memory only: its topics "
+             "and offsets are lost when shardsup stops", embedded.bootstrap)
+    return embedded, embedded.bootstrap
 
 
 def admin_client(app: App, bootstrap: str) -> AdminClient:

@@ -265,7 +265,7 @@ def status(datadir: Optional[str], app_spec: Optional[str], as_json: bool,
     """Show the running supervisor and one row per child (over its Unix socket)."""
     import time
 
-    from .arbiter import status_socket_path
+    from .status import status_socket_path
     from .status import format_status, query
 
     path = status_socket_path(_datadir(datadir, app_spec))

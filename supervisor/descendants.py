@@ -2,6 +2,7 @@
 environment, and ended (TERM, then KILL after a grace period) so none outlive us."""
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import time
@@ -12,6 +13,16 @@ import psutil
 from .children import CHILD_TOKEN_ENV
 
 log = logging.getLogger("supervisor.descendants")
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Orphaned descendants (double-forked by user code) become ours to reap."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
 
 
 def adopted(exclude: Iterable[int]) -> List[psutil.Process]:

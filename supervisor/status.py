@@ -46,6 +46,11 @@ MAX_SOCKET_PATH = 107
 Handler = Callable[[str], Dict[str, Any]]
 
 
+def status_socket_path(datadir: str) -> str:
+    """Where the supervisor of ``datadir`` answers ``shardsup status``."""
+    return os.path.join(datadir, "supervisor.sock")
+
+
 class _ClientGone(Exception):
     """The client closed before sending anything: nothing to answer."""
 
