@@ -46,6 +46,9 @@ DEFAULT_SETTINGS: Dict[str, Any] = {
 GUARANTEES = ("at_least_once", "exactly_once")
 #: where a partition without a committed offset starts
 OFFSET_RESETS = ("earliest", "latest")
+#: ms before a consumer fetches again a partition whose local queue was full
+#: (:meth:`App.consumer_config`)
+FETCH_QUEUE_BACKOFF_MS = 20
 
 
 def bootstrap_servers(broker: str) -> str:
@@ -400,6 +403,14 @@ class App:
         return {"bootstrap.servers": bootstrap, "log.connection.close": False,
                 "reconnect.backoff.ms": 20,
                 "logger": logging.getLogger("librdkafka"), **self.settings["kafka_config"]}
+
+    def consumer_config(self, bootstrap: str) -> Dict[str, Any]:
+        """Settings shared by the app's consumers that read records (the children's, their
+        restore consumers, the global tables' mirror)."""
+        # a partition whose local queue is full is fetched again this soon after it drains
+        # (librdkafka's default, 1000 ms, stalled a consumer catching up on a backlog for
+        # a second: docs/benchmark.md)
+        return {**self.kafka_config(bootstrap), "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS}
 
     def producer_config(self, bootstrap: str) -> Dict[str, Any]:
         """An idempotent producer with Java Kafka's key partitioner (co-partitioning with

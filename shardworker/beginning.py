@@ -1,5 +1,7 @@
-"""Where the worker's consumer is told to start a partition that it reads from the
-beginning (DESIGN.md, "Tests and the broker").
+"""Where a consumer is told to start a partition that it reads from the beginning: the
+worker's (a partition with no committed offset), its restore consumer's (a changelog) and
+the global tables' mirror's (a topic it has no copy of yet) (DESIGN.md, "Tests and the
+broker").
 
 A partition with no committed offset starts at its beginning (``OFFSET_BEGINNING``, the
 supervisor's answer under ``auto_offset_reset="earliest"``).  librdkafka turns that into
@@ -8,8 +10,9 @@ the record batch it *stored* first in wall-clock time, not the lowest one: when 
 producers wrote a partition's first batches at the same moment, a task restarted on it
 would skip the batch that took longer to store.  So the consumer is given offset 0
 instead.  On Kafka, where retention may have deleted offset 0, that fetch is out of range
-and ``auto.offset.reset`` (``earliest``: the only policy that asks for the beginning) finds
-the log start with the same ListOffsets request as before.
+and ``auto.offset.reset`` (``earliest``: the only policy that asks for the beginning; the
+restore consumer and the mirror set it whatever the app's) finds the log start with the
+same ListOffsets request as before.
 """
 from __future__ import annotations
 

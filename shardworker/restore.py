@@ -15,8 +15,9 @@ import time
 from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Mapping,
                     Optional, Sequence, Set, Tuple)
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError
 
+from .beginning import assignable
 from .changelog import (HDR_SRC_OFFSET, HDR_SRC_PARTITION, HDR_SRC_TOPIC, HDR_STREAM_TIME,
                         confirmed_of, source_of)
 from .origins import HDR_ORIGINS, decode_marks, marks_meta
@@ -149,7 +150,7 @@ class Restorer:
         confirmed: Dict[TP, int] = {}
         partition = next(iter(starts))[1]
         try:
-            consumer.assign([TopicPartition(table.changelog_topic, partition, OFFSET_BEGINNING)
+            consumer.assign([assignable(table.changelog_topic, partition, OFFSET_BEGINNING)
                              for table in tables])
             ends = len({table.changelog_topic for table in tables})  # distinct partitions
             for _key, _value, headers in self._changelog(consumer, [], partitions=ends):
@@ -176,8 +177,8 @@ class Restorer:
         consumer = self._consumer()
         partition = next(iter(stored))[1]
         try:
-            consumer.assign([TopicPartition(table.changelog_topic, partition,
-                                            self._after_stored(store, table))
+            consumer.assign([assignable(table.changelog_topic, partition,
+                                        self._after_stored(store, table))
                              for table in tables])
             ends = len({table.changelog_topic for table in tables})  # distinct partitions
             for _key, _value, headers in self._changelog(consumer, [], partitions=ends):
@@ -205,8 +206,8 @@ class Restorer:
         partition = next(iter(committed))[1]
         try:
             for table in tables:
-                consumer.assign([TopicPartition(table.changelog_topic, partition,
-                                                self._after_stored(store, table))])
+                consumer.assign([assignable(table.changelog_topic, partition,
+                                            self._after_stored(store, table))])
                 tail: List[int] = []
                 applied, skipped = apply_changelog(
                     store, table.name, self._changelog(consumer, tail, should_stop, task), committed,
@@ -237,20 +238,27 @@ class Restorer:
         the restore consumer: a client made only for it would cost a connection."""
         return self._consumer().list_topics(topic, timeout=10)
 
+    def restore_consumer_config(self) -> Dict[str, Any]:
+        """The child's consumer settings, made to read changelogs from their start to
+        their end, fast."""
+        return {**self.consumer_config, "enable.partition.eof": True,
+                "client.id": f"{self.app.id}-restore",
+                # a changelog is read from its start (assignable: offset 0, which
+                # retention may have removed), whatever the app's auto_offset_reset
+                "auto.offset.reset": "earliest",
+                # how long the broker holds a fetch with nothing to read: twice per
+                # changelog partition, at its end (10 ms made reading an empty one 22 ms,
+                # 0.35 s for eight tasks of two tables; 1 ms makes it 4); while records
+                # remain it answers at once (back-to-back fetches: +15% records/s on tansu
+                # over the default 500 ms)
+                "fetch.wait.max.ms": 1}
+
     def _consumer(self) -> Consumer:
         """The child's restore consumer, made once: a new consumer (or a topic it has not
         seen) costs about 0.5 s before its first fetch, per topic, which a child restoring
         eight small tasks of two tables used to pay sixteen times."""
         if self._restore_consumer is None:
-            consumer = Consumer({**self.consumer_config, "enable.partition.eof": True,
-                                 "client.id": f"{self.app.id}-restore",
-                                 # how long the broker holds a fetch with nothing to
-                                 # read: twice per changelog partition, at its end (10 ms
-                                 # made reading an empty one 22 ms, 0.35 s for eight tasks
-                                 # of two tables; 1 ms makes it 4); while records remain
-                                 # it answers at once (back-to-back fetches: +15% records/s
-                                 # on tansu over the default 500 ms)
-                                 "fetch.wait.max.ms": 1})
+            consumer = Consumer(self.restore_consumer_config())
             for table in self.app.tables:  # learn every changelog topic up front
                 consumer.list_topics(table.changelog_topic, timeout=10)
             self._restore_consumer = consumer

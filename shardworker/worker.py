@@ -55,7 +55,6 @@ MAX_DIRTY_KEYS = 20_000
 #: seconds one poll waits for records; with table changes not drained yet (:meth:`Worker.poll`)
 POLL_WAIT = 0.1
 CAUGHT_UP_WAIT = 0.02
-FETCH_QUEUE_BACKOFF_MS = 20
 
 
 class Route:
@@ -141,17 +140,13 @@ class Worker(SupervisorLink, TimerRunner):
         """Creates this process's Kafka clients and starts its agents (after exec)."""
         app = self.app
         consumer_config = {
-            **app.kafka_config(self.bootstrap),
+            **app.consumer_config(self.bootstrap),
             "group.id": app.id,               # for offset look-ups only: never subscribes
             "client.id": f"{app.id}-child-{self.index}",
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "auto.offset.reset": app.settings["auto_offset_reset"],
             "fetch.wait.max.ms": 100,
-            # a partition whose local queue is full is fetched again this soon after it
-            # drains (librdkafka's default, 1000 ms, stalled a child catching up on a
-            # backlog for a second: docs/benchmark.md)
-            "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,
             # aborted transactions' records are skipped (librdkafka's default, said aloud)
             "isolation.level": "read_committed",
         }

@@ -26,6 +26,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from shardworker.app import App
+from shardworker.beginning import assignable
 from shardworker.globaltables import META_CAUGHT_UP, GlobalTable, global_dir
 from shardworker.store import TaskStore
 
@@ -245,7 +246,7 @@ class GlobalMirror:
         """No group membership (``assign()``), nothing committed, committed records only,
         an event at each partition's end."""
         return {
-            **self.app.kafka_config(self.bootstrap),
+            **self.app.consumer_config(self.bootstrap),
             "group.id": f"{self.app.id}-global-mirror",  # never joins, never commits
             "client.id": f"{self.app.id}-global-mirror",
             "enable.auto.commit": False,
@@ -336,7 +337,7 @@ class GlobalMirror:
     def _assign(self, consumer: Consumer) -> None:
         """Reads every known partition from where its copy is (what LMDB holds)."""
         positions = {c.topic: c.positions for c in self.copies}
-        consumer.assign([TopicPartition(topic, p, positions[topic].get(p, OFFSET_BEGINNING))
+        consumer.assign([assignable(topic, p, positions[topic].get(p, OFFSET_BEGINNING))
                          for topic, parts in self._partitions.items() for p in parts])
         self._resync = False
 

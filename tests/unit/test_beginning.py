@@ -13,6 +13,8 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END
 from shardworker import App
 from shardworker.beginning import assignable
 from shardworker.committers import ExactlyOnce
+from shardworker.restore import Restorer
+from shardworker.store import TaskStore
 from shardworker.worker import Worker
 
 
@@ -113,3 +115,70 @@ def test_a_rewound_task_that_started_at_the_end_reads_again_what_it_read():
         pass
     committer.rewind("0_0")
     assert worker.consumer.assigned == [("in", 0, 7)]  # type: ignore[attr-defined]
+
+
+class EmptyChangelogs:
+    """A restore consumer over empty changelogs: records what it is assigned; each
+    assigned partition ends at once."""
+
+    def __init__(self) -> None:
+        self.assigned: List[List[Any]] = []
+        self._ends: List[Any] = []
+
+    def assign(self, tps: List[Any]) -> None:
+        self.assigned.append([(tp.topic, tp.partition, tp.offset) for tp in tps])
+        self._ends = [End(tp.topic, tp.partition) for tp in tps]
+
+    def unassign(self) -> None:
+        self._ends = []
+
+    def consume(self, n: int, timeout: float) -> List[Any]:
+        ends, self._ends = self._ends, []
+        return ends
+
+    def poll(self, timeout: float) -> None:
+        return None
+
+
+class End:
+    """The end-of-partition event (``enable.partition.eof``)."""
+
+    def __init__(self, topic: str, partition: int) -> None:
+        self._topic, self._partition = topic, partition
+
+    def error(self) -> Any:
+        from confluent_kafka import KafkaError
+
+        return KafkaError(KafkaError._PARTITION_EOF)
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return self._partition
+
+
+def test_restore_reads_a_changelog_from_offset_zero_whatever_the_reset_policy(tmp_path):
+    """A store with nothing of a changelog reads it from offset 0, and the restore
+    consumer resets to the earliest offset even when the app's policy is ``latest``
+    (offset 0 gone to retention on Kafka must not mean "from the end")."""
+    app = App("u", auto_offset_reset="latest")
+    counts = app.table("counts")
+
+    @app.agent(app.topic("in", partitions=2))
+    def agent(stream):  # pragma: no cover - never runs
+        for _ in stream:
+            counts["k"] = 1
+            yield None
+
+    restorer = Restorer(app, {"auto.offset.reset": "latest"}, heartbeat=lambda: None)
+    assert restorer.restore_consumer_config()["auto.offset.reset"] == "earliest"
+    consumer = EmptyChangelogs()
+    restorer._restore_consumer = consumer  # type: ignore[assignment]
+    store = TaskStore(str(tmp_path / "0_1"), ["counts"])
+    try:
+        restorer.restore("0_1", store, [counts], {("in", 1): 5})
+        assert restorer._confirmed_positions([counts], {("in", 1): 5}) == {}
+    finally:
+        store.close()
+    assert consumer.assigned == [[("u-counts-changelog", 1, 0)]] * 2

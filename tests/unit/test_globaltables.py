@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+from confluent_kafka import KafkaError, TopicPartition
 
 from shardworker import App
 from shardworker.globaltables import (META_CAUGHT_UP, CatchUpGate, GlobalTable, GlobalTableError,
@@ -267,6 +267,17 @@ class ScriptedConsumer:
 
 
 @pytest.mark.timeout(20)
+def test_the_mirror_reads_committed_records_and_catches_up_without_librdkafkas_backoff(
+        tmp_path) -> None:
+    from shardworker.app import FETCH_QUEUE_BACKOFF_MS
+
+    app, _table = make_app()
+    config = GlobalMirror(app, "127.0.0.1:9", str(tmp_path), "cluster").consumer_config()
+    assert config["fetch.queue.backoff.ms"] == FETCH_QUEUE_BACKOFF_MS < 1000
+    assert config["auto.offset.reset"] == "earliest"
+    assert config["isolation.level"] == "read_committed"
+
+
 def test_the_mirror_turns_batches_into_the_copy_and_rewinds_a_recreated_topic(tmp_path) -> None:
     app, table = make_app()
     mirror = GlobalMirror(app, "127.0.0.1:9", str(tmp_path), "cluster")
@@ -284,7 +295,8 @@ def test_the_mirror_turns_batches_into_the_copy_and_rewinds_a_recreated_topic(tm
     ], high={0: 2})
     try:
         mirror.turn(consumer)  # type: ignore[arg-type]
-        assert consumer.assigned == [[(0, OFFSET_BEGINNING), (1, OFFSET_BEGINNING)]]
+        # no copy yet: read from offset 0, not OFFSET_BEGINNING (test_beginning.py)
+        assert consumer.assigned == [[(0, 0), (1, 0)]]
         assert not copy.caught_up and copy.unknown_ends() == [1]
         mirror.turn(consumer)  # type: ignore[arg-type]
         assert copy.caught_up and caught_up_info(store) == {"ends": {"0": 2, "1": 1}}
@@ -294,7 +306,7 @@ def test_the_mirror_turns_batches_into_the_copy_and_rewinds_a_recreated_topic(tm
         mirror.turn(consumer)  # type: ignore[arg-type]
         assert not copy.caught_up and caught_up_info(store) is None and store.count(t) == 0
         mirror.turn(consumer)  # type: ignore[arg-type]
-        assert consumer.assigned[-1] == [(0, OFFSET_BEGINNING), (1, OFFSET_BEGINNING)]
+        assert consumer.assigned[-1] == [(0, 0), (1, 0)]
         assert copy.caught_up and dict(store.items(t)) == {b"z": j(9)}
     finally:
         store.close()

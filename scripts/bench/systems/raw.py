@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Tuple
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from shardworker.worker import FETCH_QUEUE_BACKOFF_MS
+from shardworker.app import FETCH_QUEUE_BACKOFF_MS
 
 from ..measure import compare, state_truth
 from ..work import timed_result
