@@ -409,8 +409,8 @@ class App:
         restore consumers, the global tables' mirror)."""
         # a partition whose local queue is full is fetched again this soon after it drains
         # (librdkafka's default, 1000 ms, stalled a consumer catching up on a backlog for
-        # a second: docs/benchmark.md)
-        return {**self.kafka_config(bootstrap), "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS}
+        # a second: docs/benchmark.md); the app's kafka_config may say otherwise
+        return {"fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS, **self.kafka_config(bootstrap)}
 
     def producer_config(self, bootstrap: str) -> Dict[str, Any]:
         """An idempotent producer with Java Kafka's key partitioner (co-partitioning with

@@ -122,8 +122,8 @@ class TaskTables(BatchEnd):
         #: while the task is open, and it updates this too)
         self._clean: Dict[str, Dict[bytes, Tuple[Any, Optional[bytes]]]] = {
             name: {} for name in self.tables}
-        #: the current record's writes, each with the cache entry it replaced (None: absent)
-        self.undo: List[Tuple[str, bytes, Optional[Tuple[Any, Optional[bytes], TP]]]] = []
+        #: cache entries as they were before the current record wrote them (None: absent)
+        self.undo: Dict[Tuple[str, bytes], Optional[Tuple[Any, Optional[bytes], TP]]] = {}
 
     def __repr__(self) -> str:
         return f"<TaskTables {self.task_id or self.partition} {list(self.tables)}>"
@@ -187,7 +187,8 @@ class TaskTables(BatchEnd):
         elif len(kb) + len(raw) > self._fits_under:
             # too large for its changelog: the record that wrote it fails, not the batch
             check_fits(table.changelog_topic, kb, raw, self.max_message_bytes)
-        self.undo.append((table.name, kb, cache.get(kb)))
+        # the entry before the record's first write of the key (saved once per record)
+        self.undo.setdefault((table.name, kb), cache.get(kb))
         cache[kb] = (value, raw, ctx.source)  # type: ignore[assignment]
 
     def rollback_record(self) -> None:
@@ -195,7 +196,7 @@ class TaskTables(BatchEnd):
         failed and is dead-lettered or skipped: a failed record leaves the tables and the
         window expiry as they were; DESIGN.md, "State (LMDB)")."""
         self.latest_ms, self._latest_tp = self._time_before
-        for table, kb, before in reversed(self.undo):  # newest first: the oldest stays
+        for (table, kb), before in self.undo.items():
             if before is None:
                 self.cache[table].pop(kb, None)
             else:

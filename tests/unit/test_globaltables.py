@@ -276,8 +276,11 @@ def test_the_mirror_reads_committed_records_and_catches_up_without_librdkafkas_b
     assert config["fetch.queue.backoff.ms"] == FETCH_QUEUE_BACKOFF_MS < 1000
     assert config["auto.offset.reset"] == "earliest"
     assert config["isolation.level"] == "read_committed"
+    own = App("own", kafka_config={"fetch.queue.backoff.ms": 500})
+    assert own.consumer_config("127.0.0.1:9")["fetch.queue.backoff.ms"] == 500  # theirs wins
 
 
+@pytest.mark.timeout(20)
 def test_the_mirror_turns_batches_into_the_copy_and_rewinds_a_recreated_topic(tmp_path) -> None:
     app, table = make_app()
     mirror = GlobalMirror(app, "127.0.0.1:9", str(tmp_path), "cluster")
