@@ -35,6 +35,11 @@ DEFAULT_SETTINGS: Dict[str, Any] = {
     # partitions of a topic created by the app when its declaration names none;
     # None asks the broker for its default
     "topic_partitions": None,
+    # ms a producer waits to fill a batch (librdkafka's linger.ms, 5 by default; Kafka
+    # Streams uses 100): larger batches cost the broker fewer requests a record, which
+    # is what let -c 2 scale on two cores shared with the broker (docs/benchmark.md,
+    # "Producer batches")
+    "producer_linger_ms": 50,
     # extra librdkafka settings for every client (consumer, producer, admin)
     "kafka_config": {},
     # at_least_once: outputs may repeat after a crash, table state never double-counts;
@@ -214,6 +219,10 @@ class App:
             # supervisor and shardworker/beginning.py read the setting as one of these two
             raise ValueError(f"auto_offset_reset {self.settings['auto_offset_reset']!r}: "
                              f"use one of {', '.join(map(repr, OFFSET_RESETS))}")
+        linger = self.settings["producer_linger_ms"]
+        if isinstance(linger, bool) or not isinstance(linger, int) or not 0 <= linger <= 900_000:
+            raise ValueError(f"producer_linger_ms {linger!r}: use a whole number of ms, "
+                             "0 to 900000")
         if self.settings["commit_interval"] is None:
             self.settings["commit_interval"] = 0.1 if self.exactly_once else 1.0
 
@@ -416,10 +425,10 @@ class App:
         """An idempotent producer with Java Kafka's key partitioner (co-partitioning with
         producers written in any language) that reports only failed deliveries."""
         return {
+            "linger.ms": self.settings["producer_linger_ms"],  # kafka_config may say otherwise
             **self.kafka_config(bootstrap),
             "enable.idempotence": True,
             "partitioner": "murmur2_random",
-            "linger.ms": 5,
             "delivery.report.only.error": True,
         }
 

@@ -87,6 +87,17 @@ def test_bootstrap_servers_from_urls():
     assert bootstrap_servers("127.0.0.1:9092") == "127.0.0.1:9092"
 
 
+def test_producers_wait_producer_linger_ms_to_fill_a_batch_and_kafka_config_wins():
+    assert shardworker.App("a").producer_config("h:1")["linger.ms"] == 50
+    assert shardworker.App("a", producer_linger_ms=0).producer_config("h:1")["linger.ms"] == 0
+    own = shardworker.App("a", producer_linger_ms=0, kafka_config={"linger.ms": 7})
+    config = own.producer_config("h:1")
+    assert config["linger.ms"] == 7 and config["partitioner"] == "murmur2_random"
+    for bad in (-1, 1.5, "50", True, 900_001):
+        with pytest.raises(ValueError, match="producer_linger_ms"):
+            shardworker.App("a", producer_linger_ms=bad)
+
+
 def test_load_app_by_module_and_attribute(monkeypatch):
     monkeypatch.setenv("SHARDSUP_TEST_PREFIX", "unit")
     app = load_app("tests.apps.doubler")

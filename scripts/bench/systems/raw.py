@@ -11,13 +11,14 @@ from typing import Dict, List, Optional, Tuple
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from shardworker.app import FETCH_QUEUE_BACKOFF_MS
+from shardworker.app import DEFAULT_SETTINGS, FETCH_QUEUE_BACKOFF_MS
 
 from ..measure import compare, state_truth
 from ..work import timed_result
 
 #: the producer settings shardsup's children use (shardworker/app.py producer_config)
-RAW_PRODUCER = {"linger.ms": 5, "enable.idempotence": True, "partitioner": "murmur2_random",
+RAW_PRODUCER = {"linger.ms": DEFAULT_SETTINGS["producer_linger_ms"],
+                "enable.idempotence": True, "partitioner": "murmur2_random",
                 "log.connection.close": False}
 
 
