@@ -474,4 +474,5 @@ class Worker(SupervisorLink, TimerRunner):
             self.committer.close()
         finally:
             self.state.close_all()
+            self.global_tables.close()  # the global tables' copies this child opened
             self.consumer.close()

@@ -196,6 +196,24 @@ def test_the_gate_opens_once_the_copy_has_caught_up(tmp_path) -> None:
 
 
 @pytest.mark.timeout(20)
+def test_a_child_that_closes_closes_the_copies_it_opened(tmp_path) -> None:
+    from shardworker.worker import Worker
+
+    class Anything:
+        def __getattr__(self, name: str) -> Any:
+            return lambda *args, **kwargs: None
+
+    app, table = make_app()
+    worker = Worker(app, channel=Anything(), bootstrap="127.0.0.1:9", index=0,  # type: ignore[arg-type]
+                    datadir=str(tmp_path))
+    worker.consumer = worker.state = worker.committer = Anything()  # type: ignore[assignment]
+    write_copy(str(tmp_path))
+    assert worker.global_tables.wait(0) is True and table.is_open
+    worker.close()
+    assert not table.is_open
+
+
+@pytest.mark.timeout(20)
 def test_the_table_command_reads_a_global_table(tmp_path) -> None:
     write_copy(str(tmp_path))
     app, _table = make_app()
