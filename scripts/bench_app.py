@@ -17,14 +17,16 @@ is around them.
 import os
 
 import shardworker
-from bench.work import STATS, WORK_ITERS, result, timed_result, work  # noqa: F401 - shared
+from bench.work import (STATS, WORK_ITERS, linger_setting, result, timed_result,  # noqa: F401
+                        work)
 
 P = os.environ.get("BENCH_PREFIX", "bench")
 PARTITIONS = int(os.environ.get("BENCH_PARTITIONS", "8"))
 
 # session_timeout_ms: the test broker (tansu) delays a group's first join by about half the
 # session timeout, so a short one keeps the start-up short; commit_interval as the default.
-app = shardworker.App(P, broker="kafka://127.0.0.1:9092", session_timeout_ms=6000)
+app = shardworker.App(P, broker="kafka://127.0.0.1:9092", session_timeout_ms=6000,
+                      **linger_setting())
 source = app.topic(f"{P}-in", partitions=PARTITIONS, value_serializer="json")
 sink = app.topic(f"{P}-out", partitions=PARTITIONS, value_serializer="json")
 

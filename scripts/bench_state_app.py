@@ -16,6 +16,7 @@ input topic, fresh changelog topics and a fresh consumer group:
                        writes nothing
     BENCH_PROFILE      when set (``--profile``), each child runs under cProfile and
                        writes profile-<pid>.prof to BENCH_STATS_DIR at exit
+    BENCH_LINGER_MS    ``--linger-ms``: the App's producer_linger_ms (bench/work.py)
 
 The input records are keyed ``u<n % 1000>`` (key serializer ``str``) with JSON values
 ``{"n": n, "amount": n % 7}``, produced with Java Kafka's partitioner (librdkafka's
@@ -27,6 +28,7 @@ import json
 import os
 
 import shardworker
+from bench.work import linger_setting
 
 P = os.environ.get("BENCH_PREFIX", "bench-state")
 PARTITIONS = int(os.environ.get("BENCH_PARTITIONS", "8"))
@@ -59,7 +61,7 @@ def _write_stats() -> None:
 # session timeout, so a short one keeps the start-up short (as in bench_app); the other
 # settings are the defaults (batch_size 1000, commit_interval 1.0 s).
 app = shardworker.App(P, broker="kafka://127.0.0.1:9092", session_timeout_ms=6000,
-                      processing_guarantee=GUARANTEE)
+                      processing_guarantee=GUARANTEE, **linger_setting())
 source = app.topic(f"{P}-in", partitions=PARTITIONS, key_serializer="str",
                    value_serializer="json")
 counts = app.table("counts", default=int)

@@ -19,6 +19,7 @@ from .measure import ROOT, calibrate, code_state, fmt, is_state_kind, state_trut
 from .results import comparison, print_comparison, summarize, summarize_state, write_json
 from .systems import peers
 from .systems.raw import raw_child, state_raw_child
+from .work import LINGER_ENV
 from .workloads.kill import KillRun
 from .workloads.restore import RestoreRun
 from .workloads.stateful import StateRun, print_profiles
@@ -106,12 +107,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--loglevel", default="warning",
                         help="shardsup's -l for the cN and state-cN runs (their logs go to the "
                              "temporary directory; see --keep)")
+    parser.add_argument("--linger-ms", type=int, default=None,
+                        help="producer_linger_ms of shardsup's benchmark apps and linger.ms of "
+                             "the raw loop's producer (default: the App's, 50)")
     # internal: the raw loops' processes
     parser.add_argument("--raw-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--state-raw-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bootstrap", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.linger_ms is not None:  # read by the apps and the raw loop's process at import
+        os.environ[LINGER_ENV] = str(args.linger_ms)
     if args.raw_child:
         return raw_child(args)
     if args.state_raw_child:

@@ -8,6 +8,8 @@ peers' processes (another virtualenv) all import it, so they run the same code.
     BENCH_STATS_DIR    where a process that processed records writes how long its
                        :func:`timed_result` calls took and its own CPU time
                        (``stats-<pid>.json``, at exit or when :func:`write_stats` is called)
+    BENCH_LINGER_MS    ``scripts/bench --linger-ms``: the producers' linger in shardsup's
+                       benchmark apps and the raw loops (:func:`linger_setting`)
 """
 import atexit
 import json
@@ -16,6 +18,14 @@ import time
 from typing import Any, Dict, Optional
 
 WORK_ITERS = int(os.environ.get("BENCH_WORK_ITERS", "200"))
+LINGER_ENV = "BENCH_LINGER_MS"
+
+
+def linger_setting() -> Dict[str, int]:
+    """``{"producer_linger_ms": ms}`` for a benchmark App when ``--linger-ms`` set it;
+    empty (the App's default) when not."""
+    value = os.environ.get(LINGER_ENV)
+    return {"producer_linger_ms": int(value)} if value else {}
 
 
 def work(seed: int, iters: int = WORK_ITERS) -> int:

@@ -14,10 +14,11 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from shardworker.app import DEFAULT_SETTINGS, FETCH_QUEUE_BACKOFF_MS
 
 from ..measure import compare, state_truth
-from ..work import timed_result
+from ..work import linger_setting, timed_result
 
 #: the producer settings shardsup's children use (shardworker/app.py producer_config)
-RAW_PRODUCER = {"linger.ms": DEFAULT_SETTINGS["producer_linger_ms"],
+RAW_PRODUCER = {"linger.ms": linger_setting().get("producer_linger_ms",
+                                                  DEFAULT_SETTINGS["producer_linger_ms"]),
                 "enable.idempotence": True, "partitioner": "murmur2_random",
                 "log.connection.close": False}
 
