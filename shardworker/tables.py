@@ -198,7 +198,7 @@ class Table:
         if entry is not None:
             value, raw = entry[0], entry[1]
         else:
-            value, raw = task.read_raw(self.name, kb)
+            value, raw = task.read_behind_cache(self.name, kb)
         if raw is not None:
             if value is MISSING or type(value) not in self._roundtrip:
                 return self._decode_value(raw)

@@ -153,6 +153,11 @@ class TaskTables(BatchEnd):
         entry = self.cache[table].get(kb)
         if entry is not None:
             return entry[0], entry[1]
+        return self.read_behind_cache(table, kb)
+
+    def read_behind_cache(self, table: str, kb: bytes) -> Tuple[Any, Optional[bytes]]:
+        """:meth:`read_raw` for a key not in the write cache: batches in flight (newest
+        first), then LMDB (``Table.__getitem__`` looks in the write cache itself)."""
         for batch in reversed(self.inflight):
             writes = batch.writes.get(table)
             if writes is not None and kb in writes:
