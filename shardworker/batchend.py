@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 from .changelog import ChangelogRecord, batch_headers
 from .origins import HDR_ORIGINS, OriginMarks, encode_marks
 from .store import TaskStore
+from .tablecontext import UNENCODED
 
 if TYPE_CHECKING:
     from .tables import Table
@@ -115,14 +116,23 @@ class BatchEnd:
                 found[kb] = raw
         return found
 
+    def raw_of(self, table: str, entry: Tuple[Any, Optional[bytes], TP]) -> Optional[bytes]:
+        """The serialized value of a write cache entry of ``table`` (encoded now when the
+        write deferred it: :data:`~shardworker.tablecontext.UNENCODED`)."""
+        raw = entry[1]
+        if raw is UNENCODED:
+            return self.tables[table]._encode_value(entry[0])
+        return raw
+
     def _uncommitted(self, table: str) -> Dict[bytes, Optional[bytes]]:
         """``{key: serialized value or None (deleted)}`` of what the batches in flight and
         the write cache changed in ``table`` (the newest write of each key)."""
         changed: Dict[bytes, Optional[bytes]] = {}
         for batch in self.inflight:
             changed.update(batch.writes.get(table, {}))
+        raw_of = self.raw_of
         for kb, entry in self.cache[table].items():
-            changed[kb] = entry[1]
+            changed[kb] = raw_of(table, entry)
         return changed
 
     def stage(self, table: str, kb: bytes, value: Any, raw: Optional[bytes]) -> None:
@@ -172,7 +182,10 @@ class BatchEnd:
             part = self.partition
             table_writes: Dict[bytes, Optional[bytes]] = {}
             table_values: Dict[bytes, Any] = {}
+            encode = self.tables[name]._encode_value
             for kb, (value, raw, tp) in cache.items():
+                if raw is UNENCODED:
+                    raw = encode(value)
                 table_writes[kb] = raw
                 table_values[kb] = value
                 records.append(ChangelogRecord(name, topic, part, kb, raw, header_for(tp)))

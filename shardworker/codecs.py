@@ -249,6 +249,14 @@ def roundtrip_types(serializer: Serializer) -> Tuple[type, ...]:
     return tuple(getattr(resolve(serializer), "roundtrip_types", ()))
 
 
+def encodes_small_ints(serializer: Serializer) -> bool:
+    """True when a table with these values can encode an int of 64 bits at its batch's
+    drain instead of at the write (the built-in ``json``: such an int always encodes,
+    to at most 20 bytes, so the write cannot fail on it later).  Any other codec encodes
+    at the write, where a failure fails the record that wrote the value."""
+    return bound(serializer, None, "value").dumps is _json_encode
+
+
 def serializer_name(serializer: Serializer) -> str:
     """How a serializer is shown (logs, errors): its name, or its codec's repr."""
     return serializer if isinstance(serializer, str) else getattr(serializer, "name", repr(serializer))

@@ -17,10 +17,16 @@ from typing import TYPE_CHECKING, Any, Optional, Tuple
 if TYPE_CHECKING:
     from .tasktables import TaskTables
 
-__all__ = ["CONTEXT", "MISSING", "TableContext", "TableError", "NoCurrentRecordError"]
+__all__ = ["CONTEXT", "MISSING", "UNENCODED", "TableContext", "TableError", "NoCurrentRecordError"]
 
 #: "no such key" (and, from :meth:`TaskTables.read_raw`, "no Python value cached")
 MISSING = object()
+
+#: a write cache entry's serialized value not made yet: an int of 64 bits written to a
+#: ``json`` table (it always encodes, and fits its changelog record) is encoded when it
+#: leaves the cache (the drain, a raw read: ``BatchEnd.raw_of``), not at every write of a
+#: hot key (:meth:`TaskTables.write <shardworker.tasktables.TaskTables.write>`)
+UNENCODED = b"\x00unencoded"
 
 
 class TableError(RuntimeError):

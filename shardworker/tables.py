@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
-from .codecs import Serializer, get_codec, roundtrip_types
+from .codecs import Serializer, encodes_small_ints, get_codec, roundtrip_types
 from .tablecontext import CONTEXT, MISSING, NoCurrentRecordError, TableContext, TableError
 from .tasktables import TaskTables
 from .windows import Seconds, Window, WindowedTable
@@ -69,6 +69,8 @@ class Table:
         #: types whose values decode back to an equal object of the same type: the write
         #: cache hands them back without a decode
         self._roundtrip = roundtrip_types(value_serializer)
+        #: ints of 64 bits are encoded at the drain, not at each write (TaskTables.write)
+        self._defers_ints = encodes_small_ints(value_serializer)
         #: serialized keys of recent str/int keys: a hot key is encoded once, not per access
         self._key_memo: Dict[Any, bytes] = {}
         self.app_id = app_id

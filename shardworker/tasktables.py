@@ -32,7 +32,9 @@ Rules implemented here (DESIGN.md, "State (LMDB)"):
   costs one LMDB put and one changelog record.  Values are serialized when they are
   written (so a value that cannot be serialized fails the record that wrote it, under
   the agent's error policy) and decoded again when read: mutating a value you read does
-  nothing until you assign it back, exactly as with a value that came from disk.
+  nothing until you assign it back, exactly as with a value that came from disk.  The
+  one exception is an int of 64 bits in a ``json`` table: it always encodes, so it is
+  encoded when it leaves the cache (:data:`~shardworker.tablecontext.UNENCODED`).
 * **Any upstream partitioner.**  A table write always goes to the task's changelog
   partition, so restore stays right whatever partitioner put the records on the source
   topic (the task cannot know which one the producer used).  A write under a key that is
@@ -50,12 +52,14 @@ from .origins import OriginMarks, marks_meta
 from .partitioner import KeyPartitioner
 from .produce import DEFAULT_MESSAGE_MAX_BYTES, RECORD_OVERHEAD, check_fits
 from .store import TaskStore, stream_time_meta
-from .tablecontext import MISSING, TableContext, TableError
+from .tablecontext import MISSING, UNENCODED, TableContext, TableError
 
 if TYPE_CHECKING:
     from .tables import Table
 
 __all__ = ["TaskTables"]
+
+_INT_BOUND = 1 << 63
 
 #: committed entries a task keeps per table for reads (a hot key is read from memory, not
 #: from LMDB and its decoder, batch after batch); past this many the table starts over
@@ -152,7 +156,7 @@ class TaskTables(BatchEnd):
         has one that decodes to itself, else MISSING and the caller decodes."""
         entry = self.cache[table].get(kb)
         if entry is not None:
-            return entry[0], entry[1]
+            return entry[0], self.raw_of(table, entry)
         return self.read_behind_cache(table, kb)
 
     def read_behind_cache(self, table: str, kb: bytes) -> Tuple[Any, Optional[bytes]]:
@@ -185,6 +189,8 @@ class TaskTables(BatchEnd):
             return
         if encoded is not None:
             raw: Optional[bytes] = encoded
+        elif type(value) is int and table._defers_ints and -_INT_BOUND <= value < _INT_BOUND:
+            raw = UNENCODED
         else:
             raw = None if value is None else table._encode_value(value)
         if raw is None:

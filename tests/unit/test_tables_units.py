@@ -220,6 +220,36 @@ def test_a_failed_record_that_wrote_a_key_several_times_leaves_it_as_it_found_it
 
 
 @pytest.mark.timeout(20)
+def test_ints_encoded_at_the_drain_are_the_bytes_a_write_would_have_made(tmp_path):
+    ctx = TableContext()
+    t = table("t", ctx)
+    lazy = table("lazy", ctx, value_serializer="str")  # not json: encoded at each write
+    task = open_task(tmp_path / "s", [t, lazy])
+    values = {"small": 7, "negative": -3, "edge": (1 << 63) - 1, "low": -(1 << 63),
+              "huge": 1 << 70, "flag": True, "zero": 0}
+    ctx.set_record(task, SRC, 0, 0, None)
+    for key, value in values.items():
+        t[key] = value
+    lazy["n"] = 5
+    assert t["huge"] == 1 << 70 and t["flag"] is True and t["edge"] == (1 << 63) - 1
+    # a raw read (what sessions and closing windows read) and a scan see the bytes
+    assert task.read_raw("t", b'"small"') == (7, b"7")
+    assert dict(task.range_raw("t", b'"e', b'"f')) == {b'"edge"': b"9223372036854775807"}
+    assert dict(t.items()) == values
+    batch = task.drain()
+    encode = get_codec("json", None, "value")[0]
+    assert {r.key: r.value for r in batch.records if r.topic == "app-t-changelog"} == {
+        encode(k): encode(v) for k, v in values.items()}
+    assert [r.value for r in batch.records if r.topic == "app-lazy-changelog"] == [b"5"]
+    ctx.set_record(task, SRC, 0, 1, None)
+    assert t["small"] == 7  # drained, in flight
+    batch.commit()
+    assert task.store.get("t", b'"low"') == b"-9223372036854775808"
+    assert task.store.get("t", b'"flag"') == b"true"
+    task.close()
+
+
+@pytest.mark.timeout(20)
 def test_a_restarted_task_ignores_writes_of_records_below_its_stored_offset(tmp_path):
     ctx = TableContext()
     counts = table("counts", ctx, default=int)
