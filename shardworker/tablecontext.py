@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Optional, Tuple
 if TYPE_CHECKING:
     from .tasktables import TaskTables
 
-__all__ = ["CONTEXT", "MISSING", "UNENCODED", "TableContext", "TableError", "NoCurrentRecordError"]
+__all__ = ["CONTEXT", "MISSING", "UNENCODED", "INT_BOUND", "TableContext", "TableError",
+           "NoCurrentRecordError"]
 
 #: "no such key" (and, from :meth:`TaskTables.read_raw`, "no Python value cached")
 MISSING = object()
@@ -27,6 +28,8 @@ MISSING = object()
 #: leaves the cache (the drain, a raw read: ``BatchEnd.raw_of``), not at every write of a
 #: hot key (:meth:`TaskTables.write <shardworker.tasktables.TaskTables.write>`)
 UNENCODED = b"\x00unencoded"
+#: such an int is in ``[-INT_BOUND, INT_BOUND)``
+INT_BOUND = 1 << 63
 
 
 class TableError(RuntimeError):

@@ -23,7 +23,8 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 from .codecs import Serializer, encodes_small_ints, get_codec, roundtrip_types
-from .tablecontext import CONTEXT, MISSING, NoCurrentRecordError, TableContext, TableError
+from .tablecontext import (CONTEXT, INT_BOUND, MISSING, UNENCODED, NoCurrentRecordError,
+                           TableContext, TableError)
 from .tasktables import TaskTables
 from .windows import Seconds, Window, WindowedTable
 
@@ -215,7 +216,19 @@ class Table:
         if task is None or self.window is not None:
             ctx, task = self._plain()
         kb = self._key_memo.get(key) if type(key) in _MEMO_KEY_TYPES else None
-        task.write(self, kb if kb is not None else self._key_bytes(key), key, value, ctx)
+        if kb is None:
+            kb = self._key_bytes(key)
+        cache = task.cache[self.name]
+        before = cache.get(kb)
+        if (before is not None and before[1] is UNENCODED and ctx.writable
+                and type(value) is int and -INT_BOUND <= value < INT_BOUND):
+            # a counter's step, inline (the call to TaskTables.write would cost more than
+            # its work): an int of 64 bits over one the batch wrote already (the key
+            # checked then), encoded at the drain like it
+            task.undo.setdefault((self.name, kb), before)
+            cache[kb] = (value, UNENCODED, ctx.source)
+        else:
+            task.write(self, kb, key, value, ctx)
 
     def __delitem__(self, key: Any) -> None:
         ctx, task = self._plain()

@@ -52,14 +52,12 @@ from .origins import OriginMarks, marks_meta
 from .partitioner import KeyPartitioner
 from .produce import DEFAULT_MESSAGE_MAX_BYTES, RECORD_OVERHEAD, check_fits
 from .store import TaskStore, stream_time_meta
-from .tablecontext import MISSING, UNENCODED, TableContext, TableError
+from .tablecontext import INT_BOUND, MISSING, UNENCODED, TableContext, TableError
 
 if TYPE_CHECKING:
     from .tables import Table
 
 __all__ = ["TaskTables"]
-
-_INT_BOUND = 1 << 63
 
 #: committed entries a task keeps per table for reads (a hot key is read from memory, not
 #: from LMDB and its decoder, batch after batch); past this many the table starts over
@@ -189,7 +187,7 @@ class TaskTables(BatchEnd):
             return
         if encoded is not None:
             raw: Optional[bytes] = encoded
-        elif type(value) is int and table._defers_ints and -_INT_BOUND <= value < _INT_BOUND:
+        elif type(value) is int and table._defers_ints and -INT_BOUND <= value < INT_BOUND:
             raw = UNENCODED
         else:
             raw = None if value is None else table._encode_value(value)

@@ -285,6 +285,30 @@ def test_a_restarted_task_ignores_writes_of_records_below_its_stored_offset(tmp_
 
 
 @pytest.mark.timeout(20)
+def test_a_record_below_its_stored_offset_cannot_change_a_key_the_batch_wrote(tmp_path):
+    # a task reading two co-partitioned topics, restarted: its records of one topic are
+    # new, those of the other were applied already
+    ctx = TableContext()
+    counts = table("counts", ctx, default=int)
+    task = open_task(tmp_path / "s", [counts])
+    for offset in range(4):
+        ctx.set_record(task, "payments", 0, offset, None)
+        counts["k"] += 1
+    task.drain().commit()
+    task.close()
+    task = open_task(tmp_path / "s", [counts])
+    ctx.set_record(task, SRC, 0, 0, None)            # new: k = 4 + 1
+    counts["k"] += 1
+    for offset in (2, 3):                            # applied already: ignored
+        ctx.set_record(task, "payments", 0, offset, None)
+        counts["k"] += 1
+        counts["k"] = 100
+    assert counts["k"] == 5
+    assert [(r.key, r.value) for r in task.drain().records] == [(b'"k"', b"5")]
+    task.close()
+
+
+@pytest.mark.timeout(20)
 def test_batches_in_flight_stay_readable_and_commit_in_order(tmp_path):
     ctx = TableContext()
     counts = table("counts", ctx, default=int)
