@@ -61,13 +61,15 @@ class Route:
     """What a source topic's records meet in this child: its value decoder, the agents
     that take them (their streams' buffers) and the agents that forward them."""
 
-    __slots__ = ("decode", "event_time", "runners", "forwards")
+    __slots__ = ("decode", "event_time", "runners", "buffers", "forwards")
 
     def __init__(self, topic: Any) -> None:
         self.decode = topic.decode_value
         #: the topic's event time from the value (``timestamp=fn``), or None
         self.event_time = topic.event_time_ms if topic.timestamp is not None else None
         self.runners: List[AgentRunner] = []
+        #: the runners' stream buffers, where a record is queued for them
+        self.buffers: Tuple[Any, ...] = ()
         self.forwards: List[AgentRunner] = []
 
 
@@ -193,6 +195,8 @@ class Worker(SupervisorLink, TimerRunner):
         if regroup is not None:
             route = self.routes.setdefault(regroup.topic, Route(topics[regroup.topic]))
             route.runners.append(runner)
+        for route in self.routes.values():
+            route.buffers = tuple(r.stream.buffer for r in route.runners)
 
     def heartbeat(self) -> None:
         """Tells the supervisor this child is alive while it waits for the broker (the
@@ -282,10 +286,12 @@ class Worker(SupervisorLink, TimerRunner):
                 for runner in route.runners + route.forwards:
                     self.on_agent_error(runner.agent, msg, exc)
                 continue
-            for runner in route.runners:
-                runner.stream.buffer.append((value, msg))
-            for runner in route.forwards:
-                self.forward(runner, msg, value, event_ms)
+            item = (value, msg)
+            for buffer in route.buffers:
+                buffer.append(item)
+            if route.forwards:
+                for runner in route.forwards:
+                    self.forward(runner, msg, value, event_ms)
         # 2. the agents process their share (what they yield is produced to their sinks)
         for runner in self.runners:
             if runner.stream.buffer:
