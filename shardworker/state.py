@@ -160,7 +160,7 @@ class TaskStates:
         tables = self.by_partition.get(source)
         if tables is not None:
             event_times = self.event_times
-            CONTEXT.set_message(tables, msg, event_times.get(
+            tables.enter(CONTEXT, msg, event_times.get(
                 (*source, msg.offset())) if event_times else None, source)
         else:
             CONTEXT.clear()

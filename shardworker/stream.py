@@ -174,6 +174,8 @@ class _Items:
         if not stream.buffer:
             await stream.wait_async()  # type: ignore[misc]
         value, msg = stream._take()
+        if stream._key_decoders is None:  # _key_of's common case, inline
+            return stream._decode_key(msg.key()), value
         return stream._key_of(msg), value
 
     def __iter__(self) -> "_Items":
@@ -184,6 +186,8 @@ class _Items:
         if not stream.buffer:
             stream.wait_sync()  # type: ignore[misc]
         value, msg = stream._take()
+        if stream._key_decoders is None:  # _key_of's common case, inline
+            return stream._decode_key(msg.key()), value
         return stream._key_of(msg), value
 
 

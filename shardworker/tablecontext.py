@@ -3,15 +3,15 @@ topic, partition, offset, timestamp and key, and whether its writes count) and t
 process-wide instance, :data:`CONTEXT`, that the worker sets per record.  Also what all
 table modules share: :data:`MISSING` and the table errors.
 
-The worker sets the context before it hands a record to an agent (via
-:meth:`TableContext.set_message`) and clears it between batches; a table read or write
+The worker sets the context before it hands a record to an agent (the record's task does:
+:meth:`TaskTables.enter <shardworker.tasktables.TaskTables.enter>`) and clears it between
+batches; a table read or write
 outside a record raises :class:`NoCurrentRecordError`.  Whether the record's writes count
-is the task's skip rule (:meth:`TaskTables.observe
-<shardworker.tasktables.TaskTables.observe>`).
+is the task's skip rule (:meth:`TaskTables.enter
+<shardworker.tasktables.TaskTables.enter>`).
 """
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 if TYPE_CHECKING:
@@ -45,7 +45,8 @@ class TableContext:
     :class:`~shardworker.tasktables.TaskTables` and the record's topic, partition,
     offset and timestamp.
 
-    The worker sets it for every record it hands to an agent (:meth:`set_record`); one
+    The worker sets it for every record it hands to an agent (through the record's task,
+    ``TaskTables.enter``; :meth:`set_record` and :meth:`set_message` do the same); one
     agent runs at a time, so a single process-wide instance (:data:`CONTEXT`) serves
     async agents (event loop thread) and plain ones (their own thread) alike.
     """
@@ -70,41 +71,17 @@ class TableContext:
                    timestamp_ms: Optional[int] = None, key: Optional[bytes] = None) -> None:
         """Makes this record current.  ``timestamp_ms``: the record's timestamp (epoch
         ms; None or negative = unknown, then the wall clock is used for windows)."""
-        if timestamp_ms is None or timestamp_ms < 0:
-            timestamp_ms = int(time.time() * 1000)
-        self.task = task
-        self.topic = topic
-        self.partition = partition
-        self.source = source = (topic, partition)
-        self.offset = offset
-        self.timestamp_ms = timestamp_ms
-        self.key = key
-        self.writable = task.observe(source, offset, timestamp_ms)
-        task.undo.clear()
+        task.enter(self, RecordParts(topic, partition, offset, timestamp_ms, key), None,
+                   (topic, partition))
 
     def set_message(self, task: "TaskTables", msg: Any, event_ms: Optional[int] = None,
                     source: Optional[Tuple[str, int]] = None) -> None:
-        """:meth:`set_record` from a confluent_kafka ``Message`` (the same steps, inline:
-        this runs for every record).  ``event_ms``: the record's event time when its
-        topic extracts one from the value (``app.topic(..., timestamp=fn)``), else the
-        Kafka timestamp is used.  ``source``: its ``(topic, partition)``, when the caller
-        has made it already."""
-        if event_ms is not None:
-            stamp = event_ms
-        else:
-            kind, stamp = msg.timestamp()
-            if not kind or stamp is None or stamp < 0:
-                stamp = int(time.time() * 1000)
-        if source is None:
-            source = (msg.topic(), msg.partition())
-        offset = msg.offset()
-        self.task = task
-        self.topic, self.partition = self.source = source
-        self.offset = offset
-        self.timestamp_ms = stamp
-        self.key = msg.key()
-        self.writable = task.observe(source, offset, stamp)
-        task.undo.clear()
+        """:meth:`set_record` from a confluent_kafka ``Message``.  ``event_ms``: the
+        record's event time when its topic extracts one from the value
+        (``app.topic(..., timestamp=fn)``), else the Kafka timestamp is used.  ``source``:
+        its ``(topic, partition)``, when the caller has made it already.  The worker
+        calls :meth:`TaskTables.enter <shardworker.tasktables.TaskTables.enter>` itself."""
+        task.enter(self, msg, event_ms, source or (msg.topic(), msg.partition()))
 
     def clear(self) -> None:
         """No current record (between batches)."""
@@ -120,6 +97,34 @@ class TableContext:
                 "tables can only be used while an agent processes a record (the table "
                 "partition used is the one of that record's task)")
         return task
+
+
+class RecordParts:
+    """A record given by its parts, with the methods of a ``confluent_kafka.Message``
+    that :meth:`TaskTables.enter <shardworker.tasktables.TaskTables.enter>` reads."""
+
+    __slots__ = ("_topic", "_partition", "_offset", "_timestamp_ms", "_key")
+
+    def __init__(self, topic: str, partition: int, offset: int,
+                 timestamp_ms: Optional[int] = None, key: Optional[bytes] = None) -> None:
+        self._topic, self._partition, self._offset = topic, partition, offset
+        self._timestamp_ms, self._key = timestamp_ms, key
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def timestamp(self) -> Tuple[int, int]:
+        """(1 = create time, ms), or (0, -1) when unknown."""
+        return (0, -1) if self._timestamp_ms is None else (1, self._timestamp_ms)
+
+    def key(self) -> Optional[bytes]:
+        return self._key
 
 
 #: the process's context, set by the worker per record

@@ -45,6 +45,7 @@ Rules implemented here (DESIGN.md, "State (LMDB)"):
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .batchend import TP, BatchEnd, DrainedBatch
@@ -131,21 +132,39 @@ class TaskTables(BatchEnd):
         return f"<TaskTables {self.task_id or self.partition} {list(self.tables)}>"
 
     # -- per record -----------------------------------------------------------------------
-    def observe(self, tp: TP, offset: int, timestamp_ms: int) -> bool:
-        """Notes a record of the current batch from ``tp`` (topic, partition): its offset
-        goes into the next commit, its timestamp advances the task's stream time, which
-        :meth:`rollback_record` takes back if it fails.  True when its writes count."""
-        if self.pending.get(tp, -1) <= offset:
-            self.pending[tp] = offset + 1
+    def enter(self, ctx: TableContext, msg: Any, event_ms: Optional[int], source: TP) -> None:
+        """Makes ``msg`` (a ``confluent_kafka.Message``, or what has its methods) of
+        ``source`` (its topic, partition) the record ``ctx`` stands for, a record of this
+        task's current batch: its offset goes into the next commit, its timestamp
+        (``event_ms`` when its topic extracts event time) advances the task's stream time,
+        which :meth:`rollback_record` takes back if it fails; its writes count unless its
+        effects are stored already (the skip rule).  One call a record: it runs for
+        every record, so :class:`TableContext` holds nothing but the fields set here."""
+        if event_ms is not None:
+            stamp = event_ms
+        else:
+            kind, stamp = msg.timestamp()
+            if not kind or stamp is None or stamp < 0:
+                stamp = int(time.time() * 1000)
+        offset = msg.offset()
+        ctx.task = self
+        ctx.topic, ctx.partition = ctx.source = source
+        ctx.offset = offset
+        ctx.timestamp_ms = stamp
+        ctx.key = msg.key()
+        pending = self.pending
+        if pending.get(source, -1) <= offset:
+            pending[source] = offset + 1
         latest = self.latest_ms
         self._time_before = (latest, self._latest_tp)
-        if latest is None or timestamp_ms > latest:
-            self.latest_ms = timestamp_ms
-            self._latest_tp = tp
+        if latest is None or stamp > latest:
+            self.latest_ms = stamp
+            self._latest_tp = source
         elif self._latest_tp is None:
-            self._latest_tp = tp
-        stored = self.stored.get(tp)
-        return stored is None or offset >= stored
+            self._latest_tp = source
+        stored = self.stored.get(source)
+        ctx.writable = stored is None or offset >= stored
+        self.undo.clear()
 
     # -- reads and writes (called by Table) -----------------------------------------------
     def read_raw(self, table: str, kb: bytes) -> Tuple[Any, Optional[bytes]]:
