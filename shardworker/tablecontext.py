@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Optional, Tuple
 if TYPE_CHECKING:
     from .tasktables import TaskTables
 
-__all__ = ["CONTEXT", "MISSING", "UNENCODED", "INT_BOUND", "TableContext", "TableError",
-           "NoCurrentRecordError"]
+__all__ = ["CONTEXT", "MISSING", "UNENCODED", "INT_BOUND", "INT_BYTES", "TableContext",
+           "TableError", "NoCurrentRecordError"]
 
 #: "no such key" (and, from :meth:`TaskTables.read_raw`, "no Python value cached")
 MISSING = object()
@@ -28,8 +28,11 @@ MISSING = object()
 #: leaves the cache (the drain, a raw read: ``BatchEnd.raw_of``), not at every write of a
 #: hot key (:meth:`TaskTables.write <shardworker.tasktables.TaskTables.write>`)
 UNENCODED = b"\x00unencoded"
-#: such an int is in ``[-INT_BOUND, INT_BOUND)``
+#: such an int is in ``[-INT_BOUND, INT_BOUND)``, at most ``INT_BYTES`` encoded (a key
+#: too long for its changelog record with them is encoded at the write, where a record
+#: too large fails alone)
 INT_BOUND = 1 << 63
+INT_BYTES = len(b"%d" % -INT_BOUND)
 
 
 class TableError(RuntimeError):

@@ -53,7 +53,7 @@ from .origins import OriginMarks, marks_meta
 from .partitioner import KeyPartitioner
 from .produce import DEFAULT_MESSAGE_MAX_BYTES, RECORD_OVERHEAD, check_fits
 from .store import TaskStore, stream_time_meta
-from .tablecontext import INT_BOUND, MISSING, UNENCODED, TableContext, TableError
+from .tablecontext import INT_BOUND, INT_BYTES, MISSING, UNENCODED, TableContext, TableError
 
 if TYPE_CHECKING:
     from .tables import Table
@@ -206,7 +206,8 @@ class TaskTables(BatchEnd):
             return
         if encoded is not None:
             raw: Optional[bytes] = encoded
-        elif type(value) is int and table._defers_ints and -INT_BOUND <= value < INT_BOUND:
+        elif (type(value) is int and table._defers_ints and -INT_BOUND <= value < INT_BOUND
+              and len(kb) + INT_BYTES <= self._fits_under):
             raw = UNENCODED
         else:
             raw = None if value is None else table._encode_value(value)

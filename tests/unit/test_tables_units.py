@@ -15,7 +15,8 @@ import pytest
 
 import shardworker
 
-from shardworker.codecs import get_codec
+from shardworker.codecs import FunctionCodec, get_codec
+from shardworker.produce import RecordTooLarge
 from shardworker.partitioner import key_partitioner, murmur2, partition_for
 from shardworker.store import TaskStore
 from shardworker.changelog import (HDR_SRC_CONFIRMED, HDR_SRC_OFFSET, HDR_SRC_PARTITION,
@@ -246,6 +247,32 @@ def test_ints_encoded_at_the_drain_are_the_bytes_a_write_would_have_made(tmp_pat
     batch.commit()
     assert task.store.get("t", b'"low"') == b"-9223372036854775808"
     assert task.store.get("t", b'"flag"') == b"true"
+    task.close()
+
+
+@pytest.mark.timeout(20)
+def test_an_int_is_encoded_at_the_write_when_the_table_or_its_size_asks_it(tmp_path):
+    # a codec of json's own functions that declares no round-trip types: its ints are
+    # decoded when read, so they must be real bytes in the cache
+    encode, decode = get_codec("json", None, "value")
+    ctx = TableContext()
+    plain = table("plain", ctx, value_serializer=FunctionCodec("myjson", encode, decode,
+                                                               handles_none=True))
+    counts = table("counts", ctx)
+    store = TaskStore(str(tmp_path / "s"), ["plain", "counts"])
+    task = TaskTables(store, [plain, counts], 0, SRC, max_message_bytes=1000)
+    ctx.set_record(task, SRC, 0, 0, None)
+    plain["k"] = 5
+    plain["k"] += 1
+    assert plain["k"] == 6
+    # a key so long that a 20-byte int would not fit its changelog record: the write fails
+    # (the record is dead-lettered), not the batch's produce
+    long_key = "x" * 468                                   # 470 bytes as json
+    counts[long_key] = 7                                   # 1 byte: fits
+    with pytest.raises(RecordTooLarge):
+        counts[long_key] = -9 * 10 ** 18
+    assert [(r.key, r.value) for r in task.drain().records] == [
+        (b'"k"', b"6"), (f'"{long_key}"'.encode(), b"7")]
     task.close()
 
 
