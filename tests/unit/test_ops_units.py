@@ -684,6 +684,26 @@ def test_a_child_stopped_by_the_broker_says_so_and_exits_75() -> None:
         supervisor.close()
 
 
+@pytest.mark.timeout(10)
+def test_a_child_keeps_the_garbage_collectors_scans_off_the_record_path() -> None:
+    import gc
+
+    from shardworker.child import GC_YOUNG_THRESHOLD, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        tune_gc()
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, 10, 10)
+        assert gc.get_freeze_count() > 0  # start-up's objects are out of the scans
+        gc.set_threshold(50_000, 5, 5)
+        tune_gc()
+        assert gc.get_threshold() == (50_000, 5, 5)  # an app's higher threshold stays
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+
+
 def test_an_outage_restart_backs_off_without_counting_a_crash() -> None:
     from shardworker.protocol import Stats
     from supervisor.children import BACKOFF_MAX, ChildSlot
