@@ -17,6 +17,7 @@ from .committers import AtLeastOnce
 from .partitioner import partition_for
 from .state import TaskStates
 from .store import TaskStore
+from .tablecontext import RecordParts
 
 if TYPE_CHECKING:  # pragma: no cover
     from .app import App
@@ -24,8 +25,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["LocalMessage", "Produced", "CollectingProducer", "LocalCommitter", "LocalStates",
            "Headers", "header_bytes"]
 
-#: confluent_kafka's TIMESTAMP_CREATE_TIME: the producer set the record's timestamp
-_CREATE_TIME = 1
 
 #: a record's headers as a test or the worker gives them: a dict or (name, value) pairs
 Headers = Optional[Union[Dict[str, Union[str, bytes]], Sequence[Tuple[str, Union[str, bytes]]]]]
@@ -38,43 +37,24 @@ def header_bytes(headers: Headers) -> List[Tuple[str, bytes]]:
 
 
 # -- records in, records out ------------------------------------------------------------
-class LocalMessage:
+class LocalMessage(RecordParts):
     """A consumed (or delivered) record: the part of ``confluent_kafka.Message`` that the
     worker, the stream and the tables read."""
 
-    __slots__ = ("_topic", "_partition", "_offset", "_key", "_value", "_headers", "_ts")
+    __slots__ = ("_value", "_headers")
 
     def __init__(self, topic: str, partition: int, offset: int, key: Optional[bytes],
                  value: Optional[bytes], headers: Optional[List[Tuple[str, bytes]]],
                  timestamp_ms: int) -> None:
-        self._topic = topic
-        self._partition = partition
-        self._offset = offset
-        self._key = key
+        super().__init__(topic, partition, offset, timestamp_ms, key)
         self._value = value
         self._headers = headers
-        self._ts = timestamp_ms
-
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return self._partition
-
-    def offset(self) -> int:
-        return self._offset
-
-    def key(self) -> Optional[bytes]:
-        return self._key
 
     def value(self) -> Optional[bytes]:
         return self._value
 
     def headers(self) -> Optional[List[Tuple[str, bytes]]]:
         return self._headers
-
-    def timestamp(self) -> Tuple[int, int]:
-        return _CREATE_TIME, self._ts
 
     def error(self) -> None:
         return None

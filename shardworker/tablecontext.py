@@ -104,7 +104,10 @@ class TableContext:
 
 class RecordParts:
     """A record given by its parts, with the methods of a ``confluent_kafka.Message``
-    that :meth:`TaskTables.enter <shardworker.tasktables.TaskTables.enter>` reads."""
+    that :meth:`TaskTables.enter <shardworker.tasktables.TaskTables.enter>` reads (the
+    test driver's records, :class:`~shardworker.localkafka.LocalMessage`, are these
+    and more).  ``timestamp()``: (1, ms) as confluent_kafka's create time, or (0, -1)
+    when unknown."""
 
     __slots__ = ("_topic", "_partition", "_offset", "_timestamp_ms", "_key")
 
@@ -123,7 +126,6 @@ class RecordParts:
         return self._offset
 
     def timestamp(self) -> Tuple[int, int]:
-        """(1 = create time, ms), or (0, -1) when unknown."""
         return (0, -1) if self._timestamp_ms is None else (1, self._timestamp_ms)
 
     def key(self) -> Optional[bytes]:
