@@ -42,11 +42,14 @@ def tune_gc() -> None:
     (modules, the app) is frozen out of them, and the young generation is scanned every
     :data:`GC_YOUNG_THRESHOLD` net allocations instead of 700 (a batch of 1,000 records
     queues a few thousand containers for its agents, which reference counting frees).
-    An app that set a higher threshold keeps it.  Measured: docs/benchmark.md, "The
-    record path in one process"."""
+    Start-up's garbage is collected first.  An app that set a higher threshold, or none
+    (0: no automatic collection), keeps it.  Measured: docs/benchmark.md, "The record
+    path in one process"."""
+    gc.collect()
     gc.freeze()
     young, middle, old = gc.get_threshold()
-    gc.set_threshold(max(young, GC_YOUNG_THRESHOLD), middle, old)
+    if young:
+        gc.set_threshold(max(young, GC_YOUNG_THRESHOLD), middle, old)
 
 
 def open_trace(path: Optional[str]) -> TextIO:

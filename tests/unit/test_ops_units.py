@@ -687,18 +687,31 @@ def test_a_child_stopped_by_the_broker_says_so_and_exits_75() -> None:
 @pytest.mark.timeout(10)
 def test_a_child_keeps_the_garbage_collectors_scans_off_the_record_path() -> None:
     import gc
+    import weakref
 
     from shardworker.child import GC_YOUNG_THRESHOLD, tune_gc
 
+    class Node:
+        pass
+
     before = gc.get_threshold()
+    frozen_before = gc.get_freeze_count()
     try:
         gc.set_threshold(700, 10, 10)
+        cycle = Node()
+        cycle.me = cycle  # type: ignore[attr-defined]
+        gone = weakref.ref(cycle)
+        del cycle
         tune_gc()
+        assert gone() is None  # start-up's garbage is collected, not frozen for good
         assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, 10, 10)
-        assert gc.get_freeze_count() > 0  # start-up's objects are out of the scans
+        assert gc.get_freeze_count() > frozen_before
         gc.set_threshold(50_000, 5, 5)
         tune_gc()
         assert gc.get_threshold() == (50_000, 5, 5)  # an app's higher threshold stays
+        gc.set_threshold(0, 5, 5)
+        tune_gc()
+        assert gc.get_threshold()[0] == 0  # and so does "no automatic collection"
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
