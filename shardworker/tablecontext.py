@@ -4,11 +4,9 @@ process-wide instance, :data:`CONTEXT`, that the worker sets per record.  Also w
 table modules share: :data:`MISSING` and the table errors.
 
 The worker sets the context before it hands a record to an agent (the record's task does:
-:meth:`TaskTables.enter <shardworker.tasktables.TaskTables.enter>`) and clears it between
-batches; a table read or write
-outside a record raises :class:`NoCurrentRecordError`.  Whether the record's writes count
-is the task's skip rule (:meth:`TaskTables.enter
-<shardworker.tasktables.TaskTables.enter>`).
+:meth:`TaskTables.enter <shardworker.tasktables.TaskTables.enter>`, which also applies the
+skip rule that says whether the record's writes count) and clears it between batches; a
+table read or write outside a record raises :class:`NoCurrentRecordError`.
 """
 from __future__ import annotations
 
