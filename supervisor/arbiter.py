@@ -142,7 +142,8 @@ class Arbiter:
             a = self.assignment
             self.member = GroupMember(self.app, self.bootstrap, a.on_assign, a.on_revoke, a.on_lost)
             self.member.subscribe(self.topology.leaders)
-            self.start_ahead()
+            tasks = sum(partitions[sub.leader] for sub in self.topology.subtopologies)
+            self.start_ahead(min(self.max_children, max(1, tasks)))
             self.set_title("supervisor")
             while self.stopping is None:
                 self.loop_once()
@@ -280,15 +281,16 @@ class Arbiter:
         log.info("started child %d (pid %d) for tasks %s", slot.index, slot.pid, ",".join(slot.tasks))
         self.assignment.assign_new_child(slot)
 
-    def start_ahead(self) -> None:
-        """Starts the first child while the group is being joined (the broker answers a
-        first join after seconds), so that its interpreter, imports and Kafka clients
-        (an idempotent producer waits 0.5-1 s for its producer id) are ready when the
-        tasks come.  It takes tasks like a running child (``Assignment.place``) and stops
-        when the group gives this supervisor none (``Assignment.release_unused``)."""
-        slot = self.slots[0] = ChildSlot(0, [])
-        self.start_process(slot)
-        log.info("started child 0 (pid %d) ahead of the group's assignment", slot.pid)
+    def start_ahead(self, count: int) -> None:
+        """Starts ``count`` children (the app's tasks, up to ``-c``) while the group is
+        joined (a broker answers a first join after seconds): their imports and Kafka
+        clients are ready when the tasks come, and no child's share starts late.  They take
+        tasks like running children (``Assignment.place``); one given none (other
+        supervisors share the group) stops (``Assignment.release_unused``)."""
+        for index in range(count):
+            slot = self.slots[index] = ChildSlot(index, [])
+            self.start_process(slot)
+            log.info("started child %d (pid %d) ahead of the group's assignment", index, slot.pid)
 
     def start_process(self, slot: ChildSlot) -> None:
         slot.spawn(self.app_spec, self.bootstrap, self.loglevel, trace_path(self.datadir, slot.index),

@@ -154,9 +154,9 @@ class Assignment:
             self.host.spawn(slot)
 
     def release_unused(self) -> None:
-        """Stops the child started ahead of the group's first assignment (the arbiter's
-        ``start_ahead``) when the group gave this supervisor no task for it: every child
-        hosts a task (nothing waits to be placed)."""
+        """Stops each child started ahead of the group's first assignment (the arbiter's
+        ``start_ahead``) that the group gave no task: every child hosts a task (nothing
+        waits to be placed)."""
         if self.unplaced:
             return
         now = time.monotonic()

@@ -376,6 +376,22 @@ def test_a_revoke_before_placement_only_drops_the_partition() -> None:
     assert assignment.unplaced == keys(0) and host.member.commits == []  # type: ignore[union-attr]
 
 
+def test_children_started_ahead_share_the_first_assignment_and_the_spare_ones_stop() -> None:
+    # -c 3, all three started while the group was being joined (Arbiter.start_ahead);
+    # other supervisors share the group, so this one gets two tasks
+    assignment, host = make(max_children=3)
+    ahead = [live_slot(i, []) for i in range(3)]
+    for slot in ahead:
+        host.slots[slot.index] = slot
+    assignment.on_assign(keys(0, 1))
+    assert host.spawned == []  # no new process: the ones started ahead take the tasks
+    assert [s.tasks for s in ahead[:2]] == [["0_0"], ["0_1"]]
+    assert sent(ahead[0], "assign") == [{"partitions": [("proj-in", 0, 0)]}]
+    assert sent(ahead[1], "assign") == [{"partitions": [("proj-in", 1, 0)]}]
+    assert ahead[2].tasks == [] and ahead[2].retiring  # given nothing: stopped
+    assert ahead[0].alive and not ahead[0].retiring and not ahead[1].retiring
+
+
 def test_failed_and_retiring_slots_take_no_new_tasks() -> None:
     assignment, host = make(max_children=2)
     failed = host.slots[0] = ChildSlot(0, ["0_0"])
