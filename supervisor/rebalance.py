@@ -129,6 +129,7 @@ class Assignment:
         partitions, self.unplaced = self.unplaced, []
         self.offsets.update(offsets)
         self.place(partitions)
+        self.release_unused()  # children started ahead that got none of them
 
     def place(self, partitions: List[TopicPartitionKey]) -> None:
         """Hands the tasks of ``partitions`` (start offsets known) to children."""

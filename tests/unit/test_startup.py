@@ -229,6 +229,21 @@ def test_a_child_started_ahead_waits_for_tasks_whose_start_offsets_are_late():
     assert host.slots[0].tasks == ["0_0"] and host.spawned == []
 
 
+def test_children_started_ahead_that_late_tasks_leave_without_work_stop():
+    assignment, host = make(max_children=3)
+    for index in range(3):
+        host.slots[index] = live_slot(index, [])
+    host.member.down = True  # type: ignore[union-attr]
+    assignment.on_assign(keys(0, 1))             # start offsets late: nothing placed yet
+    assert not any(s.retiring for s in host.slots.values())
+    host.member.down = False  # type: ignore[union-attr]
+    assignment.next_placement = 0.0
+    assignment.place_unplaced()
+    assert [host.slots[i].tasks for i in (0, 1)] == [["0_0"], ["0_1"]]
+    assert host.slots[2].tasks == [] and host.slots[2].retiring
+    assert not host.slots[0].retiring and not host.slots[1].retiring and host.spawned == []
+
+
 class MetadataClient:
     """A producer's metadata requests: answered, or failing (the broker away)."""
 
