@@ -182,10 +182,9 @@ class BatchEnd:
             part = self.partition
             table_writes: Dict[bytes, Optional[bytes]] = {}
             table_values: Dict[bytes, Any] = {}
-            encode = self.tables[name]._encode_value
-            for kb, (value, raw, tp) in cache.items():
-                if raw is UNENCODED:
-                    raw = encode(value)
+            raw_of = self.raw_of
+            for kb, entry in cache.items():
+                value, raw, tp = entry[0], raw_of(name, entry), entry[2]
                 table_writes[kb] = raw
                 table_values[kb] = value
                 records.append(ChangelogRecord(name, topic, part, kb, raw, header_for(tp)))

@@ -251,10 +251,12 @@ def roundtrip_types(serializer: Serializer) -> Tuple[type, ...]:
 
 def encodes_small_ints(serializer: Serializer) -> bool:
     """True when a table with these values can encode an int of 64 bits at its batch's
-    drain instead of at the write (the built-in ``json``: such an int always encodes,
-    to at most 20 bytes, so the write cannot fail on it later).  Any other codec encodes
-    at the write, where a failure fails the record that wrote the value."""
-    return bound(serializer, None, "value").dumps is _json_encode
+    drain instead of at the write (the built-in ``json``'s encoder, in a codec that hands
+    ints back from the write cache undecoded: such an int always encodes, to at most 20
+    bytes, so the write cannot fail on it later).  Any other codec encodes at the write,
+    where a failure fails the record that wrote the value."""
+    return (bound(serializer, None, "value").dumps is _json_encode
+            and int in roundtrip_types(serializer))
 
 
 def serializer_name(serializer: Serializer) -> str:

@@ -71,7 +71,7 @@ class Table:
         #: cache hands them back without a decode
         self._roundtrip = roundtrip_types(value_serializer)
         #: ints of 64 bits are encoded at the drain, not at each write (TaskTables.write)
-        self._defers_ints = encodes_small_ints(value_serializer) and int in self._roundtrip
+        self._defers_ints = encodes_small_ints(value_serializer)
         #: serialized keys of recent str/int keys: a hot key is encoded once, not per access
         self._key_memo: Dict[Any, bytes] = {}
         self.app_id = app_id
