@@ -128,7 +128,7 @@ class AgentDriver:
         worker.max_message_bytes = limit
         worker.state = LocalStates(app, self._datadir, self.producer,
                                    worker._delivery_errors, self._partitions)
-        worker.committer = LocalCommitter(self.producer, worker._delivery_errors, worker.state)
+        worker.committer = LocalCommitter(self.producer, worker._delivery_errors)
         self._saved = (app._producer, app._producer_errors, app._origin_header)
         app._producer, app._producer_errors = self.sends, None
         app._origin_header = worker.origin_header
@@ -140,12 +140,11 @@ class AgentDriver:
             runner = AsyncAgentRunner(agent, worker.emit, worker.on_agent_error, worker.loop)
         else:
             runner = SyncAgentRunner(agent, worker.emit, worker.on_agent_error)
-        on_record = worker.committer.on_record
+        has_tables = worker.state.enabled
 
-        def seen(msg: Any) -> None:
+        def seen(msg: Any) -> None:  # after the record's tables have entered it
             self._last = msg
-            if on_record is not None:
-                on_record(msg)
+            if has_tables:
                 self._last_ms = CONTEXT.timestamp_ms  # the event time, when extracted
 
         runner.stream.on_record = seen

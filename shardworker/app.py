@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from .codecs import Serializer, get_codec
+from .codecs import Serializer, batch_decoder, get_codec
 from .crontab import CronExpression, Crontab, StartupTask, Zone, resolve_zone
 from .metrics import DEFAULT_BUCKETS, Counter, Gauge, Histogram, MetricRegistry
 from .produce import UNASSIGNED, produce
@@ -83,8 +83,10 @@ class Topic:
         #: values are records of this dataclass (or pydantic model): shardworker.records
         self.value_type = value_type
         self.encode_key, self.decode_key = get_codec(key_serializer, name, "key")
-        self.encode_value, self.decode_value = get_codec(
-            typed_codec(value_serializer, value_type, name), name, "value")
+        values = typed_codec(value_serializer, value_type, name)
+        self.encode_value, self.decode_value = get_codec(values, name, "value")
+        #: a batch's values at once, or an error (then one by one: ``decode_value``)
+        self.decode_values = batch_decoder(values, name, "value")
 
     def __repr__(self) -> str:
         return f"<Topic {self.name}>"

@@ -51,7 +51,8 @@ def record_id(msg: Message) -> Tuple[str, int, int]:
 class Committer:
     """What the worker asks of a processing guarantee (both committers answer all of it)."""
 
-    #: called by each agent's stream with every record before the agent sees it
+    #: called by each agent's stream with every record before the agent sees it (after
+    #: its tables have made it their current record); None: nothing to do per record
     on_record: Optional[Callable[[Message], None]] = None
     #: True when the tables' changes must be drained after every chunk (a transaction
     #: holds exactly the effects of the records whose offsets it commits)
@@ -123,11 +124,8 @@ class AtLeastOnce(Committer):
     FLUSH_SLICE = 0.5
 
     def __init__(self, app: App, producer_config: Dict[str, Any],
-                 delivery_errors: List[str], heartbeat: Callable[[], None], state: Any) -> None:
+                 delivery_errors: List[str], heartbeat: Callable[[], None]) -> None:
         super().__init__(delivery_errors, heartbeat)
-        #: what the stream calls with each record before the agent sees it (tables only)
-        self.on_record: Optional[Callable[[Message], None]] = (
-            state.on_record if state.enabled else None)
         self.producer = Producer({
             **producer_config,
             "on_delivery": self.on_delivery,
@@ -249,10 +247,8 @@ class ExactlyOnce(Committer):
 
     def _on_record(self, msg: Message) -> None:
         """The record's task's transaction also takes what the agent sends with
-        ``topic.send()``; the record becomes the tables' too."""
+        ``topic.send()``."""
         self.app._producer = self.producer_for(msg)
-        if self.state.enabled:
-            self.state.on_record(msg)
 
     def before_timers(self, tasks: List[str]) -> None:
         """What timers send commits with the child's first task."""
@@ -422,4 +418,4 @@ def make_committer(app: App, bootstrap: str, client_id: str, delivery_errors: Li
         return ExactlyOnce(app, bootstrap, client_id, delivery_errors, heartbeat, consumer,
                            state, positions)
     return AtLeastOnce(app, {**app.producer_config(bootstrap), "client.id": client_id},
-                       delivery_errors, heartbeat, state)
+                       delivery_errors, heartbeat)

@@ -137,11 +137,9 @@ class LocalCommitter(AtLeastOnce):
 
     drains_every_chunk = True
 
-    def __init__(self, producer: CollectingProducer, delivery_errors: List[str],
-                 state: TaskStates) -> None:
+    def __init__(self, producer: CollectingProducer, delivery_errors: List[str]) -> None:
         # Committer's set-up only: AtLeastOnce's would make a Kafka producer
         super(AtLeastOnce, self).__init__(delivery_errors, lambda: None)
-        self.on_record = state.on_record if state.enabled else None
         self.producer = producer  # type: ignore[assignment]
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from itertools import repeat
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from confluent_kafka import Message, Producer
 
@@ -22,7 +23,7 @@ from .partitioner import key_partitioner
 from .produce import RecordTooLarge, message_max_bytes, produce
 from .restore import Restorer
 from .store import TaskStore
-from .tablecontext import CONTEXT
+from .tablecontext import CONTEXT, TableContext
 from .batchend import DrainedBatch
 from .tasktables import TaskTables
 from .topology import TopicPartitionKey
@@ -32,6 +33,19 @@ log = logging.getLogger("shardworker.state")
 
 #: metadata key set when the task was revoked from this datadir (its copy may go stale)
 META_RELEASED = "released"
+
+
+class NoTables:
+    """What a record of a partition whose task has no tables enters: no current record,
+    so a table used by its agent raises :class:`~shardworker.tablecontext.NoCurrentRecordError`
+    (not the previous record's task)."""
+
+    def enter(self, msg: Any, source: TopicPartitionKey, event_ms: Optional[int] = None,
+              ctx: TableContext = CONTEXT) -> None:
+        ctx.clear()
+
+
+NO_TABLES = NoTables()
 
 
 def task_dir(datadir: str, app_id: str, task: str) -> str:
@@ -63,10 +77,6 @@ class TaskStates:
         #: partitions per sub-topology (of its leader topic): the tables' key partitioner
         self._partitions: Dict[int, int] = {}
         self.restorer = Restorer(app, consumer_config, heartbeat)
-        #: event times (epoch ms) the worker extracted from the values of the records of
-        #: the chunk in hand, by ``(topic, partition, offset)``: topics declared with
-        #: ``timestamp=fn`` (DESIGN.md, "Windows and time")
-        self.event_times: Dict[Tuple[str, int, int], int] = {}
 
     @property
     def enabled(self) -> bool:
@@ -154,16 +164,14 @@ class TaskStates:
         self._partitions[sub] = len(metadata.topics[leader].partitions)
 
     # -- per record and per batch ---------------------------------------------------
-    def on_record(self, msg: Message) -> None:
-        """Makes ``msg`` the record the tables see (its task, offset, timestamp)."""
-        source = (msg.topic(), msg.partition())
-        tables = self.by_partition.get(source)
-        if tables is not None:
-            event_times = self.event_times
-            tables.enter(CONTEXT, msg, event_times.get(
-                (*source, msg.offset())) if event_times else None, source)
-        else:
-            CONTEXT.clear()
+    def tables_for(self, sources: Iterable[TopicPartitionKey]) -> Iterable[Any]:
+        """The tables that each of a chunk's records (by ``(topic, partition)``) enters
+        when its agent takes it (what :data:`~shardworker.stream.QueuedRecord` carries):
+        its task's, :data:`NO_TABLES` for a partition without any, None for every
+        record when the app has no tables."""
+        if not self.enabled:
+            return repeat(None)
+        return map(self.by_partition.get, sources, repeat(NO_TABLES))
 
     def drain(self, positions: Dict[TopicPartitionKey, int]) -> List[DrainedBatch]:
         """Ends the batch for every task it touched: produces one changelog record per

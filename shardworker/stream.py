@@ -16,6 +16,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .app import Agent
 
+#: a record queued for an agent by the worker: ``(value, record, (topic, partition),
+#: tables, event_ms)``.  ``tables`` makes the record theirs when the agent takes it (its
+#: task's :class:`~shardworker.tasktables.TaskTables`, or what stands for none:
+#: :data:`shardworker.state.NO_TABLES`; None when the app has no tables); ``event_ms`` is
+#: the event time its topic extracts from the value, else None (the record's timestamp)
+QueuedRecord = Tuple[Any, "Message", Tuple[str, int], Any, Optional[int]]
+
 
 class Event:
     """One record as the agent sees it, with where it came from."""
@@ -46,7 +53,7 @@ class Stream:
 
     def __init__(self, agent: "Agent") -> None:
         self.agent = agent
-        self.buffer: Deque[Tuple[Any, "Message"]] = deque()
+        self.buffer: Deque[QueuedRecord] = deque()
         #: the record the agent is processing now (its key goes with what it yields)
         self.current: Optional["Message"] = None
         self._decode_key = agent.topic.decode_key
@@ -60,7 +67,8 @@ class Stream:
         # installed by the agent runner: block (sync) or suspend (async) until more records
         self.wait_async: Optional[Callable[[], Awaitable[None]]] = None
         self.wait_sync: Optional[Callable[[], None]] = None
-        # installed by the worker when the app has tables: the record becomes theirs too
+        # installed by the worker when its committer must see each record (exactly-once:
+        # the record's transaction takes what the agent sends)
         self.on_record: Optional[Callable[["Message"], None]] = None
         # called at most once a second while the agent works through a batch: the
         # child's heartbeat must not depend on how long a batch takes
@@ -74,18 +82,21 @@ class Stream:
     async def __anext__(self) -> Any:
         if not self.buffer:
             await self.wait_async()  # type: ignore[misc]
-        return self._take()[0]
+        return self._take()
 
-    def _take(self) -> Tuple[Any, "Message"]:
-        """The next buffered ``(value, record)``, made the record in hand (every iterator
-        takes its records here: one plain call a record, no nested coroutine)."""
-        item = self.buffer.popleft()
-        self.current = msg = item[1]
+    def _take(self) -> Any:
+        """The next buffered record's value, its record made the one in hand
+        (:attr:`current`, and its tables' current record): every iterator takes its
+        records here, one plain call a record, no nested coroutine."""
+        value, msg, source, tables, event_ms = self.buffer.popleft()
+        self.current = msg
+        if tables is not None:
+            tables.enter(msg, source, event_ms)
         if self.on_record is not None:
             self.on_record(msg)
         if monotonic() >= self._progress_due:
             self._progressed()
-        return item
+        return value
 
     def _progressed(self) -> None:
         self._progress_due = monotonic() + 1.0
@@ -98,7 +109,7 @@ class Stream:
     def __next__(self) -> Any:
         if not self.buffer:
             self.wait_sync()  # type: ignore[misc]
-        return self._take()[0]
+        return self._take()
 
     # re-keying
     def group_by(self, key: Union[Callable[[Any], Any], str], name: str,
@@ -173,10 +184,11 @@ class _Items:
         stream = self.stream
         if not stream.buffer:
             await stream.wait_async()  # type: ignore[misc]
-        value, msg = stream._take()
+        value = stream._take()
+        msg = stream.current
         if stream._key_decoders is None:  # _key_of's common case, inline
-            return stream._decode_key(msg.key()), value
-        return stream._key_of(msg), value
+            return stream._decode_key(msg.key()), value  # type: ignore[union-attr]
+        return stream._key_of(msg), value  # type: ignore[arg-type]
 
     def __iter__(self) -> "_Items":
         return self
@@ -185,10 +197,11 @@ class _Items:
         stream = self.stream
         if not stream.buffer:
             stream.wait_sync()  # type: ignore[misc]
-        value, msg = stream._take()
+        value = stream._take()
+        msg = stream.current
         if stream._key_decoders is None:  # _key_of's common case, inline
-            return stream._decode_key(msg.key()), value
-        return stream._key_of(msg), value
+            return stream._decode_key(msg.key()), value  # type: ignore[union-attr]
+        return stream._key_of(msg), value  # type: ignore[arg-type]
 
 
 class _Events:

@@ -72,8 +72,9 @@ class TableContext:
                    timestamp_ms: Optional[int] = None, key: Optional[bytes] = None) -> None:
         """Makes this record current.  ``timestamp_ms``: the record's timestamp (epoch
         ms; None or negative = unknown, then the wall clock is used for windows)."""
-        task.enter(self, RecordParts(topic, partition, offset, timestamp_ms, key), None,
-                   (topic, partition))
+        source = (topic, partition)
+        task.enter(RecordParts(topic, partition, offset, timestamp_ms, key), source, None, self)
+        task.note_offset(source, offset)
 
     def set_message(self, task: "TaskTables", msg: Any, event_ms: Optional[int] = None,
                     source: Optional[Tuple[str, int]] = None) -> None:
@@ -81,8 +82,11 @@ class TableContext:
         record's event time when its topic extracts one from the value
         (``app.topic(..., timestamp=fn)``), else the Kafka timestamp is used.  ``source``:
         its ``(topic, partition)``, when the caller has made it already.  The worker
-        calls :meth:`TaskTables.enter <shardworker.tasktables.TaskTables.enter>` itself."""
-        task.enter(self, msg, event_ms, source or (msg.topic(), msg.partition()))
+        calls :meth:`TaskTables.enter <shardworker.tasktables.TaskTables.enter>` itself
+        (and passes the offsets at the drain)."""
+        source = source or (msg.topic(), msg.partition())
+        task.enter(msg, source, event_ms, self)
+        task.note_offset(source, msg.offset())
 
     def clear(self) -> None:
         """No current record (between batches)."""

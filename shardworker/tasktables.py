@@ -53,7 +53,8 @@ from .origins import OriginMarks, marks_meta
 from .partitioner import KeyPartitioner
 from .produce import DEFAULT_MESSAGE_MAX_BYTES, RECORD_OVERHEAD, check_fits
 from .store import TaskStore, stream_time_meta
-from .tablecontext import INT_BOUND, INT_BYTES, MISSING, UNENCODED, TableContext, TableError
+from .tablecontext import (CONTEXT, INT_BOUND, INT_BYTES, MISSING, UNENCODED, TableContext,
+                           TableError)
 
 if TYPE_CHECKING:
     from .tables import Table
@@ -132,14 +133,16 @@ class TaskTables(BatchEnd):
         return f"<TaskTables {self.task_id or self.partition} {list(self.tables)}>"
 
     # -- per record -----------------------------------------------------------------------
-    def enter(self, ctx: TableContext, msg: Any, event_ms: Optional[int], source: TP) -> None:
+    def enter(self, msg: Any, source: TP, event_ms: Optional[int] = None,
+              ctx: TableContext = CONTEXT) -> None:
         """Makes ``msg`` (a ``confluent_kafka.Message``, or what has its methods) of
         ``source`` (its topic, partition) the record ``ctx`` stands for, a record of this
-        task's current batch: its offset goes into the next commit, its timestamp
-        (``event_ms`` when its topic extracts event time) advances the task's stream time,
-        which :meth:`rollback_record` takes back if it fails; its writes count unless its
-        effects are stored already (the skip rule).  One call a record: it runs for
-        every record, so :class:`TableContext` holds nothing but the fields set here."""
+        task's current batch: its timestamp (``event_ms`` when its topic extracts event
+        time) advances the task's stream time, which :meth:`rollback_record` takes back
+        if it fails; its writes count unless its effects are stored already (the skip
+        rule).  Its offset reaches the batch through the worker's positions at the drain
+        (:meth:`drain`'s ``input_offsets``).  One call a record: it runs for every
+        record, so :class:`TableContext` holds nothing but the fields set here."""
         if event_ms is not None:
             stamp = event_ms
         else:
@@ -152,9 +155,6 @@ class TaskTables(BatchEnd):
         ctx.offset = offset
         ctx.timestamp_ms = stamp
         ctx.key = msg.key()
-        pending = self.pending
-        if pending.get(source, -1) <= offset:
-            pending[source] = offset + 1
         latest = self.latest_ms
         self._time_before = (latest, self._latest_tp)
         if latest is None or stamp > latest:
@@ -165,6 +165,13 @@ class TaskTables(BatchEnd):
         stored = self.stored.get(source)
         ctx.writable = stored is None or offset >= stored
         self.undo.clear()
+
+    def note_offset(self, source: TP, offset: int) -> None:
+        """Puts a record's next offset into the batch without the worker's positions
+        (records made current by hand: ``TableContext.set_record``)."""
+        pending = self.pending
+        if pending.get(source, -1) <= offset:
+            pending[source] = offset + 1
 
     # -- reads and writes (called by Table) -----------------------------------------------
     def read_raw(self, table: str, kb: bytes) -> Tuple[Any, Optional[bytes]]:

@@ -24,6 +24,7 @@ import signal
 import time
 from collections import Counter as tally
 from collections import deque
+from itertools import repeat
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message
@@ -61,10 +62,11 @@ class Route:
     """What a source topic's records meet in this child: its value decoder, the agents
     that take them (their streams' buffers) and the agents that forward them."""
 
-    __slots__ = ("decode", "event_time", "runners", "buffers", "forwards")
+    __slots__ = ("decode", "decode_all", "event_time", "runners", "buffers", "forwards")
 
     def __init__(self, topic: Any) -> None:
         self.decode = topic.decode_value
+        self.decode_all = topic.decode_values
         #: the topic's event time from the value (``timestamp=fn``), or None
         self.event_time = topic.event_time_ms if topic.timestamp is not None else None
         self.runners: List[AgentRunner] = []
@@ -255,19 +257,76 @@ class Worker(SupervisorLink, TimerRunner):
     def process_chunk(self, records: List[Message]) -> None:
         """Steps 1-3 for ``records``: decode, run the agents, drain the tables' changes
         when due (:meth:`drain`)."""
-        routes = self.routes
-        failed = False
-        deduplicated = self.deduplicated
+        consumed = len(records)
         self.stamper.forget()  # a record's sends are all made within its chunk
-        # 1. decode each record and queue it for the agents of its topic (a record the app
-        #    sent itself and this task applied already is skipped: .origins); re-keying
-        #    agents forward it to the topic they read on from
-        for msg in records:
-            if msg.error() is not None:
-                self.on_consume_error(msg)
-                failed = True
-                continue
-            topic = msg.topic()
+        if records and any(map(type(records[0]).error, records)):
+            for msg in records:
+                if msg.error() is not None:
+                    self.on_consume_error(msg)
+            records = [msg for msg in records if msg.error() is None]
+        sources = sources_of(records)
+        # 1. decode each record and queue it for the agents of its topic, with the tables
+        #    it enters when an agent takes it
+        if not self._queue_at_once(records, sources):
+            self._queue_each(records, sources)
+        # 2. the agents process their share (what they yield is produced to their sinks)
+        for runner in self.runners:
+            if runner.stream.buffer:
+                self.current = runner
+                runner.drain()
+                self.current = None
+            if runner.fatal is not None:
+                raise runner.fatal
+        self.processed += consumed  # stats count processing; offsets wait for acks
+        # per partition, in C (map/zip/dict/Counter), not per record in Python: the next
+        # offset to read (a partition's records come in offset order) and the count
+        for tp, offset in dict(zip(sources, offsets_of(records))).items():
+            self.undrained[tp] = offset + 1
+        for (topic, part), count in tally(sources).items():
+            self.processed_by._inc((topic, str(part)), count)
+        # 3. the tables' changes: one changelog record per key changed since the last drain
+        if self._drain_due():
+            self.drain()
+
+    def _queue_at_once(self, records: List[Message], sources: List[TopicPartitionKey]) -> bool:
+        """Step 1 for the common chunk, in C (map/zip) rather than per record in Python:
+        records of one topic that nothing looks into before its agents (no event time
+        to extract, no re-keying, no origin headers to check), whose values decode at
+        once.  False, having queued nothing, for any other: :meth:`_queue_each`."""
+        if not records:
+            return True
+        kind = type(records[0])
+        topic = sources[0][0]
+        if len(set(map(kind.topic, records))) > 1:
+            return False
+        route = self.routes.get(topic)
+        if route is None:
+            return True  # no agent reads the topic here
+        if route.event_time is not None or route.forwards or (
+                topic in self.deduplicated and any(map(kind.headers, records))):
+            return False
+        try:
+            values = route.decode_all(list(map(kind.value, records)))
+        except Exception:  # noqa: BLE001 - one by one, each failure the record's own
+            return False
+        queued = zip(values, records, sources, self.state.tables_for(sources), repeat(None))
+        if len(route.buffers) == 1:
+            route.buffers[0].extend(queued)
+        else:
+            items = list(queued)
+            for buffer in route.buffers:
+                buffer.extend(items)
+        return True
+
+    def _queue_each(self, records: List[Message], sources: List[TopicPartitionKey]) -> None:
+        """Step 1 one record at a time: a record the app sent itself and this task
+        applied already is skipped (:mod:`.origins`); a value that cannot be decoded, or
+        whose event time cannot be extracted, fails its record alone; re-keying agents
+        forward the record to the topic they read on from."""
+        routes = self.routes
+        deduplicated = self.deduplicated
+        for msg, source, tables in zip(records, sources, self.state.tables_for(sources)):
+            topic = source[0]
             route = routes.get(topic)
             if route is None:
                 continue
@@ -280,41 +339,16 @@ class Worker(SupervisorLink, TimerRunner):
                 value = route.decode(msg.value())
                 if route.event_time is not None:  # DESIGN.md, "Windows and time"
                     event_ms = route.event_time(value)
-                    if self.state.enabled:
-                        self.state.event_times[(topic, msg.partition(), msg.offset())] = event_ms
             except Exception as exc:  # noqa: BLE001 - a bad record, not a bad worker
                 for runner in route.runners + route.forwards:
                     self.on_agent_error(runner.agent, msg, exc)
                 continue
-            item = (value, msg)
+            item = (value, msg, source, tables, event_ms)
             for buffer in route.buffers:
                 buffer.append(item)
             if route.forwards:
                 for runner in route.forwards:
                     self.forward(runner, msg, value, event_ms)
-        # 2. the agents process their share (what they yield is produced to their sinks)
-        for runner in self.runners:
-            if runner.stream.buffer:
-                self.current = runner
-                runner.drain()
-                self.current = None
-            if runner.fatal is not None:
-                raise runner.fatal
-        if self.state.enabled:
-            self.state.event_times.clear()
-        self.processed += len(records)  # stats count processing; offsets wait for acks
-        if failed:
-            records = [msg for msg in records if msg.error() is None]
-        # per partition, in C (map/zip/dict/Counter), not per record in Python: the next
-        # offset to read (a partition's records come in offset order) and the count
-        sources = sources_of(records)
-        for tp, offset in dict(zip(sources, offsets_of(records))).items():
-            self.undrained[tp] = offset + 1
-        for (topic, part), count in tally(sources).items():
-            self.processed_by._inc((topic, str(part)), count)
-        # 3. the tables' changes: one changelog record per key changed since the last drain
-        if self._drain_due():
-            self.drain()
 
     def _drain_due(self) -> bool:
         """Every chunk without tables or under exactly-once; at least once with tables,

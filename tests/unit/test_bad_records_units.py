@@ -87,9 +87,8 @@ def test_an_output_refused_as_too_large_dead_letters_its_input_instead_of_failin
     from shardworker.committers import AtLeastOnce
 
     worker = Worker(app, channel=None, bootstrap="127.0.0.1:9", index=0)  # type: ignore[arg-type]
-    no_tables = type("NoTables", (), {"enabled": False})()
     worker.committer = AtLeastOnce(app, {"bootstrap.servers": "127.0.0.1:9"},
-                                   worker._delivery_errors, worker.heartbeat, no_tables)
+                                   worker._delivery_errors, worker.heartbeat)
     worker.committer.producer = worker.producer = FullQueue(full=1)  # type: ignore[assignment]
     record = Message("in", 1, 7, b"input")
     worker._on_output_delivery(agent, record, KafkaError(KafkaError.MSG_SIZE_TOO_LARGE),
