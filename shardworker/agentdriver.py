@@ -299,12 +299,10 @@ class AgentDriver:
             CONTEXT.clear()
             return
         CONTEXT.task = task
-        CONTEXT.topic = topic
-        CONTEXT.partition = partition
         CONTEXT.source = (topic, partition)
         CONTEXT.offset = offset
         CONTEXT.timestamp_ms = stamp
-        CONTEXT.key = None  # writes of the test itself are not checked for their partition
+        CONTEXT.record = None  # writes of the test itself are not checked for their partition
         CONTEXT.writable = True
 
 

@@ -85,7 +85,8 @@ class Topic:
         self.encode_key, self.decode_key = get_codec(key_serializer, name, "key")
         values = typed_codec(value_serializer, value_type, name)
         self.encode_value, self.decode_value = get_codec(values, name, "value")
-        #: a batch's values at once, or an error (then one by one: ``decode_value``)
+        #: a batch's values at once, or an error (then one by one: ``decode_value``);
+        #: None: one by one always
         self.decode_values = batch_decoder(values, name, "value")
 
     def __repr__(self) -> str:

@@ -152,13 +152,15 @@ class BatchEnd:
     def drain(self, input_offsets: Optional[Mapping[TP, int]] = None) -> DrainedBatch:
         """Ends the batch: empties the write cache into a :class:`DrainedBatch` (one
         changelog record and one LMDB write per dirty key, plus tombstones for expired
-        windows).  ``input_offsets`` (next offset per partition) adds the worker's own
-        positions to those of the records seen.  Reads keep seeing the batch until it is
-        committed."""
+        windows).  ``input_offsets``: the next offset per partition read since the last
+        drain (the worker's positions), with those of records made current by hand
+        (``pending``: ``TableContext.set_record``).  Reads keep seeing the batch until it
+        is committed."""
         offsets = dict(self.pending)
         for tp, nxt in (input_offsets or {}).items():
             if offsets.get(tp, -1) < nxt:
                 offsets[tp] = nxt
+        self.pending = offsets  # the batch's partitions, for _batch_source's writes below
         finals = self._close()
         self._expire()
         headers: Dict[TP, List[Tuple[str, bytes]]] = {}

@@ -15,8 +15,10 @@ Optional attributes tune a codec:
   tables (below).
 * ``roundtrip_types``: the types whose values decode back to an equal object of the same
   type (a table's write cache then hands them back without a decode).
-* ``loads_many(list) -> list``: decodes a batch's payloads at once (the worker's common
-  case: :func:`batch_decoder`), raising when any one cannot be decoded.
+* ``loads_many(list) -> list``: decodes a batch's payloads (never None) at once, one
+  value each, raising when any one cannot be decoded; the worker then decodes them one
+  by one with ``loads``, so it must have no effects of its own (the worker's common
+  case: :func:`batch_decoder`).
 
 ``json`` uses ``orjson`` for topic values when it is installed (decoding about 3.7×,
 encoding 1.5× faster: ``scripts/bench/workloads/codecs.py``); keys
@@ -31,7 +33,7 @@ from typing import (Any, Callable, Dict, List, Optional, Protocol, Tuple, Union,
 
 Encoder = Callable[[Any], Optional[bytes]]
 Decoder = Callable[[Optional[bytes]], Any]
-BatchDecoder = Callable[[List[Optional[bytes]]], List[Any]]
+BatchDecoder = Callable[[List[bytes]], List[Any]]
 
 
 class CodecError(ValueError):
@@ -165,8 +167,8 @@ def _orjson_codec() -> Optional[FunctionCodec]:
         except unreadable:
             return _json_decode(data)
 
-    def decode_all(datas: List[Optional[bytes]]) -> List[Any]:
-        # what orjson reads (None and what it refuses raise) equals what decode reads
+    def decode_all(datas: List[bytes]) -> List[Any]:
+        # what orjson reads equals what decode reads (what it refuses raises)
         return list(map(fast_loads, datas))
 
     return FunctionCodec("json", encode, decode, handles_none=True,
@@ -256,15 +258,10 @@ def get_codec(serializer: Serializer, topic: Optional[str] = None,
 
 
 def batch_decoder(serializer: Serializer, topic: Optional[str] = None,
-                  field: str = "value") -> BatchDecoder:
-    """Decodes a batch's payloads at once, raising when any one fails (the caller then
-    decodes them one by one, each failure the record's own): the codec's ``loads_many``
-    when it has one, else its decoder mapped over them."""
-    many = getattr(bound(serializer, topic, field), "loads_many", None)
-    if many is not None:
-        return many  # type: ignore[no-any-return]
-    decode = get_codec(serializer, topic, field)[1]
-    return lambda datas: list(map(decode, datas))
+                  field: str = "value") -> Optional[BatchDecoder]:
+    """The codec's ``loads_many`` (a batch's payloads at once), or None: it has none, and
+    its payloads are decoded one by one."""
+    return getattr(bound(serializer, topic, field), "loads_many", None)
 
 
 def roundtrip_types(serializer: Serializer) -> Tuple[type, ...]:

@@ -8,20 +8,29 @@ from __future__ import annotations
 
 from collections import deque
 from time import monotonic
-from typing import (TYPE_CHECKING, Any, Awaitable, Callable, Deque, Dict, List, Optional, Tuple,
-                    Union)
+from typing import (TYPE_CHECKING, Any, Awaitable, Callable, Deque, Dict, List, Optional,
+                    Protocol, Tuple, Union)
 
 if TYPE_CHECKING:  # pragma: no cover
     from confluent_kafka import Message
 
     from .app import Agent
 
+
+
+class RecordTables(Protocol):
+    """What a queued record enters when its agent takes it: its task's
+    :class:`~shardworker.tasktables.TaskTables`, or :data:`shardworker.state.NO_TABLES`."""
+
+    def enter(self, msg: Any, source: Tuple[str, int], event_ms: Optional[int] = None) -> None:
+        ...
+
+
 #: a record queued for an agent by the worker: ``(value, record, (topic, partition),
-#: tables, event_ms)``.  ``tables`` makes the record theirs when the agent takes it (its
-#: task's :class:`~shardworker.tasktables.TaskTables`, or what stands for none:
-#: :data:`shardworker.state.NO_TABLES`; None when the app has no tables); ``event_ms`` is
-#: the event time its topic extracts from the value, else None (the record's timestamp)
-QueuedRecord = Tuple[Any, "Message", Tuple[str, int], Any, Optional[int]]
+#: tables, event_ms)``.  ``tables`` make the record their current one when the agent
+#: takes it (None when the app has no tables); ``event_ms`` is the event time its topic
+#: extracts from the value, else None (the record's timestamp)
+QueuedRecord = Tuple[Any, "Message", Tuple[str, int], Optional[RecordTables], Optional[int]]
 
 
 class Event:

@@ -52,21 +52,32 @@ class TableContext:
     async agents (event loop thread) and plain ones (their own thread) alike.
     """
 
-    __slots__ = ("task", "topic", "partition", "source", "offset", "timestamp_ms", "writable",
-                 "key")
+    __slots__ = ("task", "source", "offset", "timestamp_ms", "writable", "record")
 
     def __init__(self) -> None:
         self.task: Optional["TaskTables"] = None
-        self.topic: Optional[str] = None
-        self.partition = -1
         #: ``(topic, partition)``, made once per record for the writes that note it
         self.source: Tuple[Optional[str], int] = (None, -1)
         self.offset = -1
         self.timestamp_ms: Optional[int] = None
-        #: the record's key as it came from Kafka (bytes), or None
-        self.key: Optional[bytes] = None
         #: False when the record's effects are already in the stored state
         self.writable = False
+        #: the record itself (what has a ``confluent_kafka.Message``'s methods), or None
+        self.record: Any = None
+
+    @property
+    def topic(self) -> Optional[str]:
+        return self.source[0]
+
+    @property
+    def partition(self) -> int:
+        return self.source[1]
+
+    @property
+    def key(self) -> Optional[bytes]:
+        """The record's key as it came from Kafka (bytes), or None."""
+        record = self.record
+        return None if record is None else record.key()  # type: ignore[no-any-return]
 
     def set_record(self, task: "TaskTables", topic: str, partition: int, offset: int,
                    timestamp_ms: Optional[int] = None, key: Optional[bytes] = None) -> None:
@@ -91,9 +102,9 @@ class TableContext:
     def clear(self) -> None:
         """No current record (between batches)."""
         self.task = None
-        self.topic = None
         self.source = (None, -1)
         self.writable = False
+        self.record = None
 
     def current_task(self) -> "TaskTables":
         task = self.task

@@ -192,7 +192,7 @@ class Table:
         task = self._context.task
         if task is None or self.window is not None:
             _ctx, task = self._plain()
-        kb = self._key_memo.get(key) if type(key) in _MEMO_KEY_TYPES else None
+        kb = self._key_memo.get(key) if type(key) is str else None  # _key_bytes' common case
         if kb is None:
             kb = self._key_bytes(key)
         # _read and the write cache's part of TaskTables.read_raw, inline: this runs for
@@ -200,6 +200,8 @@ class Table:
         entry = task.cache[self.name].get(kb)
         if entry is not None:
             value, raw = entry[0], entry[1]
+            if raw is UNENCODED:  # an int, handed back as it is (UNENCODED's rule)
+                return value
         else:
             value, raw = task.read_behind_cache(self.name, kb)
         if raw is not None:
@@ -215,7 +217,7 @@ class Table:
         task = ctx.task
         if task is None or self.window is not None:
             ctx, task = self._plain()
-        kb = self._key_memo.get(key) if type(key) in _MEMO_KEY_TYPES else None
+        kb = self._key_memo.get(key) if type(key) is str else None  # _key_bytes' common case
         if kb is None:
             kb = self._key_bytes(key)
         cache = task.cache[self.name]

@@ -151,10 +151,10 @@ class TaskTables(BatchEnd):
                 stamp = int(time.time() * 1000)
         offset = msg.offset()
         ctx.task = self
-        ctx.topic, ctx.partition = ctx.source = source
+        ctx.source = source
+        ctx.record = msg
         ctx.offset = offset
         ctx.timestamp_ms = stamp
-        ctx.key = msg.key()
         latest = self.latest_ms
         self._time_before = (latest, self._latest_tp)
         if latest is None or stamp > latest:

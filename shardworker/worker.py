@@ -25,6 +25,7 @@ import time
 from collections import Counter as tally
 from collections import deque
 from itertools import repeat
+from operator import itemgetter
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message
@@ -62,10 +63,12 @@ class Route:
     """What a source topic's records meet in this child: its value decoder, the agents
     that take them (their streams' buffers) and the agents that forward them."""
 
-    __slots__ = ("decode", "decode_all", "event_time", "runners", "buffers", "forwards")
+    __slots__ = ("decode", "decode_all", "event_time", "runners", "buffers", "forwards",
+                 "at_once")
 
     def __init__(self, topic: Any) -> None:
         self.decode = topic.decode_value
+        #: the codec's ``loads_many``, or None
         self.decode_all = topic.decode_values
         #: the topic's event time from the value (``timestamp=fn``), or None
         self.event_time = topic.event_time_ms if topic.timestamp is not None else None
@@ -73,6 +76,9 @@ class Route:
         #: the runners' stream buffers, where a record is queued for them
         self.buffers: Tuple[Any, ...] = ()
         self.forwards: List[AgentRunner] = []
+        #: a chunk of the topic may be queued at once (Worker._queue_at_once): its values
+        #: decode at once, and no record needs a look of its own (event time, forwarding)
+        self.at_once = False
 
 
 class Worker(SupervisorLink, TimerRunner):
@@ -199,6 +205,8 @@ class Worker(SupervisorLink, TimerRunner):
             route.runners.append(runner)
         for route in self.routes.values():
             route.buffers = tuple(r.stream.buffer for r in route.runners)
+            route.at_once = (route.decode_all is not None and route.event_time is None
+                             and not route.forwards)
 
     def heartbeat(self) -> None:
         """Tells the supervisor this child is alive while it waits for the broker (the
@@ -290,24 +298,32 @@ class Worker(SupervisorLink, TimerRunner):
 
     def _queue_at_once(self, records: List[Message], sources: List[TopicPartitionKey]) -> bool:
         """Step 1 for the common chunk, in C (map/zip) rather than per record in Python:
-        records of one topic that nothing looks into before its agents (no event time
-        to extract, no re-keying, no origin headers to check), whose values decode at
-        once.  False, having queued nothing, for any other: :meth:`_queue_each`."""
+        records of one topic whose route takes them at once (:attr:`Route.at_once`:
+        nothing of :meth:`_queue_each`'s to do per record), none of them with origin
+        headers to check or a tombstone, their values decoded by the codec's
+        ``loads_many``.  False, having queued nothing, for any other chunk: then
+        :meth:`_queue_each`, where each failure is its record's own."""
         if not records:
             return True
-        kind = type(records[0])
         topic = sources[0][0]
-        if len(set(map(kind.topic, records))) > 1:
+        if len(set(map(itemgetter(0), sources))) > 1:
             return False
         route = self.routes.get(topic)
         if route is None:
             return True  # no agent reads the topic here
-        if route.event_time is not None or route.forwards or (
-                topic in self.deduplicated and any(map(kind.headers, records))):
+        kind = type(records[0])
+        if not route.at_once or (topic in self.deduplicated and any(map(kind.headers, records))):
+            return False
+        payloads = list(map(kind.value, records))
+        if None in payloads:
             return False
         try:
-            values = route.decode_all(list(map(kind.value, records)))
+            values = list(route.decode_all(payloads))  # type: ignore[misc]
+        except CodecUnavailable:
+            raise  # not the records' fault: the child stops (on_agent_error)
         except Exception:  # noqa: BLE001 - one by one, each failure the record's own
+            return False
+        if len(values) != len(records):
             return False
         queued = zip(values, records, sources, self.state.tables_for(sources), repeat(None))
         if len(route.buffers) == 1:
@@ -322,7 +338,8 @@ class Worker(SupervisorLink, TimerRunner):
         """Step 1 one record at a time: a record the app sent itself and this task
         applied already is skipped (:mod:`.origins`); a value that cannot be decoded, or
         whose event time cannot be extracted, fails its record alone; re-keying agents
-        forward the record to the topic they read on from."""
+        forward the record to the topic they read on from.  (What it does per record
+        decides :attr:`Route.at_once`: :meth:`_queue_at_once` does none of it.)"""
         routes = self.routes
         deduplicated = self.deduplicated
         for msg, source, tables in zip(records, sources, self.state.tables_for(sources)):

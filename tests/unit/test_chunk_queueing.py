@@ -121,26 +121,49 @@ def test_queued_at_once_and_one_by_one_the_same_records_carry_the_same_tables() 
 
 @pytest.mark.timeout(20)
 def test_a_chunk_that_needs_a_look_at_each_record_is_not_queued_at_once() -> None:
-    """Several topics; headers where the app's own records are looked for (origins): the
-    worker queues nothing at once and goes one by one."""
+    """Several topics; headers where the app's own records are looked for (origins); a
+    tombstone: the worker queues nothing at once and goes one by one."""
     with driven() as driver:
         worker: Worker = driver.worker  # type: ignore[assignment]
         two_topics = [record("orders", 0, 0, "a", b'{"n": 1}'), record("refunds", 0, 0, "a", b'{"n": 1}')]
         with_headers = [LocalMessage("orders", 0, 1, b"a", b'{"n": 1}', [("x", b"1")], 1)]
-        for chunk in (two_topics, with_headers):
+        tombstone = [record("orders", 0, 2, "a", b'{"n": 1}'),
+                     LocalMessage("orders", 0, 3, b"a", None, None, 1)]
+        for chunk in (two_topics, with_headers, tombstone):
             sources = [(r.topic(), r.partition()) for r in chunk]
             assert not worker._queue_at_once(chunk, sources)  # type: ignore[arg-type]
             assert not worker.routes["orders"].buffers[0]
 
 
-def test_a_batch_decoder_raises_where_one_by_one_decoding_would_differ() -> None:
-    """``json`` (orjson) decodes a batch at once, and raises on what its one-by-one
-    decoder reads differently (None, what orjson refuses); a codec without ``loads_many``
-    maps its decoder."""
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("loads_many", [
+    lambda datas: map(json.loads, datas),  # lazy: fails as it is read
+    lambda datas: [json.loads(d) for d in datas[:-1]],  # one value short
+], ids=["lazy", "short"])
+def test_a_loads_many_that_fails_late_or_returns_too_few_loses_no_record(loads_many: Any) -> None:
+    """Whatever a codec's ``loads_many`` returns is checked before anything is queued:
+    the chunk goes one by one, the bad record is dead-lettered, no other is lost."""
+    with driven() as driver:
+        worker: Worker = driver.worker  # type: ignore[assignment]
+        worker.routes["orders"].decode_all = loads_many
+        chunk = [record("orders", 0, 0, "a", b'{"n": 1}'), record("orders", 0, 1, "a", b"{bad"),
+                 record("orders", 0, 2, "a", b'{"n": 2}')]
+        worker.process_chunk(chunk)  # type: ignore[arg-type]
+        worker.settle(block=True)
+        assert SEEN == [("orders", "a", 1), ("orders", "a", 2)]
+        assert [f.offset for f in driver.dead_letters] == [1]
+        assert stored(driver)["0_0"] == ({'"a"': 3}, {("orders", 0): 3})
+
+
+def test_only_a_codec_with_loads_many_decodes_a_batch_at_once() -> None:
+    """``json`` (orjson) decodes a batch at once and raises on what orjson refuses (its
+    one-by-one decoder reads that with the standard library); ``str`` has no
+    ``loads_many``: its topics' records are decoded one by one."""
     decode_all = batch_decoder("json", "orders")
+    assert decode_all is not None
     assert decode_all([b'{"n": 1}', b"[2]"]) == [{"n": 1}, [2]]
-    for bad in ([b'{"n": 1}', None], [b"NaN"], [b"{bad"]):
+    for bad in ([b"NaN"], [b"{bad"]):
         with pytest.raises(ValueError):
             decode_all(bad)
     assert orders.decode_value(b"NaN") != orders.decode_value(b"NaN")  # read one by one
-    assert batch_decoder("str", "orders")([b"a", None]) == ["a", None]
+    assert batch_decoder("str", "orders") is None
