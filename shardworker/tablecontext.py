@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Optional, Tuple
 if TYPE_CHECKING:
     from .tasktables import TaskTables
 
-__all__ = ["CONTEXT", "MISSING", "UNENCODED", "INT_BOUND", "INT_BYTES", "TableContext",
-           "TableError", "NoCurrentRecordError"]
+__all__ = ["CONTEXT", "MISSING", "UNENCODED", "INT_BOUND", "INT_BYTES", "SMALL_INT_MIN",
+           "SMALL_INT_MAX", "TableContext", "TableError", "NoCurrentRecordError"]
 
 #: "no such key" (and, from :meth:`TaskTables.read_raw`, "no Python value cached")
 MISSING = object()
@@ -31,6 +31,12 @@ UNENCODED = b"\x00unencoded"
 #: too large fails alone)
 INT_BOUND = 1 << 63
 INT_BYTES = len(b"%d" % -INT_BOUND)
+#: the ints ``Table.__setitem__`` defers itself, ``[SMALL_INT_MIN, SMALL_INT_MAX]``:
+#: those CPython compares in one step (one internal digit; the bounds named, not negated
+#: at every write); a larger one takes ``TaskTables.write``, which defers it too when it
+#: is within :data:`INT_BOUND`
+SMALL_INT_MAX = (1 << 30) - 1
+SMALL_INT_MIN = -SMALL_INT_MAX
 
 
 class TableError(RuntimeError):

@@ -23,8 +23,8 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 from .codecs import Serializer, encodes_small_ints, get_codec, roundtrip_types
-from .tablecontext import (CONTEXT, INT_BOUND, MISSING, UNENCODED, NoCurrentRecordError,
-                           TableContext, TableError)
+from .tablecontext import (CONTEXT, MISSING, SMALL_INT_MAX, SMALL_INT_MIN, UNENCODED,
+                           NoCurrentRecordError, TableContext, TableError)
 from .tasktables import TaskTables
 from .windows import Seconds, Window, WindowedTable
 
@@ -223,10 +223,10 @@ class Table:
         cache = task.cache[self.name]
         before = cache.get(kb)
         if (before is not None and before[1] is UNENCODED and ctx.writable
-                and type(value) is int and -INT_BOUND <= value < INT_BOUND):
+                and type(value) is int and SMALL_INT_MIN <= value <= SMALL_INT_MAX):
             # a counter's step, inline (the call to TaskTables.write would cost more than
-            # its work): an int of 64 bits over one the batch wrote already (the key
-            # checked then), encoded at the drain like it
+            # its work): a small int over one the batch wrote already (the key checked
+            # then), encoded at the drain like it
             task.undo.setdefault((self.name, kb), before)
             cache[kb] = (value, UNENCODED, ctx.source)  # type: ignore[assignment]
         else:

@@ -112,7 +112,8 @@ class TaskTables(BatchEnd):
         #: the highest origin applied per upstream partition (records the app sent itself)
         self.origins = OriginMarks(store.origin_marks())
         #: stream time before the current record moved it (taken back if it fails)
-        self._time_before: Tuple[Optional[int], Optional[TP]] = (self.latest_ms, None)
+        self._ms_before: Optional[int] = self.latest_ms
+        self._tp_before: Optional[TP] = None
         self._expired_upto: Dict[str, int] = {}
         #: stream time at the last drain: the windows closed up to it have had their
         #: final records (a function of stream time alone, so a restored task agrees)
@@ -156,7 +157,7 @@ class TaskTables(BatchEnd):
         ctx.offset = offset
         ctx.timestamp_ms = stamp
         latest = self.latest_ms
-        self._time_before = (latest, self._latest_tp)
+        self._ms_before, self._tp_before = latest, self._latest_tp
         if latest is None or stamp > latest:
             self.latest_ms = stamp
             self._latest_tp = source
@@ -231,7 +232,7 @@ class TaskTables(BatchEnd):
         """Takes back every write of the current record and the stream time it moved (it
         failed and is dead-lettered or skipped: a failed record leaves the tables and the
         window expiry as they were; DESIGN.md, "State (LMDB)")."""
-        self.latest_ms, self._latest_tp = self._time_before
+        self.latest_ms, self._latest_tp = self._ms_before, self._tp_before
         for (table, kb), before in self.undo.items():
             if before is None:
                 self.cache[table].pop(kb, None)

@@ -23,7 +23,8 @@ from shardworker.changelog import (HDR_SRC_CONFIRMED, HDR_SRC_OFFSET, HDR_SRC_PA
                                    HDR_SRC_TOPIC, HDR_STREAM_TIME)
 from shardworker.restore import apply_changelog
 from shardworker.tables import Table
-from shardworker.tablecontext import NoCurrentRecordError, TableContext, TableError
+from shardworker.tablecontext import (SMALL_INT_MAX, SMALL_INT_MIN, NoCurrentRecordError,
+                                      TableContext, TableError)
 from shardworker.tasktables import TaskTables
 from shardworker.windows import split_window_key, window_key
 
@@ -247,6 +248,33 @@ def test_ints_encoded_at_the_drain_are_the_bytes_a_write_would_have_made(tmp_pat
     batch.commit()
     assert task.store.get("t", b'"low"') == b"-9223372036854775808"
     assert task.store.get("t", b'"flag"') == b"true"
+    task.close()
+
+
+@pytest.mark.timeout(20)
+def test_a_counter_stepping_past_the_inline_bound_keeps_its_value_and_bytes(tmp_path):
+    """Writes over a deferred int: small ints are staged by ``Table.__setitem__`` itself,
+    larger ones by ``TaskTables.write`` (deferred up to 64 bits, encoded beyond); each
+    reads back, rolls back and drains the same either way."""
+    ctx = TableContext()
+    t = table("t", ctx)
+    task = open_task(tmp_path / "s", [t])
+    ctx.set_record(task, SRC, 0, 0, None)
+    steps = [7, SMALL_INT_MAX, SMALL_INT_MAX + 1, SMALL_INT_MIN - 1, (1 << 63) - 1, 1 << 63, 5]
+    for value in steps:
+        t["k"] = value
+        assert t["k"] == value
+    ctx.set_record(task, SRC, 0, 1, None)
+    t["k"] = SMALL_INT_MAX + 1
+    t["k"] = 1 << 64
+    task.rollback_record()
+    assert t["k"] == 5
+    ctx.set_record(task, SRC, 0, 2, None)
+    t["k"] += SMALL_INT_MAX  # 5 + MAX: past the bound, by write
+    t["j"] = 1
+    t["j"] += 1
+    assert {r.key: r.value for r in task.drain().records} == {
+        b'"k"': b"%d" % (5 + SMALL_INT_MAX), b'"j"': b"2"}
     task.close()
 
 
