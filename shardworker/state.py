@@ -26,7 +26,7 @@ from .store import TaskStore
 from .tablecontext import CONTEXT, TableContext
 from .batchend import DrainedBatch
 from .tasktables import TaskTables
-from .topology import TopicPartitionKey
+from .topology import TopicPartitionKey, source_key
 
 # the state's lines keep the logger name they were always logged under
 log = logging.getLogger("shardworker.state")
@@ -136,7 +136,7 @@ class TaskStates:
                                     self.max_message_bytes)
         self.tasks[task] = tables_of_task
         for tp in starts:
-            self.by_partition[tp] = tables_of_task
+            self.by_partition[source_key(*tp)] = tables_of_task
         return resume
 
     def close(self, task: str, released: bool = False) -> None:

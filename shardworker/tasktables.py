@@ -53,6 +53,7 @@ from .origins import OriginMarks, marks_meta
 from .partitioner import KeyPartitioner
 from .produce import DEFAULT_MESSAGE_MAX_BYTES, RECORD_OVERHEAD, check_fits
 from .store import TaskStore, stream_time_meta
+from .topology import source_key
 from .tablecontext import (CONTEXT, INT_BOUND, INT_BYTES, MISSING, UNENCODED, TableContext,
                            TableError)
 
@@ -104,7 +105,8 @@ class TaskTables(BatchEnd):
         self.cache: Dict[str, Dict[bytes, Tuple[Any, Optional[bytes], TP]]] = {
             name: {} for name in self.tables}
         #: next input offsets whose effects are in LMDB (the skip rule's reference)
-        self.stored: Dict[TP, int] = store.input_offsets()
+        self.stored: Dict[TP, int] = {source_key(*tp): offset  # found by identity: enter
+                                      for tp, offset in store.input_offsets().items()}
         #: next input offsets of the records seen since the last drain
         self.pending: Dict[TP, int] = {}
         self.latest_ms: Optional[int] = store.stream_time()

@@ -20,15 +20,36 @@ from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 TopicPartitionKey = Tuple[str, int]
 
+#: the one ``(topic, partition)`` tuple of each source in this process (:func:`source_key`)
+_SOURCE_KEYS: Dict[TopicPartitionKey, TopicPartitionKey] = {}
+
+
+def source_key(topic: str, partition: int) -> TopicPartitionKey:
+    """The process's one tuple for ``(topic, partition)``: a dict keyed by it (a task's
+    tables by partition, their stored offsets) finds a record's source by identity,
+    without comparing the tuples' contents (:func:`sources_of` gives records theirs)."""
+    tp = (topic, partition)
+    return _SOURCE_KEYS.setdefault(tp, tp)
+
+
 def sources_of(records: Sequence[Any]) -> List[TopicPartitionKey]:
-    """Each consumed record's ``(topic, partition)``, made in C (map/zip), not per record
-    in Python: the record path counts and positions a batch with it.  The records of a
-    batch are of one class (``confluent_kafka.Message``, or the test driver's): its
-    methods themselves are mapped, a quarter of what a bound method per record costs."""
+    """Each consumed record's ``(topic, partition)``, its :func:`source_key`, made in C
+    (map), not per record in Python: the record path counts and positions a batch with
+    it.  The records of a batch are of one class (``confluent_kafka.Message``, or the
+    test driver's): its methods themselves are mapped, a quarter of what a bound method
+    per record costs.  A batch of one topic (the common one) maps partitions, small
+    ints, to their keys."""
     if not records:
         return []
     kind = type(records[0])
-    return list(zip(map(kind.topic, records), map(kind.partition, records)))
+    partitions = list(map(kind.partition, records))
+    topics = set(map(kind.topic, records))
+    if len(topics) == 1:
+        topic = topics.pop()
+        keys = {p: source_key(topic, p) for p in set(partitions)}
+        return list(map(keys.__getitem__, partitions))
+    made = list(zip(map(kind.topic, records), partitions))
+    return list(map(_SOURCE_KEYS.setdefault, made, made))
 
 
 def offsets_of(records: Sequence[Any]) -> List[int]:

@@ -167,3 +167,17 @@ def test_only_a_codec_with_loads_many_decodes_a_batch_at_once() -> None:
             decode_all(bad)
     assert orders.decode_value(b"NaN") != orders.decode_value(b"NaN")  # read one by one
     assert batch_decoder("str", "orders") is None
+
+
+def test_every_record_of_a_source_carries_the_one_key_of_its_source() -> None:
+    """``sources_of`` gives each record its source's process-wide tuple (``source_key``),
+    for a chunk of one topic and of several alike: dicts keyed by sources find them by
+    identity."""
+    from shardworker.topology import source_key, sources_of
+
+    one = [record("orders", p, o, "a", b"{}") for o in range(2) for p in (1, 0)]
+    two = one + [record("refunds", 0, 0, "a", b"{}")]
+    for chunk in (one, two):
+        sources = sources_of(chunk)
+        assert sources == [(r.topic(), r.partition()) for r in chunk]
+        assert all(s is source_key(*s) for s in sources)
