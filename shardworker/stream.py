@@ -96,7 +96,8 @@ class Stream:
     def _take(self) -> Any:
         """The next buffered record's value, its record made the one in hand
         (:attr:`current`, and its tables' current record): every iterator takes its
-        records here, one plain call a record, no nested coroutine."""
+        records here, one plain call a record, no nested coroutine (``stream.items()``
+        in an async agent has a copy inline)."""
         value, msg, source, tables, event_ms = self.buffer.popleft()
         self.current = msg
         if tables is not None:
@@ -193,11 +194,18 @@ class _Items:
         stream = self.stream
         if not stream.buffer:
             await stream.wait_async()  # type: ignore[misc]
-        value = stream._take()
-        msg = stream.current
+        # Stream._take, inline: an async agent's (key, value) loop is the common one
+        value, msg, source, tables, event_ms = stream.buffer.popleft()
+        stream.current = msg
+        if tables is not None:
+            tables.enter(msg, source, event_ms)
+        if stream.on_record is not None:
+            stream.on_record(msg)
+        if monotonic() >= stream._progress_due:
+            stream._progressed()
         if stream._key_decoders is None:  # _key_of's common case, inline
-            return stream._decode_key(msg.key()), value  # type: ignore[union-attr]
-        return stream._key_of(msg), value  # type: ignore[arg-type]
+            return stream._decode_key(msg.key()), value
+        return stream._key_of(msg), value
 
     def __iter__(self) -> "_Items":
         return self
