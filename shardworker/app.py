@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from .codecs import Serializer, batch_decoder, get_codec
+from .codecs import Serializer, batch_decoder, get_codec, present_decoder
 from .crontab import CronExpression, Crontab, StartupTask, Zone, resolve_zone
 from .metrics import DEFAULT_BUCKETS, Counter, Gauge, Histogram, MetricRegistry
 from .produce import UNASSIGNED, produce
@@ -83,6 +83,8 @@ class Topic:
         #: values are records of this dataclass (or pydantic model): shardworker.records
         self.value_type = value_type
         self.encode_key, self.decode_key = get_codec(key_serializer, name, "key")
+        #: a key that is not None, decoded faster than by ``decode_key`` (or None)
+        self.decode_present_key = present_decoder(key_serializer, name, "key")
         values = typed_codec(value_serializer, value_type, name)
         self.encode_value, self.decode_value = get_codec(values, name, "value")
         #: a batch's values at once, or an error (then one by one: ``decode_value``);

@@ -15,6 +15,10 @@ Optional attributes tune a codec:
   tables (below).
 * ``roundtrip_types``: the types whose values decode back to an equal object of the same
   type (a table's write cache then hands them back without a decode).
+* ``loads_present(bytes) -> obj``: ``loads`` for a payload that is not None, where a
+  faster callable than ``loads`` exists (``str``: ``bytes.decode``).  A stream's keys
+  go to it first (:func:`present_decoder`), so given None it must raise TypeError, as
+  ``bytes.decode`` does; then ``loads`` decodes.
 * ``loads_many(list) -> list``: decodes a batch's payloads (never None) at once, one
   value each, raising when any one cannot be decoded; the worker then decodes them one
   by one with ``loads``, so it must have no effects of its own (the worker's common
@@ -64,7 +68,8 @@ class FunctionCodec:
 
     def __init__(self, name: str, dumps: Encoder, loads: Decoder, *, handles_none: bool = False,
                  roundtrip_types: Tuple[type, ...] = (),
-                 loads_many: Optional[BatchDecoder] = None) -> None:
+                 loads_many: Optional[BatchDecoder] = None,
+                 loads_present: Optional[Callable[[bytes], Any]] = None) -> None:
         self.name = name
         self.dumps = dumps
         self.loads = loads
@@ -72,6 +77,8 @@ class FunctionCodec:
         self.roundtrip_types = roundtrip_types
         if loads_many is not None:
             self.loads_many = loads_many
+        if loads_present is not None:
+            self.loads_present = loads_present
 
     def __repr__(self) -> str:
         return f"<codec {self.name}>"
@@ -212,7 +219,7 @@ def register(name: str, codec: Codec, *, replace: bool = False) -> Codec:
 register("raw", FunctionCodec("raw", _raw_encode, _raw_decode, handles_none=True,
                               roundtrip_types=(bytes,)))
 register("str", FunctionCodec("str", _str_encode, _str_decode, handles_none=True,
-                              roundtrip_types=(str,)))
+                              roundtrip_types=(str,), loads_present=bytes.decode))
 register("json", JsonCodec())
 
 
@@ -262,6 +269,12 @@ def batch_decoder(serializer: Serializer, topic: Optional[str] = None,
     """The codec's ``loads_many`` (a batch's payloads at once), or None: it has none, and
     its payloads are decoded one by one."""
     return getattr(bound(serializer, topic, field), "loads_many", None)
+
+
+def present_decoder(serializer: Serializer, topic: Optional[str] = None,
+                    field: str = "value") -> Optional[Callable[[bytes], Any]]:
+    """The codec's ``loads_present`` (a payload that is not None), or None: it has none."""
+    return getattr(bound(serializer, topic, field), "loads_present", None)
 
 
 def roundtrip_types(serializer: Serializer) -> Tuple[type, ...]:

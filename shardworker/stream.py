@@ -66,6 +66,9 @@ class Stream:
         #: the record the agent is processing now (its key goes with what it yields)
         self.current: Optional["Message"] = None
         self._decode_key = agent.topic.decode_key
+        #: a key that is not None: the codec's faster decoder when it has one (str:
+        #: ``bytes.decode``, which refuses None with a TypeError), else ``_decode_key``
+        self._decode_present_key = agent.topic.decode_present_key or self._decode_key
         #: an agent of several topics decodes each record's key with its own topic's codec
         self._key_decoders: Optional[Dict[str, Callable[[Any], Any]]] = (
             {t.name: t.decode_key for t in agent.topics} if len(agent.topics) > 1 else None)
@@ -151,7 +154,9 @@ class Stream:
                                "found in its source when the app started (one per agent, "
                                "named with literals)")
         self.regrouped = regroup.topic
-        self._decode_key = self.agent.app.topics[regroup.topic].decode_key
+        topic = self.agent.app.topics[regroup.topic]
+        self._decode_key = topic.decode_key
+        self._decode_present_key = topic.decode_present_key or self._decode_key
         self._key_decoders = None
 
     # (key, value) pairs and events
@@ -204,7 +209,10 @@ class _Items:
         if monotonic() >= stream._progress_due:
             stream._progressed()
         if stream._key_decoders is None:  # _key_of's common case, inline
-            return stream._decode_key(msg.key()), value
+            try:
+                return stream._decode_present_key(msg.key()), value
+            except TypeError:  # a None key, refused: the codec's own decoder
+                return stream._decode_key(msg.key()), value
         return stream._key_of(msg), value
 
     def __iter__(self) -> "_Items":
@@ -217,7 +225,10 @@ class _Items:
         value = stream._take()
         msg = stream.current
         if stream._key_decoders is None:  # _key_of's common case, inline
-            return stream._decode_key(msg.key()), value  # type: ignore[union-attr]
+            try:
+                return stream._decode_present_key(msg.key()), value  # type: ignore[union-attr]
+            except TypeError:  # a None key, refused: the codec's own decoder
+                return stream._decode_key(msg.key()), value  # type: ignore[union-attr]
         return stream._key_of(msg), value  # type: ignore[arg-type]
 
 

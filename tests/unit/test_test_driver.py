@@ -420,3 +420,45 @@ def test_an_agent_that_fails_before_its_first_record_fails_the_context(kind: str
             pass  # pragma: no cover
     with readme_app(kind).count.test_context():  # nothing was left running
         pass
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_items_decode_every_key_with_its_codec_a_missing_key_to_none(kind: str) -> None:
+    """``stream.items()`` decodes a ``str`` key with ``bytes.decode`` (the codec's
+    ``loads_present``) and a missing one with the codec's own decoder (None); a ``json``
+    key, whose codec has no ``loads_present``, with its decoder."""
+    app = shardworker.App("keys", broker="kafka://127.0.0.1:9")
+    named = app.topic("named", key_serializer="str")
+    shaped = app.topic("shaped", key_serializer="json")
+    seen: List[object] = []
+    if kind == "async":
+        @app.agent(shaped)
+        async def pairs(stream):  # type: ignore[no-untyped-def]
+            async for key, _value in stream.items():
+                seen.append(key)
+
+        @app.agent(named)
+        async def one(stream):  # type: ignore[no-untyped-def]
+            async for key, _value in stream.items():
+                seen.append(("one", key))
+    else:
+        @app.agent(shaped)
+        def pairs(stream):  # type: ignore[no-untyped-def]
+            for key, _value in stream.items():
+                seen.append(key)
+
+        @app.agent(named)
+        def one(stream):  # type: ignore[no-untyped-def]
+            for key, _value in stream.items():
+                seen.append(("one", key))
+
+    async def body() -> None:
+        async with one.test_context() as agent:
+            await agent.put_raw(b"1", key="é".encode())
+            await agent.put_raw(b"2", key=None)
+        async with pairs.test_context() as agent:
+            await agent.put_raw(b"3", key=b"[1, 2]", topic=shaped)
+            await agent.put_raw(b"4", key=None, topic=shaped)
+
+    run(body)
+    assert seen == [("one", "é"), ("one", None), [1, 2], None]
