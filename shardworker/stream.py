@@ -17,7 +17,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .app import Agent
 
 
-
 class RecordTables(Protocol):
     """What a queued record enters when its agent takes it: its task's
     :class:`~shardworker.tasktables.TaskTables`, or :data:`shardworker.state.NO_TABLES`."""
@@ -212,6 +211,8 @@ class _Items:
             try:
                 return stream._decode_present_key(msg.key()), value
             except TypeError:  # a None key, refused: the codec's own decoder
+                if stream._decode_present_key is stream._decode_key:
+                    raise  # it was the codec's own decoder already
                 return stream._decode_key(msg.key()), value
         return stream._key_of(msg), value
 
@@ -228,6 +229,8 @@ class _Items:
             try:
                 return stream._decode_present_key(msg.key()), value  # type: ignore[union-attr]
             except TypeError:  # a None key, refused: the codec's own decoder
+                if stream._decode_present_key is stream._decode_key:
+                    raise  # it was the codec's own decoder already
                 return stream._decode_key(msg.key()), value  # type: ignore[union-attr]
         return stream._key_of(msg), value  # type: ignore[arg-type]
 

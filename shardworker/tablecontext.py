@@ -73,10 +73,12 @@ class TableContext:
 
     @property
     def topic(self) -> Optional[str]:
+        """The record's topic (of :attr:`source`), or None."""
         return self.source[0]
 
     @property
     def partition(self) -> int:
+        """The record's partition (of :attr:`source`), or -1."""
         return self.source[1]
 
     @property

@@ -462,3 +462,36 @@ def test_items_decode_every_key_with_its_codec_a_missing_key_to_none(kind: str) 
 
     run(body)
     assert seen == [("one", "é"), ("one", None), [1, 2], None]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_key_codec_that_refuses_a_key_is_asked_once(kind: str) -> None:
+    """A key codec's TypeError fails the record (dead-lettered) after one call: the
+    fallback for None keys is only for a codec with a faster decoder of its own."""
+    calls: List[bytes] = []
+
+    def refuse(data: bytes) -> str:
+        calls.append(data)
+        raise TypeError("not a key of ours")
+
+    app = shardworker.App("refusing", broker="kafka://127.0.0.1:9")
+    codec = shardworker.codecs.FunctionCodec("refusing", str.encode, refuse)  # type: ignore[arg-type]
+    refused = app.topic("refused", key_serializer=codec)
+    if kind == "async":
+        @app.agent(refused, on_error="dlq")
+        async def keyed(stream):  # type: ignore[no-untyped-def]
+            async for _key, _value in stream.items():
+                pass
+    else:
+        @app.agent(refused, on_error="dlq")
+        def keyed(stream):  # type: ignore[no-untyped-def]
+            for _key, _value in stream.items():
+                pass
+
+    async def body() -> None:
+        async with keyed.test_context() as agent:
+            await agent.put_raw(b"1", key=b"k")
+            assert [type(f.error) for f in agent.dead_letters] == [TypeError]
+
+    run(body)
+    assert calls == [b"k", b"k"]  # the agent's stream once, and put's Event (_put) once
