@@ -46,7 +46,7 @@ from .state import TaskStates
 from .supervisorlink import SupervisorLink
 from .timers import TimerRunner
 from .origins import OriginStamper, origin_of
-from .topology import TopicPartitionKey, offsets_of, sources_of
+from .topology import TopicPartitionKey, sources_of
 from .windowclose import LateRecordError
 
 log = logging.getLogger("shardworker.worker")
@@ -286,10 +286,11 @@ class Worker(SupervisorLink, TimerRunner):
             if runner.fatal is not None:
                 raise runner.fatal
         self.processed += consumed  # stats count processing; offsets wait for acks
-        # per partition, in C (map/zip/dict/Counter), not per record in Python: the next
-        # offset to read (a partition's records come in offset order) and the count
-        for tp, offset in dict(zip(sources, offsets_of(records))).items():
-            self.undrained[tp] = offset + 1
+        # per partition, in C (zip/dict/Counter), not per record in Python: the next
+        # offset to read (after its last record: a partition's records come in offset
+        # order) and the count
+        for tp, last in dict(zip(sources, records)).items():
+            self.undrained[tp] = last.offset() + 1
         for (topic, part), count in tally(sources).items():
             self.processed_by._inc((topic, str(part)), count)
         # 3. the tables' changes: one changelog record per key changed since the last drain
