@@ -6,8 +6,8 @@ outputs and reports offsets) and resumes the agent when the next batch arrives.
 """
 from __future__ import annotations
 
+import threading
 from collections import deque
-from time import monotonic
 from typing import (TYPE_CHECKING, Any, Awaitable, Callable, Deque, Dict, List, Optional,
                     Protocol, Tuple, Union)
 
@@ -84,7 +84,8 @@ class Stream:
         # called at most once a second while the agent works through a batch: the
         # child's heartbeat must not depend on how long a batch takes
         self.on_progress: Optional[Callable[[], None]] = None
-        self._progress_due = 0.0
+        #: raised once a second by the worker's ProgressTicker (no record reads the clock)
+        self.progress_due = False
 
     # values
     def __aiter__(self) -> "Stream":
@@ -106,12 +107,12 @@ class Stream:
             tables.enter(msg, source, event_ms)
         if self.on_record is not None:
             self.on_record(msg)
-        if monotonic() >= self._progress_due:
+        if self.progress_due:
             self._progressed()
         return value
 
     def _progressed(self) -> None:
-        self._progress_due = monotonic() + 1.0
+        self.progress_due = False
         if self.on_progress is not None:
             self.on_progress()
 
@@ -187,6 +188,33 @@ class Stream:
         return self._key_decoders[msg.topic()](msg.key())
 
 
+class ProgressTicker:
+    """Raises each stream's :attr:`Stream.progress_due` once a second, from a thread of
+    its own: an agent working through a long batch calls its stream's ``on_progress``
+    (the child's heartbeat) at its next record, and no record reads the clock."""
+
+    INTERVAL = 1.0
+
+    def __init__(self, streams: List[Stream]) -> None:
+        self.streams = streams
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="shardsup-progress",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.INTERVAL):
+            for stream in self.streams:
+                stream.progress_due = True
+
+
 class _Items:
     def __init__(self, stream: Stream) -> None:
         self.stream = stream
@@ -205,7 +233,7 @@ class _Items:
             tables.enter(msg, source, event_ms)
         if stream.on_record is not None:
             stream.on_record(msg)
-        if monotonic() >= stream._progress_due:
+        if stream.progress_due:
             stream._progressed()
         if stream._key_decoders is None:  # _key_of's common case, inline
             try:
@@ -252,4 +280,4 @@ class _Events:
         return self.stream.current_event(self.stream.__next__())
 
 
-__all__: List[str] = ["Event", "Stream", "StreamStopped"]
+__all__: List[str] = ["Event", "ProgressTicker", "Stream", "StreamStopped"]

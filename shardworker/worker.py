@@ -43,6 +43,7 @@ from .produce import (DEFAULT_MESSAGE_MAX_BYTES, RecordTooLarge, is_too_large, m
 from .protocol import Bye, Channel, ChannelClosed, Ready
 from .protocol import Message as ChannelMessage
 from .state import TaskStates
+from .stream import ProgressTicker
 from .supervisorlink import SupervisorLink
 from .timers import TimerRunner
 from .origins import OriginStamper, origin_of
@@ -100,6 +101,8 @@ class Worker(SupervisorLink, TimerRunner):
         self.stamper = OriginStamper()
         #: the agent running now (step 2), whose record in hand is what it sends' origin
         self.current: Optional[AgentRunner] = None
+        #: raises the streams' progress flags once a second (set up with the runners)
+        self.ticker: Optional[ProgressTicker] = None
         self.batch_size = int(app.settings["batch_size"])
         self.stopping = False
         self.tasks: List[str] = []
@@ -185,6 +188,8 @@ class Worker(SupervisorLink, TimerRunner):
             runner.start()
             self.runners.append(runner)
             self._route(runner)
+        self.ticker = ProgressTicker([runner.stream for runner in self.runners])
+        self.ticker.start()
         app._origin_header = self.origin_header
         signal.signal(signal.SIGTERM, self._on_term)
 
@@ -526,6 +531,8 @@ class Worker(SupervisorLink, TimerRunner):
         log.warning("consumer: %s", err.str())
 
     def close(self) -> None:
+        if self.ticker is not None:
+            self.ticker.stop()
         for runner in self.runners:
             runner.stop()
         try:

@@ -181,3 +181,29 @@ def test_every_record_of_a_source_carries_the_one_key_of_its_source() -> None:
         sources = sources_of(chunk)
         assert sources == [(r.topic(), r.partition()) for r in chunk]
         assert all(s is source_key(*s) for s in sources)
+
+
+@pytest.mark.timeout(20)
+def test_a_stream_reports_progress_at_the_record_after_each_tick() -> None:
+    """The ticker raises the streams' flag once an interval; the next record taken calls
+    ``on_progress`` once and lowers it; stop() ends the thread."""
+    from shardworker.stream import ProgressTicker
+
+    with driven() as driver:
+        worker = driver.worker
+        assert worker is not None
+        stream = worker.runners[0].stream
+        calls: List[int] = []
+        stream.on_progress = lambda: calls.append(1)
+        ticker = ProgressTicker([stream])
+        ticker.INTERVAL = 0.01
+        ticker.start()
+        try:
+            while not stream.progress_due:
+                ticker._stopped.wait(0.005)
+        finally:
+            ticker.stop()
+        assert not ticker._thread.is_alive()
+        chunk = [record("orders", 0, o, "a", b'{"n": 1}') for o in range(3)]
+        worker.process_chunk(chunk)  # type: ignore[arg-type]
+        assert calls == [1] and not stream.progress_due

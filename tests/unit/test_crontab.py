@@ -225,6 +225,7 @@ def cron_worker() -> Iterator[tuple]:
     try:
         yield worker, Channel(ours), calls
     finally:
+        worker.ticker.stop()  # type: ignore[union-attr]
         worker.consumer.close()
         signal.signal(signal.SIGTERM, previous)
         ours.close()

@@ -187,6 +187,7 @@ def test_a_childs_heartbeat_carries_each_tasks_lag_per_topic() -> None:
         assert stats.lag == {"0_0": 10, "0_1": None}
     finally:
         worker.consumer = real
+        worker.ticker.stop()  # type: ignore[union-attr]
         for runner in worker.runners:
             runner.stop()
         real.close()

@@ -91,6 +91,7 @@ def running(app: App) -> Iterator[Worker]:
     try:
         yield worker
     finally:
+        worker.ticker.stop()  # type: ignore[union-attr]
         for runner in worker.runners:
             runner.stop()
         worker.consumer.close()
