@@ -25,7 +25,6 @@ import time
 from collections import Counter as tally
 from collections import deque
 from itertools import repeat
-from operator import itemgetter
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message
@@ -278,9 +277,11 @@ class Worker(SupervisorLink, TimerRunner):
                     self.on_consume_error(msg)
             records = [msg for msg in records if msg.error() is None]
         sources = sources_of(records)
+        # each partition's last record, in C (zip/dict), not per record in Python
+        ends = dict(zip(sources, records))
         # 1. decode each record and queue it for the agents of its topic, with the tables
         #    it enters when an agent takes it
-        if not self._queue_at_once(records, sources):
+        if not self._queue_at_once(records, sources, ends):
             self._queue_each(records, sources)
         # 2. the agents process their share (what they yield is produced to their sinks)
         for runner in self.runners:
@@ -291,10 +292,9 @@ class Worker(SupervisorLink, TimerRunner):
             if runner.fatal is not None:
                 raise runner.fatal
         self.processed += consumed  # stats count processing; offsets wait for acks
-        # per partition, in C (zip/dict/Counter), not per record in Python: the next
-        # offset to read (after its last record: a partition's records come in offset
-        # order) and the count
-        for tp, last in dict(zip(sources, records)).items():
+        # per partition: the next offset to read (after its last record: a partition's
+        # records come in offset order) and the count (Counter: in C)
+        for tp, last in ends.items():
             self.undrained[tp] = last.offset() + 1
         for (topic, part), count in tally(sources).items():
             self.processed_by._inc((topic, str(part)), count)
@@ -302,17 +302,19 @@ class Worker(SupervisorLink, TimerRunner):
         if self._drain_due():
             self.drain()
 
-    def _queue_at_once(self, records: List[Message], sources: List[TopicPartitionKey]) -> bool:
+    def _queue_at_once(self, records: List[Message], sources: List[TopicPartitionKey],
+                       ends: Dict[TopicPartitionKey, Message]) -> bool:
         """Step 1 for the common chunk, in C (map/zip) rather than per record in Python:
         records of one topic whose route takes them at once (:attr:`Route.at_once`:
         nothing of :meth:`_queue_each`'s to do per record), none of them with origin
         headers to check or a tombstone, their values decoded by the codec's
         ``loads_many``.  False, having queued nothing, for any other chunk: then
-        :meth:`_queue_each`, where each failure is its record's own."""
+        :meth:`_queue_each`, where each failure is its record's own.  ``ends``: the
+        chunk's partitions (each with its last record)."""
         if not records:
             return True
         topic = sources[0][0]
-        if len(set(map(itemgetter(0), sources))) > 1:
+        if len(ends) > 1 and len({tp[0] for tp in ends}) > 1:
             return False
         route = self.routes.get(topic)
         if route is None:

@@ -104,7 +104,7 @@ def test_queued_at_once_and_one_by_one_the_same_records_carry_the_same_tables() 
                  for o in range(3) for p in (1, 0)]
         sources = [(r.topic(), r.partition()) for r in chunk]
         buffer = worker.routes["orders"].buffers[0]
-        assert worker._queue_at_once(chunk, sources)  # type: ignore[arg-type]
+        assert worker._queue_at_once(chunk, sources, dict(zip(sources, chunk)))  # type: ignore[arg-type]
         at_once = list(buffer)
         buffer.clear()
         worker._queue_each(chunk, sources)  # type: ignore[arg-type]
@@ -131,7 +131,7 @@ def test_a_chunk_that_needs_a_look_at_each_record_is_not_queued_at_once() -> Non
                      LocalMessage("orders", 0, 3, b"a", None, None, 1)]
         for chunk in (two_topics, with_headers, tombstone):
             sources = [(r.topic(), r.partition()) for r in chunk]
-            assert not worker._queue_at_once(chunk, sources)  # type: ignore[arg-type]
+            assert not worker._queue_at_once(chunk, sources, dict(zip(sources, chunk)))  # type: ignore[arg-type]
             assert not worker.routes["orders"].buffers[0]
 
 
