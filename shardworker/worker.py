@@ -304,7 +304,8 @@ class Worker(SupervisorLink, TimerRunner):
 
     def _queue_at_once(self, records: List[Message], sources: List[TopicPartitionKey],
                        ends: Dict[TopicPartitionKey, Message]) -> bool:
-        """Step 1 for the common chunk, in C (map/zip) rather than per record in Python:
+        """Step 1 for the common chunk, in C (map/zip) rather than per record in Python
+        (what is checked in Python is checked once per partition):
         records of one topic whose route takes them at once (:attr:`Route.at_once`:
         nothing of :meth:`_queue_each`'s to do per record), none of them with origin
         headers to check or a tombstone, their values decoded by the codec's
