@@ -81,10 +81,11 @@ class Stream:
         # installed by the worker when its committer must see each record (exactly-once:
         # the record's transaction takes what the agent sends)
         self.on_record: Optional[Callable[["Message"], None]] = None
-        # called at most once a second while the agent works through a batch: the
-        # child's heartbeat must not depend on how long a batch takes
+        # called at most twice a second while the agent works through a batch (the
+        # child's report, which heartbeats once a second): the child's heartbeat must
+        # not depend on how long a batch takes
         self.on_progress: Optional[Callable[[], None]] = None
-        #: raised once a second by the worker's ProgressTicker (no record reads the clock)
+        #: raised twice a second by the worker's ProgressTicker (no record reads the clock)
         self.progress_due = False
 
     # values

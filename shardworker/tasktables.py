@@ -53,9 +53,9 @@ from .origins import OriginMarks, marks_meta
 from .partitioner import KeyPartitioner
 from .produce import DEFAULT_MESSAGE_MAX_BYTES, RECORD_OVERHEAD, check_fits
 from .store import TaskStore, stream_time_meta
-from .topology import source_key
 from .tablecontext import (CONTEXT, INT_BOUND, INT_BYTES, MISSING, UNENCODED, TableContext,
                            TableError)
+from .topology import source_key
 
 if TYPE_CHECKING:
     from .tables import Table

@@ -100,7 +100,7 @@ class Worker(SupervisorLink, TimerRunner):
         self.stamper = OriginStamper()
         #: the agent running now (step 2), whose record in hand is what it sends' origin
         self.current: Optional[AgentRunner] = None
-        #: raises the streams' progress flags once a second (set up with the runners)
+        #: raises the streams' progress flags twice a second (set up with the runners)
         self.ticker: Optional[ProgressTicker] = None
         self.batch_size = int(app.settings["batch_size"])
         self.stopping = False
