@@ -703,3 +703,17 @@ def test_an_interrupted_restore_keeps_the_stream_time_of_what_it_applied(tmp_pat
         apply_changelog(store, "hits", interrupted(), {(SRC, 0): 3}, batch_size=2)
     assert store.get_meta("latest_timestamp_ms") == struct.pack(">q", T0 + 45_000)
     store.close()
+
+
+@pytest.mark.timeout(20)
+def test_a_batch_ends_writes_name_a_partition_of_the_batch_when_no_record_set_one(tmp_path):
+    """The worker's records reach a batch through its positions at the drain (no
+    record's ``pending`` offset): a write the batch end itself makes (closing or expiring
+    windows) carries a partition of that batch, not a placeholder."""
+    ctx = TableContext()
+    task = open_task(tmp_path / "s", [table("t", ctx)])
+    sources = []
+    task._close = lambda: (sources.append(task._batch_source()), [])[1]  # type: ignore[method-assign]
+    task.drain({(SRC, 3): 5})
+    assert sources == [(SRC, 3)]
+    task.close()
